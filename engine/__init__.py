@@ -1,0 +1,1 @@
+"""Tensor side of moetune: models, drafters, tree verification, MoE budgeting, kernels."""

@@ -1,0 +1,132 @@
+"""What crosses the line between the engine and the deciders, as plain numbers (no torch).
+
+Policies and the adaptive controller see only these types, so the same decision code runs live on a
+model and offline in trace replay. The engine turns a `StepConfig` into tensors and work, and reports
+each decode step back as a `StepStats`.
+
+Definitions used everywhere (see docs/design.md):
+- accepted length a: drafted tokens accepted in a step; a step emits a + 1 tokens (the bonus token),
+  fewer only when EOS or max_new_tokens lands inside the accepted path.
+- goodput: emitted tokens per second of wall time, drafting and control included.
+- budget B_l: the most unique experts MoE layer l may compute in one verification pass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DRAFTERS = ("draft_model", "ngram", "self")
+SELECTIONS = ("prob_sum", "hit_count", "accept_weighted")
+SUBSTITUTIONS = ("renormalize", "reselect")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The target's MoE shape, as policies and replay need it."""
+
+    num_layers: int  # MoE layers (L)
+    num_experts: int  # routed experts per layer (E)
+    top_k: int  # experts per token (K)
+    hidden_size: int = 0
+    expert_intermediate_size: int = 0
+    shared_expert: bool = False
+
+    def __post_init__(self):
+        if self.num_layers < 1 or self.num_experts < 1:
+            raise ValueError(f"ModelShape needs num_layers >= 1 and num_experts >= 1, got {self}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"ModelShape.top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}")
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """One decode step's speculation settings, as a policy decides them.
+
+    speculate=False means plain decoding (one target token, no draft). A chain is topk=1. With
+    topk > 1 the drafter grows a tree by top-k expansion, keeping at most `num_draft_tokens` nodes
+    ranked by cumulative draft probability (EAGLE-2 style); `tree` (a parent array, -1 = child of the
+    root/last committed token) fixes a static shape instead. `budgets` caps unique experts per MoE
+    layer during verification (None: no budget, lossless).
+    """
+
+    speculate: bool = True
+    drafter: str = "draft_model"
+    depth: int = 4  # draft steps (SGLang --speculative-num-steps, vLLM num_speculative_tokens)
+    topk: int = 1  # branching per expanded node (SGLang --speculative-eagle-topk)
+    num_draft_tokens: int | None = None  # node budget (SGLang --speculative-num-draft-tokens)
+    tree: tuple[int, ...] | None = None  # static tree: parent array over draft nodes
+    budgets: tuple[int, ...] | None = None  # per-layer expert budgets B_l, or None
+    selection: str = "prob_sum"
+    substitution: str = "renormalize"
+
+    def __post_init__(self):
+        if self.drafter not in DRAFTERS:
+            raise ValueError(f"StepConfig.drafter must be one of {DRAFTERS}, got {self.drafter!r}")
+        if self.depth < 1:
+            raise ValueError(f"StepConfig.depth must be >= 1 (use speculate=False for plain decoding), got {self.depth}")
+        if self.topk < 1:
+            raise ValueError(f"StepConfig.topk must be >= 1, got {self.topk}")
+        if self.num_draft_tokens is not None and self.num_draft_tokens < 1:
+            raise ValueError(f"StepConfig.num_draft_tokens must be >= 1 or None, got {self.num_draft_tokens}")
+        if self.tree is not None:
+            for i, p in enumerate(self.tree):
+                if not -1 <= p < i:
+                    raise ValueError(f"StepConfig.tree must be a parent array with -1 <= parent[i] < i; "
+                                     f"node {i} has parent {p}")
+        if self.budgets is not None and any(b < 1 for b in self.budgets):
+            raise ValueError(f"StepConfig.budgets must be positive expert counts, got {self.budgets}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"StepConfig.selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if self.substitution not in SUBSTITUTIONS:
+            raise ValueError(f"StepConfig.substitution must be one of {SUBSTITUTIONS}, got {self.substitution!r}")
+
+    @property
+    def max_nodes(self) -> int:
+        """Upper bound on drafted nodes this config verifies (excluding the root)."""
+        if not self.speculate:
+            return 0
+        if self.tree is not None:
+            return len(self.tree)
+        full = sum(self.topk ** d for d in range(1, self.depth + 1)) if self.topk > 1 else self.depth
+        return min(full, self.num_draft_tokens) if self.num_draft_tokens else full
+
+
+PLAIN = StepConfig(speculate=False)
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one decode step did and cost. Times are seconds; per-layer tuples have one entry per MoE layer."""
+
+    step: int
+    config: StepConfig
+    accepted: int  # drafted tokens accepted
+    emitted: int  # tokens committed this step (accepted + bonus, cut by EOS / max_new_tokens)
+    tree_size: int  # drafted nodes verified (excluding the root)
+    tree_depth: int
+    context_len: int  # committed tokens before this step
+    unique_experts: tuple[int, ...] = ()  # per layer, over all verified tokens, before any budget
+    unique_experts_kept: tuple[int, ...] = ()  # per layer, after the budget (== unique_experts when off)
+    router_mass_kept: tuple[float, ...] = ()  # per layer, mean over tokens of top-k routing mass kept
+    tokens_substituted: tuple[int, ...] = ()  # per layer, tokens that lost at least one top-k expert
+    t_draft: float = 0.0
+    t_verify: float = 0.0
+    t_accept: float = 0.0
+    t_commit: float = 0.0
+    t_control: float = 0.0  # policy decide + observe
+    agreement: float | None = None  # eval mode: argmax agreement of budgeted vs unbudgeted verification
+    gpu: dict | None = field(default=None, compare=False)  # pynvml snapshot when a GPU is present
+
+    @property
+    def step_time(self) -> float:
+        return self.t_draft + self.t_verify + self.t_accept + self.t_commit + self.t_control
+
+
+@dataclass(frozen=True)
+class DecodeState:
+    """What a policy may look at when it decides the next step of one request."""
+
+    request_id: int
+    step: int  # steps taken so far in this request
+    context_len: int  # committed tokens (prompt + generated)
+    generated: int  # tokens generated so far
+    remaining: int  # max_new_tokens - generated

@@ -1,0 +1,1 @@
+"""Decision rules: one file per policy, one interface (base.Policy)."""

@@ -1,0 +1,34 @@
+"""The one policy interface: decide(state) -> StepConfig, observe(StepStats).
+
+Policies see plain numbers only (no torch), so the same object drives a live run and an offline replay.
+A policy instance may serve many requests in turn: `begin` and `end` bracket each request, and what it
+learns across requests (shared models) lives on the instance, per-request state in a dict keyed by id.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from moetune.step import DecodeState, ModelShape, StepConfig, StepStats
+
+
+class Policy(ABC):
+    """Base class. Subclasses implement `decide`; the rest is optional."""
+
+    name: str = "policy"
+
+    def setup(self, shape: ModelShape) -> None:
+        """Called once with the target's MoE shape before the first request."""
+        self.shape = shape
+
+    def begin(self, request_id: int, prompt_len: int) -> None:
+        """A new request starts."""
+
+    @abstractmethod
+    def decide(self, state: DecodeState) -> StepConfig:
+        """The configuration of the next decode step."""
+
+    def observe(self, stats: StepStats) -> None:
+        """What the step that `decide` configured did and cost."""
+
+    def end(self, request_id: int) -> None:
+        """The request finished."""

@@ -1,0 +1,322 @@
+"""Verification-time expert budgeting over Hugging Face MoE blocks (MoE-Spec, made per layer and measured).
+
+In one verification pass every draft-tree node is routed to its own top-k experts, so a tree touches
+many unique experts per layer and the pass becomes bound by reading expert weights. A budget B_l caps
+the unique experts layer l computes; the rest are skipped (tokens grouped per selected expert, so time
+falls with B), and tokens that lost an expert are re-routed (see selection.py).
+
+Usage (what the engine's verify does):
+    plan = BudgetPlan.from_step_config(config, node_weights=w)  # w: [N+1] root first, or None
+    with apply_budget(target, plan) as report:
+        out = target(...)
+    report.unique_experts, report.unique_experts_kept, report.router_mass_kept, report.tokens_substituted
+
+Budgets act only inside `apply_budget`: the engine enters it around the verification forward alone, so
+prefill, plain decoding and drafting run HF's blocks unchanged. `install` patches each block instance's
+forward (same weights, no copies); with no active plan the patched forward calls the original one, so
+outputs are HF's bit for bit. The active plan travels in a ContextVar scoped to the with-block and to
+the model it was applied to — never as an attribute on the model.
+
+Supported: Mixtral, OLMoE, Qwen2-MoE (shared expert always computed) and Qwen3-MoE SparseMoeBlocks
+(`.gate` TopKRouter, `.experts` with gate_up_proj [E, 2I, H], down_proj [E, H, I], SiLU).
+
+Shapes: T tokens (batch x sequence, flattened), E experts, K top-k, L MoE layers, H hidden, B budget.
+"""
+from __future__ import annotations
+
+import contextvars
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from moetune.engine import selection
+from moetune.engine.kernels import reference
+from moetune.step import SELECTIONS, SUBSTITUTIONS, ModelShape, StepConfig
+
+
+def moe_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's sparse MoE blocks in layer order (index = MoE layer l)."""
+    return [m for m in model.modules()
+            if isinstance(getattr(m, "gate", None), torch.nn.Module)
+            and hasattr(getattr(m, "experts", None), "gate_up_proj")
+            and hasattr(m.experts, "down_proj")]
+
+
+def moe_shape(model: torch.nn.Module) -> ModelShape:
+    """ModelShape of the model's MoE layers; ValueError when it has none or they differ."""
+    blocks = moe_blocks(model)
+    if not blocks:
+        raise ValueError("model has no MoE layers (no block with .gate and .experts.gate_up_proj): expert budgets "
+                         "apply only to MoE targets; use budgets=None for a dense model")
+    shapes = {(b.experts.gate_up_proj.shape[0], b.gate.top_k, b.experts.gate_up_proj.shape[2],
+               b.experts.down_proj.shape[2], hasattr(b, "shared_expert")) for b in blocks}
+    if len(shapes) != 1:
+        raise ValueError(f"MoE layers differ in shape {sorted(shapes)}; budgeting needs one (E, K, H, I) for all layers")
+    (E, K, H, I, shared), = shapes
+    return ModelShape(num_layers=len(blocks), num_experts=E, top_k=K, hidden_size=H,
+                      expert_intermediate_size=I, shared_expert=shared)
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """How one verification pass budgets experts.
+
+    budgets: one int for every MoE layer, or one per MoE layer (a 1-tuple counts as one for all).
+    node_weights: [T] (or [N+1], root first, tiled over a batch) acceptance estimates used by
+    selection="accept_weighted"; without them accept_weighted equals prob_sum. eval_agreement asks the
+    engine to also run the unbudgeted pass and report argmax agreement (see evaluate_agreement).
+    """
+
+    budgets: int | tuple[int, ...]
+    selection: str = "prob_sum"
+    substitution: str = "renormalize"
+    node_weights: torch.Tensor | Sequence[float] | None = field(default=None, compare=False)
+    eval_agreement: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.budgets, int):
+            values = (self.budgets,)
+        else:
+            object.__setattr__(self, "budgets", tuple(int(b) for b in self.budgets))
+            values = self.budgets
+        if not values or any(b < 1 for b in values):
+            raise ValueError(f"BudgetPlan.budgets must be a positive int or a non-empty tuple of them, got {self.budgets}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"BudgetPlan.selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if self.substitution not in SUBSTITUTIONS:
+            raise ValueError(f"BudgetPlan.substitution must be one of {SUBSTITUTIONS}, got {self.substitution!r}")
+        w = self.node_weights
+        if w is not None:
+            ndim = w.dim() if isinstance(w, torch.Tensor) else 1
+            if ndim != 1 or len(w) == 0:
+                raise ValueError("BudgetPlan.node_weights must be a non-empty 1-D sequence (one weight per tree node, "
+                                 "root first) or None")
+
+    @classmethod
+    def from_step_config(cls, config: StepConfig, node_weights=None, eval_agreement: bool = False) -> "BudgetPlan":
+        if config.budgets is None:
+            raise ValueError("StepConfig.budgets is None (no budget): verify without apply_budget instead")
+        return cls(budgets=tuple(config.budgets), selection=config.selection, substitution=config.substitution,
+                   node_weights=node_weights, eval_agreement=eval_agreement)
+
+    def validate(self, shape: ModelShape) -> tuple[int, ...]:
+        """Per-layer budgets for `shape`; ValueError naming the limit when a budget cannot apply."""
+        values = (self.budgets,) if isinstance(self.budgets, int) else self.budgets
+        if len(values) == 1:
+            values = values * shape.num_layers
+        if len(values) != shape.num_layers:
+            raise ValueError(f"budgets has {len(values)} entries but the model has {shape.num_layers} MoE layers: "
+                             f"give one budget per MoE layer or a single int for all")
+        for layer, b in enumerate(values):
+            if b < shape.top_k:
+                raise ValueError(f"budget {b} for MoE layer {layer} is below top_k={shape.top_k} (every token needs "
+                                 f"its top-k experts): use a budget in [{shape.top_k}, {shape.num_experts}]")
+            if b > shape.num_experts:
+                raise ValueError(f"budget {b} for MoE layer {layer} is above num_experts={shape.num_experts}: "
+                                 f"use a budget in [{shape.top_k}, {shape.num_experts}]")
+        return tuple(values)
+
+
+class BudgetReport:
+    """Per-layer outcome of one budgeted pass. Tensors are kept until a number is asked for (one sync).
+
+    If the model runs several times inside one apply_budget block, each layer keeps its last call.
+    """
+
+    def __init__(self, num_layers: int):
+        self._layers: list[tuple | None] = [None] * num_layers
+        self._numbers: dict | None = None
+
+    def _record(self, layer: int, top_k_index: torch.Tensor, routing: selection.Routing) -> None:
+        self._layers[layer] = (top_k_index.detach(), routing)
+        self._numbers = None
+
+    def _compute(self) -> dict:
+        if self._numbers is None:
+            rows = [r for r in self._layers if r is not None]
+            E = rows[0][1].keep.numel() if rows else 0
+            cols: dict[str, list] = {"unique": [], "kept": [], "mass": [], "subst": [], "selected": []}
+            for top_k_index, routing in rows:
+                cols["unique"].append(int(selection.hit_mask(top_k_index, E).any(0).sum()))
+                ids = routing.expert_ids
+                used = torch.unique(ids[ids >= 0]).tolist()
+                cols["kept"].append(len(used))
+                cols["selected"].append(tuple(used))
+                cols["mass"].append(float(routing.mass_kept.detach().mean()))
+                cols["subst"].append(int(routing.substituted.sum()))
+            self._numbers = {k: tuple(v) for k, v in cols.items()}
+        return self._numbers
+
+    @property
+    def unique_experts(self) -> tuple[int, ...]:
+        """Per layer: unique experts the unbudgeted routing would compute."""
+        return self._compute()["unique"]
+
+    @property
+    def unique_experts_kept(self) -> tuple[int, ...]:
+        """Per layer: unique experts actually computed (<= budget)."""
+        return self._compute()["kept"]
+
+    @property
+    def router_mass_kept(self) -> tuple[float, ...]:
+        """Per layer: mean over tokens of the fraction of top-k router probability that stayed."""
+        return self._compute()["mass"]
+
+    @property
+    def tokens_substituted(self) -> tuple[int, ...]:
+        """Per layer: tokens that lost at least one of their top-k experts."""
+        return self._compute()["subst"]
+
+    @property
+    def computed_experts(self) -> tuple[tuple[int, ...], ...]:
+        """Per layer: the expert ids actually computed, ascending."""
+        return self._compute()["selected"]
+
+    def routing(self) -> list:
+        """Per layer: the unbudgeted top-k expert ids [T, K] as numpy (for CoactivationStats.observe)."""
+        return [r[0].cpu().numpy() for r in self._layers if r is not None]
+
+
+@dataclass(frozen=True)
+class _Active:
+    handle: "BudgetHandle"
+    plan: BudgetPlan
+    budgets: tuple[int, ...]
+    report: BudgetReport
+
+
+_ACTIVE: contextvars.ContextVar[_Active | None] = contextvars.ContextVar("moetune_budget", default=None)
+_HANDLES: "weakref.WeakKeyDictionary[torch.nn.Module, BudgetHandle]" = weakref.WeakKeyDictionary()
+
+
+def _expert_fn(device: torch.device) -> Callable:
+    """Triton kernel on CUDA (when triton imports), the PyTorch reference elsewhere."""
+    if device.type == "cuda":
+        try:
+            from moetune.engine.kernels.budgeted_moe import budgeted_moe
+        except ImportError:
+            return reference.budgeted_moe_reference
+        return budgeted_moe
+    return reference.budgeted_moe_reference
+
+
+def _node_weights(plan: BudgetPlan, T: int, device: torch.device) -> torch.Tensor | None:
+    """plan.node_weights as [T] on `device`, tiled when T is a whole number of trees (a batch)."""
+    w = plan.node_weights
+    if w is None or plan.selection != "accept_weighted":
+        return None
+    w = torch.as_tensor(w, dtype=torch.float32, device=device)
+    if T % w.numel():
+        raise ValueError(f"node_weights has {w.numel()} entries but the pass verifies {T} tokens: give one weight "
+                         f"per verified token (root first)")
+    return w.repeat(T // w.numel())
+
+
+def _budgeted_forward(block: torch.nn.Module, layer: int, active: _Active,
+                      hidden_states: torch.Tensor) -> torch.Tensor:  # [..., H] -> [..., H]
+    x = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, H]
+    router_logits, top_k_weights, top_k_index = block.gate(x)  # [T, E], [T, K], [T, K]; hooks fire
+    probs = torch.softmax(router_logits.float(), dim=-1)  # [T, E]
+    plan = active.plan
+    scores = selection.selection_scores(probs, top_k_index, plan.selection,
+                                        _node_weights(plan, x.shape[0], x.device))
+    routing = selection.substitute(probs, top_k_index, top_k_weights, scores, active.budgets[layer],
+                                   plan.substitution, getattr(block.gate, "norm_topk_prob", True))
+    experts = block.experts
+    out = _expert_fn(x.device)(x, routing.expert_ids, routing.weights, experts.gate_up_proj, experts.down_proj,
+                               routing.selected)  # [T, H]
+    if hasattr(block, "shared_expert"):
+        out = out + F.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
+    active.report._record(layer, top_k_index, routing)
+    return out.reshape(hidden_states.shape)
+
+
+def _is_silu(act_fn: Callable) -> bool:
+    probe = torch.linspace(-4, 4, 9)
+    return torch.allclose(act_fn(probe), F.silu(probe))
+
+
+class BudgetHandle:
+    """Budget-aware forwards installed on one model's MoE blocks; `remove()` restores the originals."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.shape = moe_shape(model)
+        self._blocks = moe_blocks(model)
+        for layer, block in enumerate(self._blocks):
+            if not _is_silu(block.experts.act_fn):
+                raise ValueError(f"MoE layer {layer} uses {block.experts.act_fn!r}; the budgeted expert kernel "
+                                 f"supports SwiGLU (silu) experts only")
+        self._saved = [block.__dict__.get("forward") for block in self._blocks]
+        for layer, block in enumerate(self._blocks):
+            block.forward = self._wrap(block, layer, block.forward)
+        self.installed = True
+
+    def _wrap(self, block: torch.nn.Module, layer: int, original: Callable) -> Callable:
+        handle = self
+
+        def forward(hidden_states, *args, **kwargs):
+            active = _ACTIVE.get()
+            if active is None or active.handle is not handle:
+                return original(hidden_states, *args, **kwargs)
+            return _budgeted_forward(block, layer, active, hidden_states)
+
+        return forward
+
+    def remove(self) -> None:
+        """Restore every block's original forward (idempotent)."""
+        if not self.installed:
+            return
+        for block, saved in zip(self._blocks, self._saved):
+            if saved is None:
+                del block.__dict__["forward"]
+            else:
+                block.forward = saved
+        self.installed = False
+        for model, handle in list(_HANDLES.items()):
+            if handle is self:
+                del _HANDLES[model]
+
+
+def install(model: torch.nn.Module) -> BudgetHandle:
+    """Install budget-aware forwards over the model's MoE blocks (once; later calls return the same handle)."""
+    handle = _HANDLES.get(model)
+    if handle is None or not handle.installed:
+        handle = BudgetHandle(model)
+        _HANDLES[model] = handle
+    return handle
+
+
+@contextmanager
+def apply_budget(model: torch.nn.Module, plan: BudgetPlan):
+    """Budget the model's MoE layers for the duration of the with-block; yields the BudgetReport."""
+    handle = install(model)
+    budgets = plan.validate(handle.shape)
+    report = BudgetReport(len(budgets))
+    token = _ACTIVE.set(_Active(handle=handle, plan=plan, budgets=budgets, report=report))
+    try:
+        yield report
+    finally:
+        _ACTIVE.reset(token)
+
+
+def argmax_agreement(budgeted_logits: torch.Tensor,  # [..., V]
+                     reference_logits: torch.Tensor,  # [..., V]
+                     ) -> float:
+    """Fraction of positions whose argmax token is the same under the budget as without it."""
+    return float((budgeted_logits.argmax(-1) == reference_logits.argmax(-1)).float().mean())
+
+
+def evaluate_agreement(model: torch.nn.Module, plan: BudgetPlan,
+                       run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, BudgetReport, float]:
+    """Eval mode: run the same verification unbudgeted, then budgeted; return (budgeted logits, report, agreement).
+
+    `run` must be repeatable (the caller rewinds any KV cache it appends to, e.g. DynamicCache.crop).
+    """
+    reference_logits = run()
+    with apply_budget(model, plan) as report:
+        budgeted_logits = run()
+    return budgeted_logits, report, argmax_agreement(budgeted_logits, reference_logits)

@@ -1,0 +1,107 @@
+"""Which experts a budgeted MoE layer keeps, and how tokens that lost an expert are re-routed.
+
+Why separate from the layer: the same scores and substitutions are used by the live budgeted forward
+and can be replayed on recorded routing. Everything here is pure tensor math on one layer's routing.
+
+Shapes: T tokens (tree nodes, root first), E experts, K top-k, B budget (experts kept).
+
+Selection scores (higher = kept first):
+- prob_sum: summed router probability over the T tokens (MoE-Spec, arXiv 2602.16052).
+- hit_count: how many tokens have the expert in their top-k (ties broken by prob_sum).
+- accept_weighted: router probability summed with each node weighted by the draft's estimate that the
+  node lies on the accepted path (root weight 1). Without node weights it equals prob_sum.
+Only experts in some token's top-k are eligible, so a budget never adds an expert no token asked for
+and a budget >= the unique experts hit is lossless.
+
+Substitution for a token that lost some of its top-k experts:
+- renormalize: keep its surviving top-k slots, rescaled so their weights sum to what all K summed.
+  A token that lost all K experts falls back to reselect (an empty mixture would zero its MLP output).
+- reselect: take the token's top-k by router probability among the kept experts; weights are those
+  probabilities, renormalised to sum 1 when the router normalises its top-k (norm_topk_prob).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moetune.step import SELECTIONS, SUBSTITUTIONS
+
+
+@dataclass(frozen=True)
+class Routing:
+    """One layer's budgeted routing: what the expert kernel computes, plus the numbers to report."""
+
+    expert_ids: torch.Tensor  # [T, K] int64, -1 = slot dropped
+    weights: torch.Tensor  # [T, K] routing weights (0 on dropped slots)
+    selected: torch.Tensor  # [min(B, E)] expert ids allowed to compute (top scores first)
+    keep: torch.Tensor  # [E] bool, experts kept (selected and hit by some token)
+    mass_kept: torch.Tensor  # [T] fraction of each token's original top-k probability that stayed
+    substituted: torch.Tensor  # [T] bool, token lost at least one of its top-k experts
+
+
+def hit_mask(top_k_index: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """top_k_index [T, K] -> [T, E] bool, True where the expert is in the token's top-k."""
+    hits = torch.zeros(top_k_index.shape[0], num_experts, dtype=torch.bool, device=top_k_index.device)
+    return hits.scatter_(1, top_k_index.long(), True)
+
+
+def selection_scores(probs: torch.Tensor,  # [T, E] full router softmax (fp32)
+                     top_k_index: torch.Tensor,  # [T, K]
+                     method: str,
+                     node_weights: torch.Tensor | None = None,  # [T] or None
+                     ) -> torch.Tensor:  # [E]
+    """Per-expert score for one layer; -inf for experts no token routed to."""
+    if method not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {method!r}")
+    hits = hit_mask(top_k_index, probs.shape[1])  # [T, E]
+    prob_sum = probs.sum(0)  # [E]
+    if method == "prob_sum":
+        scores = prob_sum
+    elif method == "hit_count":
+        scores = hits.sum(0).to(probs.dtype) + prob_sum / (probs.shape[0] + 1)
+    elif node_weights is None:
+        scores = prob_sum
+    else:
+        scores = (node_weights.to(probs.device, probs.dtype)[:, None] * probs).sum(0)
+    return scores.masked_fill(~hits.any(0), float("-inf"))
+
+
+def substitute(probs: torch.Tensor,  # [T, E] full router softmax (fp32)
+               top_k_index: torch.Tensor,  # [T, K]
+               top_k_weights: torch.Tensor,  # [T, K] the router's weights
+               scores: torch.Tensor,  # [E] from selection_scores
+               budget: int,
+               method: str,
+               normalized: bool,  # the router renormalises its top-k (norm_topk_prob)
+               ) -> Routing:
+    """Keep the `budget` best-scoring experts and re-route every token onto them."""
+    if method not in SUBSTITUTIONS:
+        raise ValueError(f"substitution must be one of {SUBSTITUTIONS}, got {method!r}")
+    T, E = probs.shape
+    K = top_k_index.shape[1]
+    index = top_k_index.long()
+    selected = torch.topk(scores, min(budget, E)).indices  # [B]
+    keep = torch.zeros(E, dtype=torch.bool, device=probs.device)
+    keep[selected] = True
+    keep &= torch.isfinite(scores)
+    slot_kept = keep[index]  # [T, K]
+    orig_mass = probs.gather(1, index)  # [T, K]
+    mass_kept = (orig_mass * slot_kept).sum(1) / orig_mass.sum(1).clamp_min(1e-30)  # [T]
+    substituted = ~slot_kept.all(1)  # [T]
+
+    masked = probs.masked_fill(~keep, -1.0)  # [T, E]; -1 ranks below every real probability
+    re_prob, re_index = torch.topk(masked, K, dim=1)  # [T, K]
+    re_weights = re_prob / re_prob.sum(1, keepdim=True) if normalized else re_prob
+    if method == "reselect":
+        ids, weights = re_index, re_weights
+    else:
+        total = top_k_weights.float().sum(1, keepdim=True)  # [T, 1]
+        kept_w = top_k_weights.float() * slot_kept
+        kept_w = kept_w * (total / kept_w.sum(1, keepdim=True).clamp_min(1e-30))
+        ids = torch.where(slot_kept, index, -1)
+        lost_all = ~slot_kept.any(1, keepdim=True)  # [T, 1]
+        ids = torch.where(lost_all, re_index, ids)
+        weights = torch.where(lost_all, re_weights, kept_w)
+    return Routing(expert_ids=ids, weights=weights.to(top_k_weights.dtype), selected=selected, keep=keep,
+                   mass_kept=mass_kept, substituted=substituted)

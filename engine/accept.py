@@ -1,0 +1,101 @@
+"""Decide which drafted tokens the target accepts, losslessly.
+
+Terms, defined once:
+- accepted tokens: drafted nodes on one root-to-node path that the target agrees with; a of them.
+- recovered token: when every child of the last accepted node (or of the root) is rejected, the token
+  sampled from what is left of the target distribution (the residual) after those rejections.
+- bonus token: the target's own next token after the last accepted node when it has no children left to
+  try (greedy: the argmax there). Either way each step emits a + 1 tokens.
+
+Greedy: the longest path whose every token equals the target's argmax at its parent, plus the bonus.
+Sampling: multi-candidate rejection sampling on the tree (SpecInfer / Sequoia). Drafters here propose
+children deterministically (top-k of a draft distribution, n-gram continuations), i.e. each child is a
+point proposal q = one-hot(child): the child is accepted with probability min(1, p(c)/q(c)) = p(c), and
+on rejection the residual becomes norm(max(0, p - q)), i.e. p with c removed. Because the candidates do
+not depend on the random draws, the emitted token is distributed exactly as the target's p.
+
+Shape legend: N drafted nodes, V vocabulary.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .tree import DraftTree, ancestors, children, depths, path_to
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    path: tuple[int, ...]  # accepted node indices, from the root's child down
+    tokens: tuple[int, ...]  # accepted tokens followed by the bonus or recovered token
+
+    @property
+    def accepted(self) -> int:
+        return len(self.path)
+
+    @property
+    def rows(self) -> list[int]:
+        """Verified rows whose KV entries stay: the root and the accepted nodes."""
+        return [0, *(i + 1 for i in self.path)]
+
+
+def sampling_probs(logits: torch.Tensor,  # [R, V]
+                   temperature: float, top_p: float = 1.0) -> torch.Tensor:  # [R, V] float32
+    """The distribution the target samples from: softmax(logits / T), restricted to the top-p nucleus."""
+    if temperature <= 0:
+        raise ValueError(f"sampling needs temperature > 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    scaled = logits.float() / temperature
+    if top_p < 1:
+        sorted_logits, order = torch.sort(scaled, dim=-1)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        drop = cum <= 1 - top_p
+        drop[..., -1] = False
+        scaled = scaled.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.softmax(scaled, dim=-1)
+
+
+def accept_greedy(tree: DraftTree, logits: torch.Tensor) -> Acceptance:  # logits [N+1, V]
+    """Longest path agreeing with the target's argmax, plus the bonus token (one host transfer)."""
+    target = logits.argmax(dim=-1)  # [N+1]
+    n = len(tree)
+    if n == 0:
+        return Acceptance((), (int(target[0]),))
+    parent_rows = torch.tensor(tree.parents, device=target.device) + 1
+    match = tree.tokens.to(target.device) == target[parent_rows]  # [N]
+    host = torch.cat([target, match.long()]).cpu()
+    target_h, match_h = host[:n + 1], host[n + 1:].bool()
+    ok = ~(ancestors(tree.parents)[1:, 1:] & ~match_h[None, :]).any(dim=1)  # [N] whole path agrees
+    score = torch.where(ok, torch.tensor(depths(tree.parents)), 0)
+    best = int(score.argmax())
+    if score[best] == 0:
+        return Acceptance((), (int(target_h[0]),))
+    path = path_to(tree.parents, best)
+    tokens = tree.tokens.cpu()[path].tolist() + [int(target_h[best + 1])]
+    return Acceptance(tuple(path), tuple(tokens))
+
+
+def accept_sample(tree: DraftTree, logits: torch.Tensor,  # [N+1, V]
+                  temperature: float, top_p: float, generator: torch.Generator) -> Acceptance:
+    """Walk down the tree trying each node's children in order; lossless for point proposals."""
+    probs = sampling_probs(logits, temperature, top_p).cpu()  # [N+1, V]
+    tokens = tree.tokens.cpu().tolist()
+    kids = children(tree.parents)
+    path: list[int] = []
+    row = 0
+    while True:
+        p = probs[row]
+        for c in kids[row]:
+            t = tokens[c]
+            if torch.rand((), generator=generator) < p[t]:
+                path.append(c)
+                row = c + 1
+                break
+            p = p.clone()
+            p[t] = 0.0
+            p = p / p.sum()
+        else:
+            nxt = int(torch.multinomial(p, 1, generator=generator))
+            return Acceptance(tuple(path), tuple(tokens[i] for i in path) + (nxt,))

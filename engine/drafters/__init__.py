@@ -1,0 +1,7 @@
+"""Drafters (proposers): what proposes the token tree a step verifies."""
+from .base import Proposer
+from .draft_model import DraftModelDrafter
+from .ngram import NgramDrafter
+from .self_spec import SelfDrafter
+
+__all__ = ["Proposer", "DraftModelDrafter", "NgramDrafter", "SelfDrafter"]

@@ -1,0 +1,70 @@
+"""Per-phase step timing and GPU snapshots that cost no needless host syncs.
+
+On CUDA, phases are bracketed by CUDA events and read once per step (a single synchronize on the last
+event); on CPU, wall-clock perf_counter is exact because the work is synchronous. pynvml snapshots are
+taken only when a GPU and NVML are present; otherwise they are skipped without error.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import torch
+
+
+class StepTimer:
+    """Times named phases of one decode step; `read()` returns seconds per phase and starts afresh."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = torch.device(device).type == "cuda"
+        self._marks: dict[str, tuple] = {}
+
+    @contextmanager
+    def phase(self, name: str):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+        else:
+            start = time.perf_counter()
+            yield
+            end = time.perf_counter()
+        self._marks[name] = (start, end)
+
+    def read(self) -> dict[str, float]:
+        marks, self._marks = self._marks, {}
+        if not marks:
+            return {}
+        if self.cuda:
+            list(marks.values())[-1][1].synchronize()
+            return {k: s.elapsed_time(e) / 1e3 for k, (s, e) in marks.items()}
+        return {k: e - s for k, (s, e) in marks.items()}
+
+
+_nvml_handles: dict[int, object] = {}
+
+
+def gpu_snapshot(device: torch.device) -> dict | None:
+    """Memory, power and clocks of `device` via NVML; None without a GPU or NVML."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        if index not in _nvml_handles:
+            pynvml.nvmlInit()
+            _nvml_handles[index] = pynvml.nvmlDeviceGetHandleByIndex(index)
+        h = _nvml_handles[index]
+        mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+        return {"memory_used_mb": mem.used / 2**20, "memory_total_mb": mem.total / 2**20,
+                "power_w": pynvml.nvmlDeviceGetPowerUsage(h) / 1e3,
+                "sm_clock_mhz": pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM),
+                "mem_clock_mhz": pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_MEM),
+                "torch_allocated_mb": torch.cuda.memory_allocated(device) / 2**20}
+    except pynvml.NVMLError:
+        return None

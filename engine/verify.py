@@ -1,0 +1,57 @@
+"""Verify a draft tree: one target forward over [root, nodes] after the KV cache, with a tree mask.
+
+The mask and position ids travel as forward arguments (transformers 5.x returns a 4D mask as-is), the
+routers are observed through scoped hooks, and an expert budget, when the step asks for one, is applied
+by moetune.engine.moe_budget inside the same scoped forward.
+
+Shape legend: N drafted nodes, C cached tokens, V vocabulary, L MoE layers.
+"""
+from __future__ import annotations
+
+import importlib
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from moetune.step import StepConfig
+
+from .kv import cache_len
+from .routing import Routing, capture_routing
+from .tree import DraftTree, attention_mask, path_weights, position_ids
+
+
+@dataclass
+class Verification:
+    logits: torch.Tensor  # [N+1, V] target logits at the root and every node
+    routing: Routing  # unbudgeted routing of the N+1 verified tokens
+    past_len: int  # C, cache length before verification
+    budget_report: object | None = None  # moe_budget's report when the step was budgeted
+
+
+def _budget(model, tree: DraftTree, config: StepConfig):
+    """The budget context for this step (a no-op context without budgets)."""
+    if config.budgets is None:
+        return nullcontext()
+    try:
+        moe_budget = importlib.import_module("moetune.engine.moe_budget")
+    except ModuleNotFoundError as e:
+        raise NotImplementedError("StepConfig.budgets needs moetune.engine.moe_budget (expert budgeting), "
+                                  "which is not installed yet; run without budgets") from e
+    plan = moe_budget.BudgetPlan.from_step_config(config, node_weights=path_weights(tree))
+    return moe_budget.apply_budget(model, plan)
+
+
+@torch.no_grad()
+def verify(model, cache, root: int, tree: DraftTree, config: StepConfig) -> Verification:
+    """Run the target on the tree; the cache grows by N+1 entries (see kv.commit to keep the accepted ones)."""
+    device = model.device
+    past = cache_len(cache)
+    root_t = torch.tensor([root], dtype=torch.long, device=device)
+    input_ids = torch.cat([root_t, tree.tokens.to(device)])[None]  # [1, N+1]
+    mask = attention_mask(tree.parents, past, model.dtype, device)  # [1, 1, N+1, C+N+1]
+    pos = position_ids(tree.parents, past, device)  # [1, N+1]
+    with capture_routing(model) as routing, _budget(model, tree, config) as report:
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                    use_cache=True)
+    return Verification(out.logits[0], routing, past, report)

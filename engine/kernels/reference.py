@@ -40,11 +40,12 @@ def budgeted_moe_reference(hidden: torch.Tensor,  # [T, H]
                            down: torch.Tensor,  # [E, H, I]
                            selected: torch.Tensor,  # [B] expert ids to compute
                            ) -> torch.Tensor:  # [T, H]
-    """Budgeted SwiGLU expert mixture, computed in the weights' dtype and accumulated in fp32."""
+    """Budgeted SwiGLU expert mixture, computed in the weights' dtype and accumulated in fp32 (or wider)."""
     T, K = expert_ids.shape
     order, counts, offsets = group_slots(expert_ids, selected, gate_up.shape[0])
-    out = torch.zeros(T, hidden.shape[-1], dtype=torch.float32, device=hidden.device)
-    flat_w = weights.reshape(-1).float()  # [S]
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    out = torch.zeros(T, hidden.shape[-1], dtype=acc, device=hidden.device)
+    flat_w = weights.reshape(-1).to(acc)  # [S]
     for e, start, n in zip(selected.tolist(), offsets.tolist(), counts.tolist()):
         if n == 0:
             continue
@@ -53,5 +54,5 @@ def budgeted_moe_reference(hidden: torch.Tensor,  # [T, H]
         x = hidden[tokens].to(gate_up.dtype)  # [n, H]
         gate, up = F.linear(x, gate_up[e]).chunk(2, dim=-1)  # [n, I] each
         y = F.linear(F.silu(gate) * up, down[e])  # [n, H]
-        out.index_add_(0, tokens, y.float() * flat_w[slots, None])
+        out.index_add_(0, tokens, y.to(acc) * flat_w[slots, None])
     return out.to(hidden.dtype)

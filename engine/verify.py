@@ -8,7 +8,6 @@ Shape legend: N drafted nodes, C cached tokens, V vocabulary, L MoE layers.
 """
 from __future__ import annotations
 
-import importlib
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -33,11 +32,7 @@ def _budget(model, tree: DraftTree, config: StepConfig):
     """The budget context for this step (a no-op context without budgets)."""
     if config.budgets is None:
         return nullcontext()
-    try:
-        moe_budget = importlib.import_module("moetune.engine.moe_budget")
-    except ModuleNotFoundError as e:
-        raise NotImplementedError("StepConfig.budgets needs moetune.engine.moe_budget (expert budgeting), "
-                                  "which is not installed yet; run without budgets") from e
+    from . import moe_budget  # lazily: unbudgeted decoding never needs it
     plan = moe_budget.BudgetPlan.from_step_config(config, node_weights=path_weights(tree))
     return moe_budget.apply_budget(model, plan)
 

@@ -115,6 +115,7 @@ class StepStats:
     t_control: float = 0.0  # policy decide + observe
     agreement: float | None = None  # eval mode: argmax agreement of budgeted vs unbudgeted verification
     gpu: dict | None = field(default=None, compare=False)  # pynvml snapshot when a GPU is present
+    router_mass: tuple[float, ...] = ()  # per layer, mean over verified tokens of router prob on their top-k
 
     @property
     def step_time(self) -> float:

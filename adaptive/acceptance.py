@@ -1,0 +1,116 @@
+"""Per-request acceptance by draft depth, with a Beta prior shared across requests.
+
+Why per depth: a chain of depth d is worth 1 + sum_{i<=d} prod_{j<=i} p_j emitted tokens, where p_j is
+the chance that depth j is accepted given depth j-1 was. Why per request: acceptance differs a lot
+between requests (code vs chat) and within one (phases). Why a shared prior: a new request should start
+from what earlier requests taught, not from ignorance. Per-request counts decay every step, so after a
+phase change (or while speculation is off) the posterior relaxes toward the shared prior and Thompson
+sampling explores again.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class AcceptanceConfig:
+    """How strongly the shared prior speaks, and how fast evidence is forgotten."""
+
+    max_depth: int = 8
+    families: int = 1  # drafter/shape families, each with its own per-depth curve
+    prior_strength: float = 4.0  # pseudo-observations the shared prior is worth in a new request
+    request_decay: float = 0.94  # per step: effective window of ~1/(1-decay) steps
+    global_decay: float = 0.998  # per update of the shared counts
+    base_alpha: float = 1.0  # the shared prior's own prior (before any request)
+    base_beta: float = 1.0
+
+    def __post_init__(self):
+        if self.max_depth < 1:
+            raise ValueError(f"AcceptanceConfig.max_depth must be >= 1, got {self.max_depth}")
+        if self.families < 1:
+            raise ValueError(f"AcceptanceConfig.families must be >= 1, got {self.families}")
+        if self.prior_strength <= 0:
+            raise ValueError(f"AcceptanceConfig.prior_strength must be > 0, got {self.prior_strength}")
+        for name in ("request_decay", "global_decay"):
+            v = getattr(self, name)
+            if not 0.0 < v <= 1.0:
+                raise ValueError(f"AcceptanceConfig.{name} must be in (0, 1], got {v}")
+        if self.base_alpha <= 0 or self.base_beta <= 0:
+            raise ValueError(f"AcceptanceConfig.base_alpha and base_beta must be > 0, "
+                             f"got {self.base_alpha}, {self.base_beta}")
+
+
+class AcceptanceModel:
+    """Beta posteriors over per-depth conditional acceptance, shape (families, max_depth)."""
+
+    def __init__(self, config: AcceptanceConfig = AcceptanceConfig()):
+        self.config = config
+        shape = (config.families, config.max_depth)
+        self.global_s = np.zeros(shape)
+        self.global_f = np.zeros(shape)
+        self._requests: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def begin(self, request_id: int) -> None:
+        shape = self.global_s.shape
+        self._requests[request_id] = (np.zeros(shape), np.zeros(shape))
+
+    def end(self, request_id: int) -> None:
+        self._requests.pop(request_id, None)
+
+    def prior_mean(self) -> np.ndarray:
+        c = self.config
+        return (self.global_s + c.base_alpha) / (self.global_s + self.global_f + c.base_alpha + c.base_beta)
+
+    def posterior(self, request_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """Beta parameters (alpha, beta) for this request: shared prior plus its own decayed counts."""
+        s, f = self._request(request_id)
+        mu = self.prior_mean()
+        k = self.config.prior_strength
+        return k * mu + s, k * (1.0 - mu) + f
+
+    def mean(self, request_id: int) -> np.ndarray:
+        a, b = self.posterior(request_id)
+        return a / (a + b)
+
+    def sample(self, request_id: int, rng: np.random.Generator) -> np.ndarray:
+        """One Thompson draw of every per-depth acceptance probability."""
+        a, b = self.posterior(request_id)
+        return rng.beta(a, b)
+
+    def decay(self, request_id: int) -> None:
+        """Forget a little of this request's evidence (called once per step, speculative or not)."""
+        s, f = self._request(request_id)
+        d = self.config.request_decay
+        s *= d
+        f *= d
+
+    def observe(self, request_id: int, family: int, accepted: int, depth: int, fail_weight: float = 1.0) -> None:
+        """A step drafted `depth` levels of `family` and `accepted` of them were accepted.
+
+        Depths 1..accepted succeeded; depth accepted+1 (if drafted) failed. `fail_weight` < 1 discounts a
+        failure that an expert budget, not the drafter, may have caused.
+        """
+        depth = min(depth, self.config.max_depth)
+        accepted = min(accepted, depth)
+        s, f = self._request(request_id)
+        g = self.config.global_decay
+        self.global_s[family] *= g
+        self.global_f[family] *= g
+        if accepted:
+            s[family, :accepted] += 1.0
+            self.global_s[family, :accepted] += 1.0
+        if accepted < depth:
+            f[family, accepted] += fail_weight
+            self.global_f[family, accepted] += fail_weight
+
+    def _request(self, request_id: int) -> tuple[np.ndarray, np.ndarray]:
+        if request_id not in self._requests:
+            self.begin(request_id)
+        return self._requests[request_id]
+
+
+def expected_accepted(p: np.ndarray) -> np.ndarray:
+    """Expected accepted length for every depth 1..D from per-depth conditional acceptance p (..., D)."""
+    return np.cumsum(np.cumprod(p, axis=-1), axis=-1)

@@ -1,0 +1,53 @@
+"""What an expert budget costs in fidelity: agreement and acceptance lost vs router mass dropped per layer.
+
+Why per layer: layers are not equally sensitive; dropping 10% of the router mass in one layer may flip
+more argmaxes than in another, which is what lets the controller spend experts where they matter.
+Model: agreement loss A = sum_l w_l * drop_l (drop_l = router mass dropped in layer l), w_l >= 0 fitted
+by RLS on eval-mode steps (StepStats.agreement), started at 1/L each. A flipped target token also
+rejects a draft token that would have matched, so each depth's acceptance is multiplied by
+exp(-lambda * A), lambda fitted from budgeted steps (observed vs expected acceptances).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .latency import RLS
+
+
+class FidelityModel:
+    """Per-layer sensitivity weights w (agreement) and the acceptance factor lambda."""
+
+    def __init__(self, num_layers: int, prior_total: float = 1.0, prior_std: float = 1.0, noise: float = 0.05,
+                 lambda_prior: float = 1.0, lambda_weight: float = 2.0):
+        self.weights = RLS(np.full(num_layers, prior_total / num_layers), prior_std, noise, 1.0)
+        self._lam_num = lambda_prior * lambda_weight
+        self._lam_den = lambda_weight
+        self.version = 0
+
+    @property
+    def w(self) -> np.ndarray:
+        return np.maximum(self.weights.theta, 0.0)
+
+    @property
+    def lam(self) -> float:
+        return float(np.clip(self._lam_num / self._lam_den, 0.0, 20.0))
+
+    def agreement_loss(self, drop: np.ndarray) -> np.ndarray:
+        """Predicted 1 - agreement for per-layer mass dropped, drop shape (L, ...)."""
+        return np.clip(np.tensordot(self.w, drop, axes=(0, 0)), 0.0, 1.0)
+
+    def acceptance_factor(self, loss) -> np.ndarray:
+        """Multiplier on each depth's acceptance probability at agreement loss `loss`."""
+        return np.exp(-self.lam * np.asarray(loss))
+
+    def observe_agreement(self, drop: np.ndarray, agreement: float) -> None:
+        self.weights.observe(np.asarray(drop, dtype=float), 1.0 - agreement)
+        self.version += 1
+
+    def observe_acceptance(self, loss: float, successes: float, expected: float) -> None:
+        """A budgeted step at predicted loss `loss` got `successes` where `expected` were due unbudgeted."""
+        if loss <= 0.0 or expected <= 0.0:
+            return
+        self._lam_num += expected - successes
+        self._lam_den += loss * expected
+        self.version += 1

@@ -1,0 +1,66 @@
+"""The adaptive policy (ours): the online controller (moetune.adaptive.controller) behind base.Policy.
+
+Why a wrapper: the engine and replay speak Policy; the controller speaks Decision (config plus why).
+The wrapper keeps a short log of switches and infeasibility messages so `moetune run` can show which
+configurations ran over time, and exposes `infeasible` / `messages` for latency-target mode.
+"""
+from __future__ import annotations
+
+from moetune.adaptive.candidates import label
+from moetune.adaptive.controller import Controller, ControllerConfig, Decision
+from moetune.step import DecodeState, ModelShape, StepConfig, StepStats
+
+from .base import Policy
+
+MAX_EVENTS = 10_000
+
+
+class Adaptive(Policy):
+    """Expected-goodput maximisation per step, with per-request acceptance and global cost models.
+
+    `profile`: a hardware latency profile (traces.latency.LatencyModel, or a path to its JSON) that seeds
+    the latency model; with a latency target it also lets setup prove a target infeasible
+    (controller.InfeasibleTarget, a ValueError).
+    """
+
+    name = "adaptive"
+
+    def __init__(self, config: ControllerConfig = ControllerConfig(), profile=None):
+        if not isinstance(config, ControllerConfig):
+            raise ValueError(f"Adaptive needs a ControllerConfig, got {type(config).__name__}")
+        if isinstance(profile, str):
+            from moetune.traces.latency import LatencyModel
+            profile = LatencyModel.from_json(profile)
+        self.config = config
+        self.controller = Controller(config, profile)
+        self.events: list[tuple[int, int, str, str]] = []  # (request_id, step, config label, message)
+        self.last: Decision | None = None
+
+    def setup(self, shape: ModelShape) -> None:
+        super().setup(shape)
+        self.controller.setup(shape)
+
+    def begin(self, request_id: int, prompt_len: int) -> None:
+        self.controller.begin(request_id, prompt_len)
+
+    def decide(self, state: DecodeState) -> StepConfig:
+        d = self.controller.decide(state)
+        self.last = d
+        if (d.switched or d.message) and len(self.events) < MAX_EVENTS:
+            self.events.append((state.request_id, state.step, label(d.config), d.message))
+        return d.config
+
+    def observe(self, stats: StepStats) -> None:
+        self.controller.observe(stats)
+
+    def end(self, request_id: int) -> None:
+        self.controller.end(request_id)
+
+    @property
+    def infeasible(self) -> bool:
+        """True while the latency target is predicted unreachable for the current request."""
+        return bool(self.last is not None and self.last.infeasible)
+
+    @property
+    def messages(self) -> list[str]:
+        return [e[3] for e in self.events if e[3]]

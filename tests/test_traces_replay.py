@@ -1,0 +1,130 @@
+"""Counterfactual outcomes of configs on recorded trees, and replay over synthetic traces."""
+import numpy as np
+import pytest
+
+from moetune.policies.static import Plain, Static
+from moetune.step import ModelShape, StepConfig
+from moetune.traces.latency import LatencyModel
+from moetune.traces.replay import make_policy, outcome, replay, replay_many
+from moetune.traces.schema import TreeLimits, TreeRecord
+from moetune.traces.synthetic import Phase, expected_accepted, synthetic_trace
+from moetune.traces.writer import write_trace
+
+SHAPE = ModelShape(num_layers=2, num_experts=8, top_k=2, hidden_size=64, expert_intermediate_size=32)
+
+
+def hand_tree(grid=(), budget_argmax=None):
+    """root -> A (.6, matches) -> C (.5, matches); A -> D (.4); root -> B (.3) -> E (.9).
+
+    Node ids A=0 B=1 C=2 D=3 E=4; rows of per-token arrays are root, A, B, C, D, E.
+    Layer 0 routes root/A/C to experts {0,1}, B/D/E to {2,3},{4,5},{6,7}; layer 1 routes all to {0,1}.
+    """
+    parents = np.array([-1, -1, 0, 0, 1], np.int16)
+    tokens = np.array([10, 11, 12, 13, 14], np.int32)
+    argmax = np.array([10, 12, 99, 98, 97, 96], np.int32)
+    l0 = [[0, 1], [0, 1], [2, 3], [0, 1], [4, 5], [6, 7]]
+    experts = np.array([[e, [0, 1]] for e in l0], np.uint8)  # [6, 2, 2]
+    probs = np.array([[[0.7, 0.3], [0.6, 0.4]]] * 6, np.float16)
+    probs[2, 0] = 0.5  # B's layer-0 experts score below root+A's under prob_sum
+    if budget_argmax is None:
+        budget_argmax = np.zeros((len(grid), 6), np.int32)
+    return TreeRecord(parents=parents, tokens=tokens, probs=np.array([.6, .3, .5, .4, .9], np.float16),
+                      argmax=argmax, experts=experts, router_probs=probs, budget_argmax=budget_argmax,
+                      top_k=2, grid=grid, limits=TreeLimits(depth=2, topk=2, nodes=8))
+
+
+@pytest.mark.parametrize("config, size, accepted, unique0", [
+    (StepConfig(depth=1), 1, 1, 2),
+    (StepConfig(depth=2), 2, 2, 2),
+    (StepConfig(depth=1, topk=2), 2, 1, 4),
+    (StepConfig(depth=2, topk=2, num_draft_tokens=3), 3, 2, 4),  # A .6, B .3, C .3 (tie: lower id first)
+    (StepConfig(depth=2, topk=2), 5, 2, 8),
+    (StepConfig(tree=(-1, 0)), 2, 2, 2),  # root's best child, then its best child
+    (StepConfig(tree=(-1, -1, 1)), 3, 1, 6),  # A, B, and B's best child E
+])
+def test_subtree_selection(config, size, accepted, unique0):
+    o = outcome(hand_tree(), config)
+    assert (o.tree_size, o.accepted, o.unique_experts) == (size, accepted, (unique0, 2))
+    assert o.exact and o.budget_tokens is None and o.mass_kept == (1.0, 1.0)
+
+
+def test_beyond_the_recording_is_flagged():
+    assert not outcome(hand_tree(), StepConfig(depth=3)).exact
+    assert not outcome(hand_tree(), StepConfig(tree=(-1, 0, 0, 0))).exact
+    assert outcome(hand_tree(), StepConfig(speculate=False)).unique_experts == (2, 2)
+
+
+def test_budget_keeps_best_experts_and_uses_grid():
+    # Verifying A, B under budget 2 in layer 0: {0,1} (root+A) outrank {2,3} (B); B loses its experts.
+    grid_argmax = np.array([[10, 12, 55, 98, 97, 96]], np.int32)  # at B=2, B's argmax would change
+    rec = hand_tree(grid=(2,), budget_argmax=grid_argmax)
+    o = outcome(rec, StepConfig(depth=1, topk=2, budgets=(2, 2)))
+    assert o.unique_experts == (4, 2) and o.unique_kept == (2, 2)
+    assert o.substituted == (1, 0) and o.mass_kept[0] == pytest.approx(2 / 3)
+    assert o.budget_accepted == 1 and o.budget_tokens == (10, 12)  # root and A were not affected
+    # The whole tree at an on-grid uniform budget is exactly what was recorded.
+    full = outcome(rec, StepConfig(depth=2, topk=2, budgets=(2, 2)))
+    assert full.budget_exact and full.budget_tokens == (10, 12, 98)
+    # Budgets that do not bind are lossless.
+    assert outcome(rec, StepConfig(depth=1, topk=2, budgets=(8, 8))).budget_tokens is None
+    with pytest.raises(ValueError, match="2 MoE layers"):
+        outcome(rec, StepConfig(depth=1, topk=2, budgets=(2,)))
+
+
+def test_synthetic_acceptance_matches_known_values():
+    accept = (0.8, 0.6)
+    trace = synthetic_trace(SHAPE, n_requests=3, n_tokens=160, phases=[Phase(160, accept, alt=0.0)], seed=1,
+                            drafters={"draft_model": TreeLimits(depth=3, topk=1, nodes=3)})
+    accepted = [outcome(pos.trees["draft_model"], StepConfig(depth=3)).accepted
+                for r in trace.requests for pos in r.positions]
+    assert np.mean(accepted) == pytest.approx(expected_accepted(accept, 3), abs=0.12)
+
+
+def test_replay_plain_baseline_and_phases():
+    latency = LatencyModel.analytic(SHAPE)
+    phases = [Phase(40, (0.95,), kind="repetitive"), Phase(40, (0.1,), kind="prose")]
+    trace = synthetic_trace(SHAPE, n_requests=2, n_tokens=80, phases=phases, seed=2)
+    plain = replay(trace, Plain(), latency)
+    t = plain.total()
+    assert t.tokens == 160 and t.steps == 160 and t.speedup == pytest.approx(1.0)
+    assert t.time_s == pytest.approx(t.plain_time_s)
+    chain = replay(trace, Static(StepConfig(depth=4)), latency)
+    log = chain.log
+    first = log[log[:, 2] < 40, 4].mean()
+    second = log[log[:, 2] >= 40, 4].mean()
+    assert first > 2.5 and second < 0.5  # acceptance follows the phases
+    assert chain.total().tokens == 160 and chain.summary()["fidelity"] == 1.0
+    assert chain.requests[0].speedup == pytest.approx(chain.requests[0].plain_time_s / chain.requests[0].time_s)
+
+
+def test_replay_budget_fidelity_and_latency_target():
+    latency = LatencyModel.analytic(SHAPE)
+    trace = synthetic_trace(SHAPE, n_requests=2, n_tokens=60, seed=4)
+    free = replay(trace, Static(StepConfig(depth=3, topk=2)), latency, latency_target_ms=1e6).summary()
+    tight = replay(trace, Static(StepConfig(depth=3, topk=2, budgets=(2, 2))), latency, latency_target_ms=1e-3)
+    s = tight.summary()
+    assert free["fidelity"] == 1.0 and free["attainment"] == 1.0
+    assert s["fidelity"] < 1.0 and s["attainment"] == 0.0
+    assert max(s["unique_kept"]) <= 2 < min(free["unique_kept"])
+
+
+def test_static_spec_parser():
+    p = make_policy("static:depth=3,topk=2,num_draft_tokens=6,budgets=4/4,drafter=ngram")
+    assert p.config == StepConfig(depth=3, topk=2, num_draft_tokens=6, budgets=(4, 4), drafter="ngram")
+    assert isinstance(make_policy("plain"), Plain)
+    with pytest.raises(ValueError, match="depth"):
+        make_policy("static:depht=3")
+
+
+def test_replay_many_matches_serial(tmp_path):
+    latency = LatencyModel.analytic(SHAPE)
+    paths = []
+    for seed in (5, 6):
+        paths.append(tmp_path / f"{seed}.trace")
+        write_trace(synthetic_trace(SHAPE, n_requests=1, n_tokens=30, seed=seed), paths[-1])
+    specs = ["plain", "static:depth=2"]
+    par = replay_many(paths, specs, latency, workers=2)
+    ser = replay_many(paths, specs, latency, workers=1)
+    for a, b in zip(par, ser):
+        assert a.policy == b.policy and a.summary()["goodput_tok_s"] == pytest.approx(b.summary()["goodput_tok_s"])
+        assert len(a.requests) == 2 and np.array_equal(a.log, b.log)

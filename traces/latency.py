@@ -1,0 +1,161 @@
+"""Hardware latency model: predicted step time from what a step verifies, not from which policy ran it.
+
+Verification of T tokens that route to U_l unique experts in MoE layer l at context length C costs
+
+    t_verify = overhead + per_token * T + per_expert * sum_l U_l + per_context * C + per_context_token * C * T
+
+(weights of each unique expert are read once, so unique experts rather than tokens drive the MoE part at
+small batch; MoESD, arXiv 2505.19645). Drafting costs `d0 + per_step * depth + per_node * nodes` per
+drafter. Coefficients come from measurements (profile.py, or a recorded trace's own step timings) by
+non-negative least squares, so the model stays monotone; its error on the data is stored with it.
+Plain decoding is the special case T = 1, U_l = K, no draft.
+
+Shape legend: S measured steps, L MoE layers.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from moetune.step import DRAFTERS, ModelShape
+
+VERIFY_TERMS = ("overhead", "per_token", "per_expert", "per_context", "per_context_token")
+DRAFT_TERMS = ("d0", "per_step", "per_node")
+
+
+@dataclass(frozen=True)
+class LatencyModel:
+    """Seconds per verification pass and per draft; see the module docstring for the formula."""
+
+    verify: tuple[float, ...]  # coefficients for VERIFY_TERMS
+    draft: dict[str, tuple[float, ...]] = field(default_factory=dict)  # drafter -> DRAFT_TERMS coefficients
+    step_overhead: float = 0.0  # accept + commit per step (seconds)
+    num_layers: int = 0  # L the model was fitted for (0: any)
+    error: dict = field(default_factory=dict)  # e.g. {"mape": 0.04, "cv_mape": 0.05, "n": 48}
+    source: str = ""
+
+    def __post_init__(self):
+        if len(self.verify) != len(VERIFY_TERMS) or any(c < 0 for c in self.verify):
+            raise ValueError(f"LatencyModel.verify needs {len(VERIFY_TERMS)} non-negative coefficients "
+                             f"{VERIFY_TERMS}, got {self.verify}")
+        for name, c in self.draft.items():
+            if name not in DRAFTERS or len(c) != len(DRAFT_TERMS) or any(x < 0 for x in c):
+                raise ValueError(f"LatencyModel.draft[{name!r}] needs a drafter from {DRAFTERS} and "
+                                 f"{len(DRAFT_TERMS)} non-negative coefficients {DRAFT_TERMS}, got {c}")
+        if self.step_overhead < 0:
+            raise ValueError(f"LatencyModel.step_overhead must be >= 0, got {self.step_overhead}")
+
+    # -- prediction ----------------------------------------------------------------------------------
+    def verify_time(self, tokens, unique_sum, context):
+        """Verification seconds; arguments are scalars or equal-length arrays (unique_sum = sum_l U_l)."""
+        c0, ct, ce, cc, cct = self.verify
+        return c0 + ct * tokens + ce * unique_sum + cc * context + cct * context * tokens
+
+    def draft_time(self, drafter: str, depth, nodes):
+        d0, ds, dn = self.draft.get(drafter, (0.0, 0.0, 0.0))
+        return d0 + ds * depth + dn * nodes
+
+    def plain_time(self, shape: ModelShape, context):
+        """One plain decoding step at context length `context` (scalar or array)."""
+        return self.verify_time(1, shape.num_layers * shape.top_k, context) + self.step_overhead
+
+    # -- construction --------------------------------------------------------------------------------
+    @classmethod
+    def analytic(cls, shape: ModelShape, bandwidth_gbs: float = 2000.0, overhead_s: float = 2e-3,
+                 bytes_per_param: int = 2) -> "LatencyModel":
+        """A bandwidth-bound default for synthetic replay: each unique expert's weights are read once."""
+        if bandwidth_gbs <= 0 or overhead_s < 0:
+            raise ValueError(f"analytic latency needs bandwidth_gbs > 0 and overhead_s >= 0, "
+                             f"got {bandwidth_gbs}, {overhead_s}")
+        h, i = shape.hidden_size or 2048, shape.expert_intermediate_size or 1024
+        per_expert = 3 * h * i * bytes_per_param / (bandwidth_gbs * 1e9)
+        per_token = 2 * per_expert / shape.top_k * 0.05  # compute grows slowly with tokens while memory-bound
+        per_context = shape.num_layers * 2 * h * bytes_per_param / (bandwidth_gbs * 1e9)  # KV read
+        draft = {"draft_model": (1e-4, 0.15 * overhead_s, 0.0), "ngram": (5e-5, 0.0, 0.0), "self": (0.0, 0.0, 0.0)}
+        return cls(verify=(overhead_s, per_token, per_expert, per_context, 0.0), draft=draft,
+                   step_overhead=5e-5, num_layers=shape.num_layers, source="analytic")
+
+    @classmethod
+    def fit(cls, tokens, unique_sum, context, seconds, draft: dict | None = None, step_overhead: float = 0.0,
+            num_layers: int = 0, source: str = "fit", folds: int = 5) -> "LatencyModel":
+        """Fit verification coefficients to S measurements (arrays [S]); draft terms are passed through.
+
+        The stated error is the mean absolute percentage error on the data and, with enough points, in
+        k-fold cross-validation (what to expect on configurations the profile did not measure).
+        """
+        x = design(np.asarray(tokens, float), np.asarray(unique_sum, float), np.asarray(context, float))
+        y = np.asarray(seconds, float)
+        if len(y) < len(VERIFY_TERMS) or not np.all(np.isfinite(y)):
+            raise ValueError(f"LatencyModel.fit needs at least {len(VERIFY_TERMS)} finite measurements, got {len(y)}")
+        coef = nnls(x, y)
+        err = dict(n=int(len(y)), mape=mape(x @ coef, y))
+        if len(y) >= 2 * folds:
+            fold = np.arange(len(y)) % folds
+            pred = np.empty_like(y)
+            for f in range(folds):
+                pred[fold == f] = x[fold == f] @ nnls(x[fold != f], y[fold != f])
+            err["cv_mape"] = mape(pred, y)
+        return cls(verify=tuple(float(c) for c in coef), draft=draft or {}, step_overhead=step_overhead,
+                   num_layers=num_layers, error=err, source=source)
+
+    # -- storage -------------------------------------------------------------------------------------
+    def to_json(self, path: str | Path | None = None) -> str:
+        d = asdict(self)
+        d["terms"] = dict(verify=VERIFY_TERMS, draft=DRAFT_TERMS)
+        text = json.dumps(d, indent=1)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> "LatencyModel":
+        """From a JSON string or a file path (a profile saved by `moetune profile`)."""
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            try:
+                text = Path(text).read_text()
+            except OSError as e:
+                raise ValueError(f"cannot read latency profile {text_or_path}: {e}") from None
+        try:
+            d = json.loads(text)
+            d.pop("terms", None)
+            if "model" in d:  # a full profile file: the fitted model sits under "model"
+                d = d["model"]
+                d.pop("terms", None)
+            return cls(verify=tuple(d["verify"]), draft={k: tuple(v) for k, v in d.get("draft", {}).items()},
+                       step_overhead=float(d.get("step_overhead", 0.0)), num_layers=int(d.get("num_layers", 0)),
+                       error=dict(d.get("error", {})), source=d.get("source", ""))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"not a latency profile ({text_or_path}): {e}") from None
+
+
+def design(tokens: np.ndarray, unique_sum: np.ndarray, context: np.ndarray) -> np.ndarray:
+    """[S, 5] design matrix in VERIFY_TERMS order (arguments [S])."""
+    return np.stack([np.ones_like(tokens), tokens, unique_sum, context, context * tokens], axis=1)
+
+
+def nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Non-negative least squares on relative error (rows weighted by 1/y), so fast and slow steps count alike."""
+    from sklearn.linear_model import LinearRegression
+    w = 1.0 / np.maximum(y, 1e-12)
+    scale = np.maximum(np.abs(x).max(axis=0), 1e-12)  # conditioning: context*tokens is large
+    reg = LinearRegression(fit_intercept=False, positive=True).fit(x / scale, y, sample_weight=w ** 2)
+    return reg.coef_ / scale
+
+
+def mape(pred: np.ndarray, y: np.ndarray) -> float:
+    return float(np.mean(np.abs(pred - y) / np.maximum(y, 1e-12)))
+
+
+def fit_draft(depth, nodes, seconds) -> tuple[float, float, float]:
+    """Draft coefficients (DRAFT_TERMS) from measurements [S]; too few points fall back to the mean."""
+    y = np.asarray(seconds, float)
+    if len(y) == 0:
+        return (0.0, 0.0, 0.0)
+    x = np.stack([np.ones_like(y), np.asarray(depth, float), np.asarray(nodes, float)], axis=1)
+    if len(y) < 6 or np.linalg.matrix_rank(x) < 3:
+        return (float(y.mean()), 0.0, 0.0)
+    return tuple(float(c) for c in nnls(x, y))

@@ -1,0 +1,191 @@
+"""Counterfactual outcome of one step: what a StepConfig would have verified, accepted and cost at a
+recorded position, derived from the recorded largest tree without running any model.
+
+How a config selects a subtree of the recorded tree (the engine's drafter uses the same rule):
+- dynamic trees (EAGLE-2 style): nodes within `depth` whose every ancestor (and itself) is among the
+  `topk` most probable children of its parent; if `num_draft_tokens` is set, the best that many of them
+  by cumulative draft probability (ties: lower node id, so parents come first). A chain is topk=1.
+- a static `tree` (parent array): node j is the r-th child (in order of appearance) of its parent, and maps
+  to the recorded child of the mapped parent with draft-probability rank r.
+The set is closed under ancestors, so its accepted length is the count of selected nodes on the recorded
+accepted path. `exact` is False when the config asks for nodes the recording does not hold (deeper, wider
+or more than recorded); those nodes are then absent, which can only under-state acceptance.
+
+Budgets: per layer, experts routed by the root or a selected node are ranked (prob_sum: summed router
+probability, from the M recorded router entries; hit_count: routed-token count; accept_weighted: router
+probability weighted by the node's cumulative draft probability), and the best B_l are kept. Unique
+experts kept, routing mass kept and substituted tokens follow exactly. A node whose routed experts (and
+its ancestors') all survive computes exactly the unbudgeted result; an affected node's budgeted argmax is
+looked up in the recorded grid at the largest grid budget <= the smallest binding B_l (rounding down is
+conservative: a smaller budget drops more). Emitted tokens under a budget follow from those argmaxes.
+`budget_exact` is True only where that lookup is exactly what was recorded (whole tree, uniform on-grid B).
+
+Shape legend: n selected nodes (+1 with the root), L MoE layers, K top-k, M router entries, E experts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from moetune.step import StepConfig
+
+from .schema import TreeRecord
+
+
+@dataclass(frozen=True)
+class Subtree:
+    """The budget-independent part of an outcome (cached per record and config shape)."""
+
+    nodes: np.ndarray  # [n] selected node ids, ascending (parents before children)
+    accepted: int
+    tree_depth: int
+    unique_experts: tuple[int, ...]  # [L] over the root and the selected nodes
+    exact: bool
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What one step of `config` does at one position. Without budgets the kept fields equal the full ones."""
+
+    tree_size: int
+    tree_depth: int
+    accepted: int  # unbudgeted (lossless) accepted length
+    unique_experts: tuple[int, ...]  # [L]
+    exact: bool
+    unique_kept: tuple[int, ...]  # [L]
+    mass_kept: tuple[float, ...]  # [L] mean over verified tokens of routed weight kept
+    substituted: tuple[int, ...]  # [L] tokens that lost at least one routed expert
+    budget_accepted: int  # accepted length under the budgets (== accepted without binding budgets)
+    budget_tokens: tuple[int, ...] | None  # tokens emitted under binding budgets; None: the greedy ones
+    budget_exact: bool
+
+
+def subtree(record: TreeRecord, config: StepConfig) -> Subtree:
+    key = (config.depth, config.topk, config.num_draft_tokens, config.tree)
+    hit = record.subtrees.get(key)
+    if hit is None:
+        nodes, exact = select(record, config)
+        if len(nodes):
+            bits = np.bitwise_or.reduce(record.expert_bits[np.concatenate(([0], nodes + 1))], axis=0)
+            unique = tuple(np.bitwise_count(bits).sum(axis=1).tolist())
+            depth = int(record.depth[nodes].max())
+        else:
+            unique, depth = tuple(np.bitwise_count(record.expert_bits[0]).sum(axis=1).tolist()), 0
+        hit = Subtree(nodes, int(record.on_path[nodes].sum()), depth, unique, exact)
+        record.subtrees[key] = hit
+    return hit
+
+
+def select(record: TreeRecord, config: StepConfig) -> tuple[np.ndarray, bool]:
+    """Node ids of the subtree `config` verifies, and whether the recording holds all of it."""
+    if config.tree is not None:
+        mapped: list[int] = []
+        seen: dict[int, int] = {}
+        for j, p in enumerate(config.tree):
+            rank = seen.get(p, 0)
+            seen[p] = rank + 1
+            parent = -1 if p < 0 else mapped[p]
+            node = -2 if parent == -2 else record.child_by_rank.get((parent, rank), -2)
+            mapped.append(node)
+        nodes = np.array(sorted(n for n in mapped if n >= 0), dtype=np.int64)
+        return nodes, len(nodes) == len(mapped)
+    mask = (record.depth <= config.depth) & (record.path_rank < config.topk)
+    count = int(mask.sum())
+    n = config.num_draft_tokens
+    if n is not None and count > n:
+        nodes = np.sort(record.prob_order[mask[record.prob_order]][:n])
+        return nodes, True
+    nodes = np.flatnonzero(mask)
+    lim = record.limits
+    if lim is None:
+        return nodes, True
+    full = config.max_nodes
+    within = config.depth <= lim.depth and config.topk <= lim.topk
+    return nodes, within and (count >= full or record.num_nodes < lim.nodes)
+
+
+def outcome(record: TreeRecord, config: StepConfig) -> StepOutcome:
+    """The counterfactual outcome of verifying `config`'s subtree of `record` (see module docstring)."""
+    if not config.speculate:  # the root alone routes to K distinct experts per layer
+        layers = record.experts.shape[1]
+        unique = (record.top_k,) * layers
+        return StepOutcome(0, 0, 0, unique, True, unique, (1.0,) * layers, (0,) * layers, 0, None, True)
+    sub = subtree(record, config)
+    layers = len(sub.unique_experts)
+    if config.budgets is None or all(b >= u for b, u in zip(config.budgets, sub.unique_experts)):
+        if config.budgets is not None and len(config.budgets) != layers:
+            raise ValueError(f"StepConfig.budgets has {len(config.budgets)} entries; this trace's model has "
+                             f"{layers} MoE layers")
+        return StepOutcome(len(sub.nodes), sub.tree_depth, sub.accepted, sub.unique_experts, sub.exact,
+                           sub.unique_experts, (1.0,) * layers, (0,) * layers, sub.accepted, None, True)
+    return budgeted(record, config, sub)
+
+
+def budgeted(record: TreeRecord, config: StepConfig, sub: Subtree) -> StepOutcome:
+    layers = len(sub.unique_experts)
+    if len(config.budgets) != layers:
+        raise ValueError(f"StepConfig.budgets has {len(config.budgets)} entries; this trace's model has "
+                         f"{layers} MoE layers")
+    toks = np.concatenate(([0], sub.nodes + 1))  # [n+1] rows: root, then selected nodes
+    budgets = np.asarray(config.budgets)
+    lost, mass = keep(record, toks, budgets, config.selection)
+    token_lost = lost.any(axis=(1, 2))
+    affected = dict(zip(toks.tolist(), token_lost.tolist()))
+    for node in sub.nodes.tolist():  # ascending: a parent is settled before its children
+        affected[node + 1] |= affected[int(record.parents[node]) + 1]
+    binding = budgets < np.asarray(sub.unique_experts)
+    grid = record.grid
+    g = int(np.searchsorted(grid, budgets[binding].min(), side="right")) - 1 if len(grid) else -1
+    exact = (len(grid) > 0 and g >= 0 and len(sub.nodes) == record.num_nodes and len(set(config.budgets)) == 1
+             and grid[g] == config.budgets[0])
+    g = max(g, 0)
+    tokens, accepted = walk(record, sub.nodes, affected, g if len(grid) else None)
+    return StepOutcome(len(sub.nodes), sub.tree_depth, sub.accepted, sub.unique_experts, sub.exact,
+                       tuple(np.minimum(budgets, sub.unique_experts).tolist()),
+                       tuple(mass.mean(axis=0).tolist()), tuple(lost.any(axis=2).sum(axis=0).tolist()),
+                       accepted, tuple(tokens), exact)
+
+
+def keep(record: TreeRecord, toks: np.ndarray, budgets: np.ndarray, selection: str) -> tuple[np.ndarray, np.ndarray]:
+    """Which routed experts of tokens `toks` ([n+1] rows) a budget drops, per layer ([L] budgets).
+
+    Returns lost [n+1, L, K] (bool) and mass [n+1, L] (share of each token's routed weight kept).
+    """
+    layers, k = record.experts.shape[1], record.top_k
+    ent = record.experts[toks].astype(np.int64)  # [n+1, L, M]
+    e = max(int(ent.max()) + 1, 1)
+    offs = (np.arange(layers) * e)[None, :, None]
+    routed = ent[:, :, :k] + offs  # [n+1, L, K] flat (layer, expert) ids
+    hits = np.bincount(routed.ravel(), minlength=layers * e)
+    if selection == "hit_count":
+        score = hits.astype(float)
+    else:
+        w = np.ones(len(toks))
+        if selection == "accept_weighted":
+            w[1:] = record.cum_prob[toks[1:] - 1]
+        probs = record.router_probs[toks].astype(float) * w[:, None, None]
+        score = np.bincount((ent + offs).ravel(), weights=probs.ravel(), minlength=layers * e)
+    score = np.where(hits > 0, score, -np.inf).reshape(layers, e)
+    order = np.argsort(-score, axis=1, kind="stable")  # [L, E] ties: lower expert id first
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(e)[None, :].repeat(layers, 0), axis=1)
+    kept = (rank < budgets[:, None]).ravel() & (hits > 0)  # [L*E]
+    lost = ~kept[routed]
+    wts = record.weights[toks].astype(float)  # [n+1, L, K]
+    mass = (wts * ~lost).sum(axis=2) / np.maximum(wts.sum(axis=2), 1e-12)
+    return lost, mass
+
+
+def walk(record: TreeRecord, nodes: np.ndarray, affected: dict[int, bool], g: int | None) -> tuple[list, int]:
+    """Tokens emitted under the budget: from the root, emit the node's (budgeted) argmax and move to the
+    selected child carrying that token, until none does. Returns (tokens, accepted length)."""
+    child = {(int(record.parents[n]) + 1, int(record.tokens[n])): n + 1 for n in nodes.tolist()}
+    row, tokens = 0, []
+    while True:
+        use_grid = affected[row] and g is not None
+        tok = int(record.budget_argmax[g, row] if use_grid else record.argmax[row])
+        tokens.append(tok)
+        row = child.get((row, tok))
+        if row is None:
+            return tokens, len(tokens) - 1

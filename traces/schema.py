@@ -1,0 +1,288 @@
+"""Trace schema: what a counterfactual trace holds, as plain numpy (no torch).
+
+With greedy lossless decoding the output does not depend on the speculation config, so a trace keeps,
+for every output position p, the *largest* draft tree each drafter proposes there, the target's verdict
+on every node, and every node's per-layer routing. Any policy's step at p verifies a subtree of that tree
+(see replay.outcome), so its accepted length and expert traffic follow without a model.
+
+Shape legend: N draft nodes (the root, i.e. the last committed token, is row 0 of per-token arrays, so
+those have N+1 rows), L MoE layers, K routed experts per token, M >= K router entries kept per token
+(M = E keeps the full router distribution), E experts, G budgets in the recorded grid.
+
+Conventions: position p means p output tokens are already committed; the target's argmax at the root is
+output[p]; a node at depth j on the accepted path predicts output[p + j - 1].
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+
+import numpy as np
+
+from moetune.step import DRAFTERS, SELECTIONS, SUBSTITUTIONS, ModelShape, StepConfig
+
+SCHEMA_VERSION = 1
+
+
+class TraceError(ValueError):
+    """A trace file or trace object is unusable; the message names the file, record and problem."""
+
+
+@dataclass(frozen=True)
+class TreeLimits:
+    """The largest tree a drafter was asked for when recording (EAGLE-2 style: top-`topk` expansion to
+    `depth`, keeping the `nodes` best by cumulative draft probability)."""
+
+    depth: int
+    topk: int
+    nodes: int
+
+    def __post_init__(self):
+        if self.depth < 1 or self.topk < 1 or self.nodes < 1:
+            raise ValueError(f"TreeLimits needs depth, topk and nodes >= 1, got {self}")
+
+
+@dataclass(frozen=True)
+class TraceMeta:
+    """Header of a trace: everything needed to interpret (and reproduce) the records that follow."""
+
+    shape: ModelShape
+    drafters: dict[str, TreeLimits]  # drafter name -> the largest tree recorded for it
+    router_top: int  # M: router entries kept per token and layer (>= top_k)
+    budget_grid: tuple[int, ...] = ()  # uniform per-layer budgets whose outcomes were recorded
+    selection: str = "prob_sum"  # expert ranking used for the recorded budget outcomes
+    substitution: str = "renormalize"
+    target: str = ""
+    draft: str = ""
+    hardware: dict = field(default_factory=dict)
+    moetune_version: str = ""
+    seed: int = 0
+    synthetic: str = ""  # non-empty for generated traces: what was made up and how
+    version: int = SCHEMA_VERSION
+
+    def __post_init__(self):
+        if self.version != SCHEMA_VERSION:
+            raise ValueError(f"trace schema version {self.version} is not supported (this moetune reads "
+                             f"version {SCHEMA_VERSION}); re-record the trace")
+        if not self.drafters or any(d not in DRAFTERS for d in self.drafters):
+            raise ValueError(f"TraceMeta.drafters must name drafters from {DRAFTERS}, got {list(self.drafters)}")
+        if not self.shape.top_k <= self.router_top <= self.shape.num_experts:
+            raise ValueError(f"TraceMeta.router_top must be in [top_k={self.shape.top_k}, "
+                             f"num_experts={self.shape.num_experts}], got {self.router_top}")
+        if any(not 1 <= b <= self.shape.num_experts for b in self.budget_grid):
+            raise ValueError(f"TraceMeta.budget_grid entries must be in [1, {self.shape.num_experts}], "
+                             f"got {self.budget_grid}")
+        if list(self.budget_grid) != sorted(set(self.budget_grid)):
+            raise ValueError(f"TraceMeta.budget_grid must be strictly increasing, got {self.budget_grid}")
+        if self.selection not in SELECTIONS or self.substitution not in SUBSTITUTIONS:
+            raise ValueError(f"TraceMeta.selection/substitution must be in {SELECTIONS}/{SUBSTITUTIONS}, "
+                             f"got {self.selection!r}/{self.substitution!r}")
+
+
+@dataclass(eq=False)
+class TreeRecord:
+    """The largest tree one drafter proposes at one position, with the target's verdicts and routing.
+
+    Nodes are stored parents-first (parent[i] < i). Derived arrays used by replay are computed once,
+    lazily, so replaying many policies over one trace pays for them once.
+    """
+
+    parents: np.ndarray  # [N] int16, -1 = child of the root
+    tokens: np.ndarray  # [N] int32
+    probs: np.ndarray  # [N] float16, draft probability of the node given its parent
+    argmax: np.ndarray  # [N+1] int32, target argmax at each node (row 0: the root, i.e. output[p])
+    experts: np.ndarray  # [N+1, L, M] uint8/int16, router entries by descending probability; first K routed
+    router_probs: np.ndarray  # [N+1, L, M] float16, softmax router probability of those entries
+    budget_argmax: np.ndarray  # [G, N+1] int32, target argmax at each node when verifying under grid budget g
+    t_draft: float = 0.0  # seconds to draft this tree when recording
+    t_verify: float = 0.0  # seconds to verify this tree (unbudgeted) when recording
+    # Not stored per tree: the reader fills these from the header.
+    top_k: int = 1  # K: the first K router entries are the routed experts
+    grid: tuple[int, ...] = ()  # the trace's budget grid (rows of budget_argmax)
+    limits: TreeLimits | None = None  # the largest tree the drafter was asked for
+    subtrees: dict = field(default_factory=dict)  # replay's cache: config shape -> Subtree
+
+    @property
+    def num_nodes(self) -> int:
+        return int(self.parents.shape[0])
+
+    @property
+    def weights(self) -> np.ndarray:  # [N+1, L, K] routing weights up to a per-token scale
+        # Families differ only in renormalising the top-k probabilities per token; replay uses weight
+        # ratios within a token (routing mass kept), so the stored probabilities serve for all of them.
+        return self.router_probs[:, :, :self.top_k]
+
+    @cached_property
+    def match(self) -> np.ndarray:  # [N] bool, the target's verdict: token == target argmax at its parent
+        return self.tokens == self.argmax[self.parents.astype(np.int64) + 1]
+
+    @cached_property
+    def derived(self) -> dict[str, np.ndarray]:
+        """depth [N] (1 = child of the root), cum_prob [N] (product of draft probs along the path),
+        sibling_rank [N] (0 = most probable child), path_rank [N] (largest sibling rank on the path) and
+        on_path [N] (the node and its ancestors match: the accepted path), in one pass over the nodes."""
+        n = self.num_nodes
+        parents = self.parents.astype(np.int64)
+        probs = self.probs.astype(np.float64)
+        order = np.lexsort((np.arange(n), -probs, parents))  # grouped by parent, best child first
+        grouped = parents[order]
+        first = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]]) if n else np.zeros(0, np.int64)
+        sib = np.empty(n, dtype=np.int64)
+        sib[order] = np.arange(n) - np.repeat(first, np.diff(np.r_[first, n]))
+        depth, cum, prank, ok = [0] * n, [0.0] * n, [0] * n, [False] * n
+        match, sib_l, probs_l = self.match.tolist(), sib.tolist(), probs.tolist()
+        for i, p in enumerate(parents.tolist()):
+            if p < 0:
+                depth[i], cum[i], prank[i], ok[i] = 1, probs_l[i], sib_l[i], match[i]
+            else:
+                depth[i], cum[i] = depth[p] + 1, probs_l[i] * cum[p]
+                prank[i], ok[i] = max(sib_l[i], prank[p]), match[i] and ok[p]
+        return dict(depth=np.array(depth, dtype=np.int64), cum_prob=np.array(cum), sibling_rank=sib,
+                    path_rank=np.array(prank, dtype=np.int64), on_path=np.array(ok, dtype=bool))
+
+    @property
+    def depth(self) -> np.ndarray:
+        return self.derived["depth"]
+
+    @property
+    def cum_prob(self) -> np.ndarray:
+        return self.derived["cum_prob"]
+
+    @property
+    def sibling_rank(self) -> np.ndarray:
+        return self.derived["sibling_rank"]
+
+    @property
+    def path_rank(self) -> np.ndarray:
+        return self.derived["path_rank"]
+
+    @property
+    def on_path(self) -> np.ndarray:
+        return self.derived["on_path"]
+
+    @cached_property
+    def child_by_rank(self) -> dict[tuple[int, int], int]:  # (parent, sibling rank) -> node; parent -1 = root
+        return {(p, int(r)): i for i, (p, r) in enumerate(zip(self.parents.tolist(), self.sibling_rank.tolist()))}
+
+    @cached_property
+    def prob_order(self) -> np.ndarray:  # [N] node ids by descending cumulative prob, parents first on ties
+        return np.lexsort((np.arange(self.num_nodes), -self.cum_prob))
+
+    @cached_property
+    def expert_bits(self) -> np.ndarray:  # [N+1, L, W] uint64 bitset of each token's K routed experts
+        idx = self.experts[:, :, :self.top_k].astype(np.uint64)
+        words = int(idx.max(initial=0)) // 64 + 1
+        one = np.uint64(1)
+        # A token's K routed experts are distinct, so summing their bits is OR-ing them.
+        return np.stack([np.where(idx // 64 == w, np.left_shift(one, idx % 64), 0).sum(axis=2, dtype=np.uint64)
+                         for w in range(words)], axis=2)
+
+
+@dataclass(eq=False)
+class Position:
+    """One output position: the token plain greedy decoding emits there, and each drafter's largest tree."""
+
+    token: int
+    trees: dict[str, TreeRecord]
+
+
+@dataclass(eq=False)
+class LiveRun:
+    """What actually ran while recording (one policy, live), for the replay self-check.
+
+    Shape legend: S live steps.
+    """
+
+    policy: str
+    configs: list  # [C] StepConfig, distinct configs used
+    config_index: np.ndarray  # [S] int32, into configs
+    position: np.ndarray  # [S] int32, output position the step started at
+    accepted: np.ndarray  # [S] int32
+    emitted: np.ndarray  # [S] int32
+    tree_size: np.ndarray  # [S] int32
+    unique_experts: np.ndarray  # [S, L] int16
+    times: np.ndarray  # [S, 5] float64 seconds: draft, verify, accept, commit, control
+
+    @property
+    def goodput(self) -> float:
+        """Measured emitted tokens per second of step time."""
+        total = float(self.times.sum())
+        return float(self.emitted.sum()) / total if total > 0 else 0.0
+
+
+@dataclass(eq=False)
+class RequestTrace:
+    """One request: its prompt and, per output position, the plain-greedy token and the recorded trees."""
+
+    request_id: int
+    prompt_len: int
+    kind: str = ""
+    prompt: str = ""
+    positions: list[Position] = field(default_factory=list)
+    live: LiveRun | None = None
+    complete: bool = False  # the writer closed this request (False: the run stopped inside it)
+
+    @property
+    def output(self) -> np.ndarray:  # [P] int32, the greedy output (as far as recorded)
+        return np.array([pos.token for pos in self.positions], dtype=np.int32)
+
+
+@dataclass(eq=False)
+class Trace:
+    """A whole trace file in memory. `truncated` says where a killed run's file stopped, if it did."""
+
+    meta: TraceMeta
+    requests: list[RequestTrace]
+    path: str = ""
+    truncated: str = ""
+
+    @property
+    def shape(self) -> ModelShape:
+        return self.meta.shape
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(r.positions) for r in self.requests)
+
+
+# On-disk layout (writer.py writes it, reader.py checks it). A file is MAGIC, then records, each
+# FRAME (payload length, crc32 of kind + payload, kind) followed by a zlib-compressed payload: a u32
+# JSON length, the JSON, then the raw bytes of the arrays the JSON lists (name, dtype, shape), in order.
+MAGIC = b"MOETUNE-TRACE\x00"
+FRAME = "<IIc"
+KIND_HEADER, KIND_REQUEST, KIND_POSITION, KIND_END = b"H", b"R", b"P", b"E"
+ARRAY_DTYPES = ("bool", "uint8", "int16", "int32", "int64", "float16", "float32", "float64")
+LIVE_TIMES = ("t_draft", "t_verify", "t_accept", "t_commit", "t_control")
+
+
+def meta_to_dict(meta: TraceMeta) -> dict:
+    """JSON-ready header (StepConfig-free, so old readers can at least print it)."""
+    s = meta.shape
+    return dict(version=meta.version, shape=dict(num_layers=s.num_layers, num_experts=s.num_experts,
+                                                  top_k=s.top_k, hidden_size=s.hidden_size,
+                                                  expert_intermediate_size=s.expert_intermediate_size,
+                                                  shared_expert=s.shared_expert),
+                drafters={k: dict(depth=v.depth, topk=v.topk, nodes=v.nodes) for k, v in meta.drafters.items()},
+                router_top=meta.router_top, budget_grid=list(meta.budget_grid), selection=meta.selection,
+                substitution=meta.substitution, target=meta.target, draft=meta.draft, hardware=meta.hardware,
+                moetune_version=meta.moetune_version, seed=meta.seed, synthetic=meta.synthetic)
+
+
+def meta_from_dict(d: dict) -> TraceMeta:
+    """Inverse of meta_to_dict; raises ValueError (or KeyError/TypeError) on a malformed header."""
+    return TraceMeta(shape=ModelShape(**d["shape"]),
+                     drafters={k: TreeLimits(**v) for k, v in d["drafters"].items()},
+                     router_top=int(d["router_top"]), budget_grid=tuple(int(b) for b in d["budget_grid"]),
+                     selection=d["selection"], substitution=d["substitution"], target=d.get("target", ""),
+                     draft=d.get("draft", ""), hardware=dict(d.get("hardware", {})),
+                     moetune_version=d.get("moetune_version", ""), seed=int(d.get("seed", 0)),
+                     synthetic=d.get("synthetic", ""), version=int(d["version"]))
+
+
+def config_to_dict(config: StepConfig) -> dict:
+    """A StepConfig as JSON (tuples become lists)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()}
+
+
+def config_from_dict(d: dict) -> StepConfig:
+    return StepConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})

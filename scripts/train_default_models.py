@@ -64,7 +64,7 @@ def cmd_data(args) -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    splits = corpus.split_sources(corpus.iter_sources())
+    splits = corpus.split_sources(corpus.iter_sources(Path(args.root) if args.root else None))
     stats = {s: {"files": len(v), "chars": sum(len(f.text) for f in v)} for s, v in splits.items()}
 
     tok = Tokenizer(models.BPE())
@@ -88,7 +88,7 @@ def cmd_data(args) -> None:
     prompts = corpus.build_prompts(splits["test"])
     corpus.write_prompts(out / "prompts.json", prompts)
     stats["test"]["prompts"] = len(prompts)
-    stats["stdlib"] = str(corpus.stdlib_root())
+    stats["stdlib"] = str(args.root or corpus.stdlib_root())
     (out / "data.json").write_text(json.dumps(stats, indent=1))
     print(json.dumps(stats, indent=1))
 
@@ -225,6 +225,7 @@ def main(argv=None) -> None:
     d = sub.add_parser("data")
     d.add_argument("--out", default="data")
     d.add_argument("--vocab-size", type=int, default=VOCAB_SIZE)
+    d.add_argument("--root", default=None, help="source tree to use instead of the stdlib (tests)")
     t = sub.add_parser("train")
     t.add_argument("--model", choices=["target", "draft"], required=True)
     t.add_argument("--data", default="data")

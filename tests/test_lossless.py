@@ -1,0 +1,102 @@
+"""Greedy speculative output equals HF greedy `generate`, whatever the drafter or tree shape."""
+import pytest
+import torch
+from tiny import FAMILIES, tiny_dense, tiny_moe
+
+from moetune import DEFAULT_DRAFT, DEFAULT_TARGET
+from moetune.engine.drafters import DraftModelDrafter, NgramDrafter, SelfDrafter
+from moetune.engine.generate import generate
+from moetune.step import StepConfig
+
+PROMPT = [5, 17, 33, 17, 33, 90, 4, 17, 33]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and this machine's cores are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def hf_greedy(model, prompt, n, eos=None):
+    out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n, eos_token_id=eos,
+                         pad_token_id=1)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def target(request):
+    return tiny_moe(request.param)
+
+
+CASES = {
+    "plain": (None, None),
+    "self_draft_chain": ("same", StepConfig(depth=5)),
+    "self_draft_dynamic_tree": ("same", StepConfig(depth=4, topk=3, num_draft_tokens=12)),
+    "static_tree": ("same", StepConfig(tree=(-1, -1, 0, 0, 1, 2, 2, 4))),
+    "random_draft_tree": ("random", StepConfig(depth=3, topk=2)),
+    "ngram": ("ngram", StepConfig(drafter="ngram", depth=4, topk=3)),
+    "self_spec_top1": ("self", StepConfig(drafter="self", depth=3, topk=2, num_draft_tokens=5)),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_greedy_matches_hf(target, case):
+    kind, config = CASES[case]
+    drafter = {None: None, "same": DraftModelDrafter(target), "random": DraftModelDrafter(tiny_dense()),
+               "ngram": NgramDrafter(), "self": SelfDrafter(target, layers=1)}[kind]
+    res = generate(target, None, [PROMPT], drafter=drafter, config=config, max_new_tokens=23, eos_token_id=-1)[0]
+    assert res.token_ids == hf_greedy(target, PROMPT, 23)
+    assert sum(s.emitted for s in res.steps) == 23
+    if kind == "same":
+        assert res.mean_accepted >= 1.5
+    if kind == "random":
+        assert res.mean_accepted < 0.5
+    step = res.steps[-1]
+    assert len(step.unique_experts) == 2 and all(1 <= u <= 8 for u in step.unique_experts)
+
+
+def test_eos_and_max_tokens_mid_tree(target):
+    ref = hf_greedy(target, PROMPT, 20)
+    drafter = DraftModelDrafter(target)
+    cfg = StepConfig(depth=6)
+    eos = ref[9]  # lands inside an accepted path of 6 + bonus
+    out = generate(target, None, [PROMPT], drafter=drafter, config=cfg, max_new_tokens=20, eos_token_id=eos)[0]
+    assert out.token_ids == hf_greedy(target, PROMPT, 20, eos=eos)
+    assert out.token_ids[-1] == eos
+    for n in (1, 4, 11):
+        got = generate(target, None, [PROMPT], drafter=drafter, config=cfg, max_new_tokens=n, eos_token_id=-1)[0]
+        assert got.token_ids == ref[:n]
+
+
+def test_policy_switches_drafters_and_budget_full_is_lossless():
+    target = tiny_moe("qwen3_moe")
+    configs = [StepConfig(depth=3), StepConfig(drafter="ngram", depth=2), StepConfig(speculate=False),
+               StepConfig(drafter="self", depth=2, topk=2), StepConfig(depth=2, topk=2, budgets=(8, 8))]
+
+    class Cycle:
+        def setup(self, shape): pass
+        def begin(self, r, n): pass
+        def decide(self, state): return configs[state.step % len(configs)]
+        def observe(self, stats): pass
+        def end(self, r): pass
+
+    res = generate(target, None, [PROMPT, PROMPT[:4]], drafter={"draft_model": DraftModelDrafter(target)},
+                   policy=Cycle(), max_new_tokens=25, eos_token_id=-1)
+    assert res[0].token_ids == hf_greedy(target, PROMPT, 25)
+    assert res[1].token_ids == hf_greedy(target, PROMPT[:4], 25)
+    assert {s.config.drafter for s in res[0].steps if s.config.speculate} == {"draft_model", "ngram", "self"}
+
+
+@pytest.mark.skipif(not (DEFAULT_TARGET / "config.json").exists() or not (DEFAULT_DRAFT / "config.json").exists(),
+                    reason="embedded default models not trained yet")
+def test_embedded_default_models():
+    from moetune.engine.loader import load_draft, load_target
+    target, tok = load_target(DEFAULT_TARGET, device="cpu")
+    draft, _ = load_draft(DEFAULT_DRAFT, tok, device="cpu")
+    prompt = tok("The expert said that", add_special_tokens=False)["input_ids"]
+    res = generate(target, tok, [prompt], drafter=DraftModelDrafter(draft),
+                   config=StepConfig(depth=4, topk=2, num_draft_tokens=8), max_new_tokens=24, eos_token_id=-1)[0]
+    assert res.token_ids == hf_greedy(target, prompt, 24)

@@ -30,7 +30,7 @@ def hand_tree(grid=(), budget_argmax=None):
         budget_argmax = np.zeros((len(grid), 6), np.int32)
     return TreeRecord(parents=parents, tokens=tokens, probs=np.array([.6, .3, .5, .4, .9], np.float16),
                       argmax=argmax, experts=experts, router_probs=probs, budget_argmax=budget_argmax,
-                      top_k=2, grid=grid, limits=TreeLimits(depth=2, topk=2, nodes=8))
+                      top_k=2, grid=grid, limits=TreeLimits(depth=2, topk=2))
 
 
 @pytest.mark.parametrize("config, size, accepted, unique0", [
@@ -74,7 +74,7 @@ def test_budget_keeps_best_experts_and_uses_grid():
 def test_synthetic_acceptance_matches_known_values():
     accept = (0.8, 0.6)
     trace = synthetic_trace(SHAPE, n_requests=3, n_tokens=160, phases=[Phase(160, accept, alt=0.0)], seed=1,
-                            drafters={"draft_model": TreeLimits(depth=3, topk=1, nodes=3)})
+                            drafters={"draft_model": TreeLimits(depth=3, topk=1)})
     accepted = [outcome(pos.trees["draft_model"], StepConfig(depth=3)).accepted
                 for r in trace.requests for pos in r.positions]
     assert np.mean(accepted) == pytest.approx(expected_accepted(accept, 3), abs=0.12)

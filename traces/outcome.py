@@ -1,15 +1,20 @@
 """Counterfactual outcome of one step: what a StepConfig would have verified, accepted and cost at a
 recorded position, derived from the recorded largest tree without running any model.
 
-How a config selects a subtree of the recorded tree (the engine's drafter uses the same rule):
-- dynamic trees (EAGLE-2 style): nodes within `depth` whose every ancestor (and itself) is among the
-  `topk` most probable children of its parent; if `num_draft_tokens` is set, the best that many of them
-  by cumulative draft probability (ties: lower node id, so parents come first). A chain is topk=1.
+How a config selects a subtree of the recorded tree (the rule of the engine's drafters):
+- dynamic trees (EAGLE-2, engine/drafters/draft_model.py): the root's `topk` most probable children;
+  then per level, the `topk` most probable children of each frontier node, the new frontier being the
+  `topk` created nodes of highest cumulative draft probability; to `depth` levels; finally, with
+  `num_draft_tokens`, the best that many created nodes by cumulative probability (ties: lower node id,
+  i.e. creation order). A chain is topk=1. The recording keeps every node its (larger) growth created, so
+  a smaller config's tree is found inside it, except where the smaller config's frontier holds a node the
+  larger one did not expand (then that node's children are missing and `exact` is False).
 - a static `tree` (parent array): node j is the r-th child (in order of appearance) of its parent, and maps
   to the recorded child of the mapped parent with draft-probability rank r.
 The set is closed under ancestors, so its accepted length is the count of selected nodes on the recorded
-accepted path. `exact` is False when the config asks for nodes the recording does not hold (deeper, wider
-or more than recorded); those nodes are then absent, which can only under-state acceptance.
+accepted path. `exact` is also False when the config is deeper or wider than the recording, or is an
+n-gram trie of several continuations (approximated by the rule above); missing nodes can only
+under-state acceptance.
 
 Budgets: per layer, experts routed by the root or a selected node are ranked (prob_sum: summed router
 probability, from the M recorded router entries; hit_count: routed-token count; accept_weighted: router
@@ -79,30 +84,41 @@ def subtree(record: TreeRecord, config: StepConfig) -> Subtree:
 
 def select(record: TreeRecord, config: StepConfig) -> tuple[np.ndarray, bool]:
     """Node ids of the subtree `config` verifies, and whether the recording holds all of it."""
+    kids = record.kids
     if config.tree is not None:
         mapped: list[int] = []
         seen: dict[int, int] = {}
-        for j, p in enumerate(config.tree):
+        for p in config.tree:
             rank = seen.get(p, 0)
             seen[p] = rank + 1
             parent = -1 if p < 0 else mapped[p]
-            node = -2 if parent == -2 else record.child_by_rank.get((parent, rank), -2)
-            mapped.append(node)
+            ch = kids[parent + 1] if p < 0 or parent >= 0 else []
+            mapped.append(ch[rank] if rank < len(ch) else -1)
         nodes = np.array(sorted(n for n in mapped if n >= 0), dtype=np.int64)
         return nodes, len(nodes) == len(mapped)
-    mask = (record.depth <= config.depth) & (record.path_rank < config.topk)
-    count = int(mask.sum())
+    k, lim = config.topk, record.limits
+    exact = lim is None or (config.depth <= lim.depth and k <= lim.topk)
+    if config.drafter == "ngram" and k > 1:
+        exact = False
+    model_drafter = config.drafter != "ngram"
+    cum = record.derived["cum_list"]
+    frontier = kids[0][:k]
+    created = list(frontier)
+    for level in range(1, config.depth):
+        cands = []
+        for node in frontier:
+            ch = kids[node + 1]
+            if not ch and model_drafter and lim is not None and level < lim.depth:
+                exact = False  # the recording did not expand this node
+            cands.extend(ch[:k])
+        if not cands:
+            break
+        created.extend(cands)
+        frontier = sorted(cands, key=lambda j: (-cum[j], j))[:k] if len(cands) > k else cands
     n = config.num_draft_tokens
-    if n is not None and count > n:
-        nodes = np.sort(record.prob_order[mask[record.prob_order]][:n])
-        return nodes, True
-    nodes = np.flatnonzero(mask)
-    lim = record.limits
-    if lim is None:
-        return nodes, True
-    full = config.max_nodes
-    within = config.depth <= lim.depth and config.topk <= lim.topk
-    return nodes, within and (count >= full or record.num_nodes < lim.nodes)
+    if n is not None and len(created) > n:
+        created = sorted(created, key=lambda j: (-cum[j], j))[:n]
+    return np.array(sorted(created), dtype=np.int64), exact
 
 
 def outcome(record: TreeRecord, config: StepConfig) -> StepOutcome:

@@ -30,16 +30,15 @@ class TraceError(ValueError):
 
 @dataclass(frozen=True)
 class TreeLimits:
-    """The largest tree a drafter was asked for when recording (EAGLE-2 style: top-`topk` expansion to
-    `depth`, keeping the `nodes` best by cumulative draft probability)."""
+    """The largest tree a drafter was asked for when recording: EAGLE-2 growth to `depth` with `topk`
+    children per expanded node and a frontier of `topk` nodes per level, keeping every node created."""
 
     depth: int
     topk: int
-    nodes: int
 
     def __post_init__(self):
-        if self.depth < 1 or self.topk < 1 or self.nodes < 1:
-            raise ValueError(f"TreeLimits needs depth, topk and nodes >= 1, got {self}")
+        if self.depth < 1 or self.topk < 1:
+            raise ValueError(f"TreeLimits needs depth and topk >= 1, got {self}")
 
 
 @dataclass(frozen=True)
@@ -117,28 +116,27 @@ class TreeRecord:
         return self.tokens == self.argmax[self.parents.astype(np.int64) + 1]
 
     @cached_property
-    def derived(self) -> dict[str, np.ndarray]:
+    def derived(self) -> dict:
         """depth [N] (1 = child of the root), cum_prob [N] (product of draft probs along the path),
-        sibling_rank [N] (0 = most probable child), path_rank [N] (largest sibling rank on the path) and
-        on_path [N] (the node and its ancestors match: the accepted path), in one pass over the nodes."""
+        on_path [N] (the node and its ancestors match: the accepted path) and kids (per row, root first,
+        child node ids from most to least probable; ties: lower id), in one pass over the nodes."""
         n = self.num_nodes
-        parents = self.parents.astype(np.int64)
-        probs = self.probs.astype(np.float64)
-        order = np.lexsort((np.arange(n), -probs, parents))  # grouped by parent, best child first
-        grouped = parents[order]
-        first = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]]) if n else np.zeros(0, np.int64)
-        sib = np.empty(n, dtype=np.int64)
-        sib[order] = np.arange(n) - np.repeat(first, np.diff(np.r_[first, n]))
-        depth, cum, prank, ok = [0] * n, [0.0] * n, [0] * n, [False] * n
-        match, sib_l, probs_l = self.match.tolist(), sib.tolist(), probs.tolist()
-        for i, p in enumerate(parents.tolist()):
+        parents = self.parents.tolist()
+        probs = self.probs.astype(np.float64).tolist()
+        match = self.match.tolist()
+        depth, cum, ok = [0] * n, [0.0] * n, [False] * n
+        kids: list[list[int]] = [[] for _ in range(n + 1)]
+        for i, p in enumerate(parents):
             if p < 0:
-                depth[i], cum[i], prank[i], ok[i] = 1, probs_l[i], sib_l[i], match[i]
+                depth[i], cum[i], ok[i] = 1, probs[i], match[i]
             else:
-                depth[i], cum[i] = depth[p] + 1, probs_l[i] * cum[p]
-                prank[i], ok[i] = max(sib_l[i], prank[p]), match[i] and ok[p]
-        return dict(depth=np.array(depth, dtype=np.int64), cum_prob=np.array(cum), sibling_rank=sib,
-                    path_rank=np.array(prank, dtype=np.int64), on_path=np.array(ok, dtype=bool))
+                depth[i], cum[i], ok[i] = depth[p] + 1, probs[i] * cum[p], match[i] and ok[p]
+            kids[p + 1].append(i)
+        for k in kids:
+            if len(k) > 1:
+                k.sort(key=lambda j: (-probs[j], j))
+        return dict(depth=np.array(depth, dtype=np.int64), cum_prob=np.array(cum), cum_list=cum,
+                    on_path=np.array(ok, dtype=bool), kids=kids)
 
     @property
     def depth(self) -> np.ndarray:
@@ -149,24 +147,12 @@ class TreeRecord:
         return self.derived["cum_prob"]
 
     @property
-    def sibling_rank(self) -> np.ndarray:
-        return self.derived["sibling_rank"]
-
-    @property
-    def path_rank(self) -> np.ndarray:
-        return self.derived["path_rank"]
-
-    @property
     def on_path(self) -> np.ndarray:
         return self.derived["on_path"]
 
-    @cached_property
-    def child_by_rank(self) -> dict[tuple[int, int], int]:  # (parent, sibling rank) -> node; parent -1 = root
-        return {(p, int(r)): i for i, (p, r) in enumerate(zip(self.parents.tolist(), self.sibling_rank.tolist()))}
-
-    @cached_property
-    def prob_order(self) -> np.ndarray:  # [N] node ids by descending cumulative prob, parents first on ties
-        return np.lexsort((np.arange(self.num_nodes), -self.cum_prob))
+    @property
+    def kids(self) -> list[list[int]]:
+        return self.derived["kids"]
 
     @cached_property
     def expert_bits(self) -> np.ndarray:  # [N+1, L, W] uint64 bitset of each token's K routed experts
@@ -262,7 +248,7 @@ def meta_to_dict(meta: TraceMeta) -> dict:
                                                   top_k=s.top_k, hidden_size=s.hidden_size,
                                                   expert_intermediate_size=s.expert_intermediate_size,
                                                   shared_expert=s.shared_expert),
-                drafters={k: dict(depth=v.depth, topk=v.topk, nodes=v.nodes) for k, v in meta.drafters.items()},
+                drafters={k: dict(depth=v.depth, topk=v.topk) for k, v in meta.drafters.items()},
                 router_top=meta.router_top, budget_grid=list(meta.budget_grid), selection=meta.selection,
                 substitution=meta.substitution, target=meta.target, draft=meta.draft, hardware=meta.hardware,
                 moetune_version=meta.moetune_version, seed=meta.seed, synthetic=meta.synthetic)

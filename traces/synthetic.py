@@ -6,8 +6,8 @@ What is made up (and stated in the trace's `meta.synthetic`):
   not, the next-ranked child matches with probability `alt`, and so on. So a chain of depth d accepts
   expected_accepted(accept, d) tokens on average, and wider trees gain from `alt`.
 - Draft probabilities: the top child's probability tracks the phase's acceptance (a calibrated drafter)
-  with noise; siblings share the rest geometrically. Trees are EAGLE-2 style: best-first expansion of
-  top-`topk` children to `depth`, keeping the `nodes` best by cumulative probability.
+  with noise; siblings share the rest geometrically. Trees grow as the engine's EAGLE-2 drafter grows
+  them (TreeLimits: `topk` children per frontier node, a frontier of `topk` per level, to `depth`).
 - Routing: per layer, Zipf-distributed expert popularity (heavy tail), a per-request/phase topic that
   boosts a cluster of experts (co-activation), and router noise correlated between a node and its parent.
   Router probabilities are the softmax.
@@ -19,7 +19,6 @@ Shape legend: N draft nodes, L MoE layers, K top-k, M router entries, E experts,
 """
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -31,8 +30,8 @@ from moetune.step import ModelShape
 from .outcome import keep
 from .schema import Position, RequestTrace, Trace, TraceMeta, TreeLimits, TreeRecord
 
-DEFAULT_LIMITS = {"draft_model": TreeLimits(depth=8, topk=4, nodes=64), "ngram": TreeLimits(depth=8, topk=1, nodes=8),
-                  "self": TreeLimits(depth=8, topk=2, nodes=16)}
+DEFAULT_LIMITS = {"draft_model": TreeLimits(depth=6, topk=4), "ngram": TreeLimits(depth=6, topk=1),
+                  "self": TreeLimits(depth=6, topk=2)}
 
 
 @dataclass(frozen=True)
@@ -127,36 +126,37 @@ def topic_bias(shape: ModelShape, topic: int, e: int) -> np.ndarray:
 def tree(rng, lim: TreeLimits, phase: Phase, accept, future: np.ndarray, logits_base: np.ndarray,
          meta: TraceMeta, vocab: int, flip: float) -> TreeRecord:
     """One position's largest tree, verdicts, routing and grid outcomes (see module docstring)."""
-    parents, probs, depth, on_path, tokens = [], [], [], [], []
+    parents, probs, cum, on_path, tokens = [], [], [], [], []
     argmax = [int(future[0])]
-    heap: list = []
 
-    def expand(node: int, d: int, cum: float, path: bool) -> None:
-        if d >= lim.depth:
-            return
+    def grow(node: int, d: int) -> list[int]:
+        """Create the topk children (depth d + 1) of `node` (-1: the root) in rank order."""
         a = accept[min(d, len(accept) - 1)]
         top = float(np.clip(a + rng.normal(0, 0.1), 0.05, 0.98))
-        ps = [top] + [(1 - top) * 0.5 ** (i + 1) for i in range(lim.topk - 1)]
+        path = node < 0 or on_path[node]
         hit = -1
         if path:
             for rank, chance in enumerate([a] + [phase.alt] * (lim.topk - 1)):
                 if rng.random() < chance:
                     hit = rank
                     break
-        for rank, q in enumerate(ps):
-            heapq.heappush(heap, (-cum * q, rng.random(), node, d + 1, q, path and rank == hit))
+        ids = []
+        for rank in range(lim.topk):
+            q = top if rank == 0 else (1 - top) * 0.5 ** rank
+            on = path and rank == hit
+            ids.append(len(parents))
+            parents.append(node)
+            probs.append(q)
+            cum.append(q * (cum[node] if node >= 0 else 1.0))
+            on_path.append(on)
+            tokens.append(int(future[d]) if on else int(rng.integers(2, vocab)))
+            argmax.append(int(future[d + 1]) if on else int(rng.integers(2, vocab)))
+        return ids
 
-    expand(-1, 0, 1.0, True)
-    while heap and len(parents) < lim.nodes:
-        neg, _, parent, d, q, path = heapq.heappop(heap)
-        i = len(parents)
-        parents.append(parent)
-        probs.append(q)
-        depth.append(d)
-        on_path.append(path)
-        tokens.append(int(future[d - 1]) if path else int(rng.integers(2, vocab)))
-        argmax.append(int(future[d]) if path else int(rng.integers(2, vocab)))
-        expand(i, d, -neg, path)
+    frontier = grow(-1, 0)
+    for level in range(1, lim.depth):
+        new = [c for node in frontier for c in grow(node, level)]
+        frontier = sorted(new, key=lambda j: (-cum[j], j))[:lim.topk]
     n = len(parents)
     parents_a = np.array(parents, dtype=np.int16)
     tokens_a = np.array(tokens, dtype=np.int32)

@@ -3,9 +3,9 @@
 Why per depth: a chain of depth d is worth 1 + sum_{i<=d} prod_{j<=i} p_j emitted tokens, where p_j is
 the chance that depth j is accepted given depth j-1 was. Why per request: acceptance differs a lot
 between requests (code vs chat) and within one (phases). Why a shared prior: a new request should start
-from what earlier requests taught, not from ignorance. Per-request counts decay every step, so after a
-phase change (or while speculation is off) the posterior relaxes toward the shared prior and Thompson
-sampling explores again.
+from what earlier requests taught, not from ignorance. Per-request counts (the prior's share included)
+decay every step, so after a phase change the request's own evidence dominates within a few dozen
+steps, and while speculation is off the posterior widens and Thompson sampling explores again.
 """
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ class AcceptanceConfig:
 
     max_depth: int = 8
     families: int = 1  # drafter/shape families, each with its own per-depth curve
-    prior_strength: float = 4.0  # pseudo-observations the shared prior is worth in a new request
+    prior_strength: float = 4.0  # pseudo-observations the shared prior is worth in a new request (decaying)
+    floor_strength: float = 0.2  # pseudo-observations of the shared prior that never decay
     request_decay: float = 0.94  # per step: effective window of ~1/(1-decay) steps
     global_decay: float = 0.998  # per update of the shared counts
     base_alpha: float = 1.0  # the shared prior's own prior (before any request)
@@ -31,8 +32,9 @@ class AcceptanceConfig:
             raise ValueError(f"AcceptanceConfig.max_depth must be >= 1, got {self.max_depth}")
         if self.families < 1:
             raise ValueError(f"AcceptanceConfig.families must be >= 1, got {self.families}")
-        if self.prior_strength <= 0:
-            raise ValueError(f"AcceptanceConfig.prior_strength must be > 0, got {self.prior_strength}")
+        if self.prior_strength < 0 or self.floor_strength <= 0:
+            raise ValueError(f"AcceptanceConfig.prior_strength must be >= 0 and floor_strength > 0, "
+                             f"got {self.prior_strength}, {self.floor_strength}")
         for name in ("request_decay", "global_decay"):
             v = getattr(self, name)
             if not 0.0 < v <= 1.0:
@@ -53,8 +55,11 @@ class AcceptanceModel:
         self._requests: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def begin(self, request_id: int) -> None:
-        shape = self.global_s.shape
-        self._requests[request_id] = (np.zeros(shape), np.zeros(shape))
+        """A new request starts from the shared prior, worth prior_strength observations that then decay
+        like its own evidence (so a phase change is not held back by a prior that keeps coming back)."""
+        mu = self.prior_mean()
+        k = self.config.prior_strength
+        self._requests[request_id] = (k * mu, k * (1.0 - mu))
 
     def end(self, request_id: int) -> None:
         self._requests.pop(request_id, None)
@@ -64,10 +69,12 @@ class AcceptanceModel:
         return (self.global_s + c.base_alpha) / (self.global_s + self.global_f + c.base_alpha + c.base_beta)
 
     def posterior(self, request_id: int) -> tuple[np.ndarray, np.ndarray]:
-        """Beta parameters (alpha, beta) for this request: shared prior plus its own decayed counts."""
+        """Beta parameters (alpha, beta) for this request: a small fixed share of the shared prior plus
+        its own decayed counts. While speculation is off the counts decay, the posterior widens toward
+        the shared prior, and Thompson sampling tries speculating again."""
         s, f = self._request(request_id)
         mu = self.prior_mean()
-        k = self.config.prior_strength
+        k = self.config.floor_strength
         return k * mu + s, k * (1.0 - mu) + f
 
     def mean(self, request_id: int) -> np.ndarray:
@@ -79,10 +86,10 @@ class AcceptanceModel:
         a, b = self.posterior(request_id)
         return rng.beta(a, b)
 
-    def decay(self, request_id: int) -> None:
-        """Forget a little of this request's evidence (called once per step, speculative or not)."""
+    def decay(self, request_id: int, factor: float | None = None) -> None:
+        """Forget a little of this request's evidence (once per step; `factor` overrides request_decay)."""
         s, f = self._request(request_id)
-        d = self.config.request_decay
+        d = self.config.request_decay if factor is None else factor
         s *= d
         f *= d
 

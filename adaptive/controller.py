@@ -30,6 +30,7 @@ from .fidelity import FidelityModel
 from .latency import LatencyConfig, OnlineLatency
 
 EXPLORATIONS = ("thompson", "ucb", "greedy")
+MIN_EVIDENCE = 8  # steps of a request before its target is declared infeasible online
 
 
 class InfeasibleTarget(ValueError):
@@ -47,15 +48,17 @@ class ControllerConfig:
     max_agreement_loss: float = 0.03  # without a latency target: most predicted fidelity loss allowed
     loss_levels: tuple[float, ...] = (0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2)
     latency_target_ms: float | None = None  # per output token
-    target_margin: float = 0.05  # aim this fraction below the target
+    target_margin: float = 0.1  # aim this fraction below the target
     exploration: str = "thompson"
     ucb_c: float = 1.0
+    explore_slack: float = 0.2  # explore only options predicted within this fraction of the best goodput
     hysteresis: float = 0.05  # switch only for a predicted gain above this fraction
-    min_dwell: int = 2  # steps a choice is kept before it may change (unless it became infeasible)
-    refresh_every: int = 16  # steps between plan recomputations
+    min_dwell: int = 1  # steps a choice is kept before it may change (unless it became infeasible)
+    refresh_every: int = 32  # steps between plan recomputations
     warmup_steps: int = 24  # calibration steps when no hardware profile seeds the latency model
     prior_strength: float = 4.0
-    request_decay: float = 0.94
+    request_decay: float = 0.94  # per speculative step: forgetting of a request's acceptance evidence
+    idle_decay: float = 0.98  # per plain step: slower, so speculation is re-tried now and then
     global_decay: float = 0.998
     latency_forgetting: float = 0.995
     seed: int = 0
@@ -83,6 +86,9 @@ class ControllerConfig:
             raise ValueError(f"ControllerConfig.target_margin must be in [0, 0.5), got {self.target_margin}")
         if self.exploration not in EXPLORATIONS:
             raise ValueError(f"ControllerConfig.exploration must be one of {EXPLORATIONS}, got {self.exploration!r}")
+        if not 0.0 <= self.explore_slack <= 1.0:
+            raise ValueError(f"ControllerConfig.explore_slack must be in [0, 1] (1 = unrestricted exploration), "
+                             f"got {self.explore_slack}")
         if self.ucb_c < 0:
             raise ValueError(f"ControllerConfig.ucb_c must be >= 0, got {self.ucb_c}")
         if self.hysteresis < 0:
@@ -95,6 +101,8 @@ class ControllerConfig:
         # the estimators validate their own parameters; build them once here so errors surface early
         AcceptanceConfig(max_depth=self.max_depth, prior_strength=self.prior_strength,
                          request_decay=self.request_decay, global_decay=self.global_decay)
+        if not 0.0 < self.idle_decay <= 1.0:
+            raise ValueError(f"ControllerConfig.idle_decay must be in (0, 1], got {self.idle_decay}")
         LatencyConfig(forgetting=self.latency_forgetting)
 
 
@@ -118,6 +126,7 @@ class _Request:
     loss: float = 0.0  # predicted agreement loss of the last decision
     time: float = 0.0
     emitted: int = 0
+    steps: int = 0
     infeasible: bool = False
     notes: list = field(default_factory=list)
 
@@ -222,6 +231,7 @@ class Controller:
         self._loss = loss.ravel()
         self._valid = valid.ravel()
         self._neg = np.where(valid, 0.0, -np.inf)
+        self._lossy = np.where(self._loss > self.config.max_agreement_loss, -np.inf, 0.0)
         self._n = g.tokens[:, None].astype(float)
         self._budgets = Ui[:, None, :] - removed  # (C, J, L)
         draft = np.zeros(C)
@@ -296,6 +306,12 @@ class Controller:
         util = (E / T + self._neg).ravel()
         E, T = E.ravel(), T.ravel()
         if c.latency_target_ms is None:
+            if c.exploration != "greedy" and c.explore_slack < 1.0:
+                # explore only among options whose expected goodput is within explore_slack of the best,
+                # so a lucky draw cannot buy a step far worse than the known best (bounded regret)
+                mean = self._emitted(self.acceptance.mean(state.request_id), state.remaining).ravel() / T
+                mean += self._neg.ravel()
+                util = np.where(mean >= (1.0 - c.explore_slack) * mean.max(), util, -np.inf)
             best, cur = int(np.argmax(util)), r.option
             keep = cur >= 0 and self._valid[cur] and (
                 r.dwell < c.min_dwell or util[cur] * (1 + c.hysteresis) >= util[best])
@@ -307,20 +323,23 @@ class Controller:
         target = c.latency_target_ms / 1e3 * (1 - c.target_margin)
         if r.emitted >= 8 and r.time / r.emitted > c.latency_target_ms / 1e3:
             target *= max(0.5, c.latency_target_ms / 1e3 / (r.time / r.emitted))
-        tpt = T / E
-        feasible = (tpt <= target) & np.isfinite(util)
+        # feasibility from the posterior mean (a target is a promise, not an experiment); the Thompson
+        # draw only ranks goodput among the feasible options of the best fidelity
+        mean_E = self._emitted(self.acceptance.mean(state.request_id), state.remaining).ravel()
+        feasible = (T / mean_E <= target) & np.isfinite(util)
         if not feasible.any():
-            mean_E = self._emitted(self.acceptance.mean(state.request_id), state.remaining).ravel()
-            best = int(np.argmax(mean_E / T + self._neg.ravel()))
-            infeasible = (T[best] / mean_E[best]) > c.latency_target_ms / 1e3
+            # unreachable as sampled: the fastest option within the default fidelity bound, flagged once
+            # the request's own evidence (posterior mean, >= MIN_EVIDENCE steps) agrees
+            best = int(np.argmax(util + self._lossy))
+            infeasible = r.steps >= MIN_EVIDENCE and (T[best] / mean_E[best]) > c.latency_target_ms / 1e3
             msg = ""
-            if infeasible and not r.infeasible:
+            if infeasible and not r.notes:
                 msg = (f"latency target {c.latency_target_ms:g} ms/token is infeasible for request "
                        f"{state.request_id}: best predicted {T[best] / mean_E[best] * 1e3:.3g} ms/token "
                        f"({label(self._config(best))}); running at the fastest configuration")
                 r.notes.append(msg)
-            r.infeasible = bool(infeasible)
-            return self._commit(r, best, E, T, switched=best != r.option, infeasible=bool(infeasible), message=msg)
+            r.infeasible = infeasible
+            return self._commit(r, best, E, T, switched=best != r.option, infeasible=infeasible, message=msg)
         loss = np.where(feasible, self._loss, np.inf)
         cand = loss <= loss.min() + 1e-12
         best = int(np.argmax(np.where(cand, util, -np.inf)))
@@ -345,7 +364,7 @@ class Controller:
             return
         r = self._request(rid)
         cfg = stats.config
-        self.acceptance.decay(rid)
+        self.acceptance.decay(rid, None if cfg.speculate else self.config.idle_decay)
         L = self.shape.num_layers
         per_layer = len(stats.unique_experts) == L
         loss = r.loss
@@ -378,6 +397,7 @@ class Controller:
                              stats.tree_depth, stats.tree_size, stats.t_draft)
         r.time += stats.step_time
         r.emitted += stats.emitted
+        r.steps += 1
         self.steps += 1
         self._since_plan += 1
         if self._since_plan >= self.config.refresh_every or \

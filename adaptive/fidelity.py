@@ -17,16 +17,22 @@ from .latency import RLS
 class FidelityModel:
     """Per-layer sensitivity weights w (agreement) and the acceptance factor lambda."""
 
-    def __init__(self, num_layers: int, prior_total: float = 1.0, prior_std: float = 1.0, noise: float = 0.05,
-                 lambda_prior: float = 1.0, lambda_weight: float = 2.0):
-        self.weights = RLS(np.full(num_layers, prior_total / num_layers), prior_std, noise, 1.0)
+    def __init__(self, num_layers: int, prior_total: float = 1.0, prior_std: float = 2.0, noise: float = 0.3,
+                 floor: float = 0.25, lambda_prior: float = 1.0, lambda_weight: float = 2.0):
+        """prior_std is relative to the prior weight; floor keeps every layer's weight at least that
+        fraction of the mean weight, because per-layer drops are strongly correlated and a weight fitted
+        to ~0 would let the allocator cut that layer to one expert."""
+        w0 = prior_total / num_layers
+        self.weights = RLS(np.full(num_layers, w0), prior_std * w0, noise, 1.0)
+        self.floor = floor
         self._lam_num = lambda_prior * lambda_weight
         self._lam_den = lambda_weight
         self.version = 0
 
     @property
     def w(self) -> np.ndarray:
-        return np.maximum(self.weights.theta, 0.0)
+        theta = self.weights.theta
+        return np.maximum(theta, self.floor * max(float(theta.mean()), 0.0))
 
     @property
     def lam(self) -> float:

@@ -1,0 +1,205 @@
+"""The adaptive controller's estimators and decisions on hand-made StepStats streams (no model, no trace)."""
+import numpy as np
+import pytest
+
+from moetune.adaptive.acceptance import AcceptanceConfig, AcceptanceModel, expected_accepted
+from moetune.adaptive.controller import Controller, ControllerConfig, InfeasibleTarget
+from moetune.adaptive.experts import ExpertModel, iid_unique
+from moetune.adaptive.fidelity import FidelityModel
+from moetune.adaptive.latency import OnlineLatency
+from moetune.step import DecodeState, ModelShape, StepStats
+from moetune.traces.latency import LatencyModel
+
+SHAPE = ModelShape(num_layers=6, num_experts=32, top_k=4)
+
+
+class Env:
+    """A made-up machine and request: per-depth acceptance p, a linear step-time law, i.i.d. routing
+    with mass dropped = x**2 under a budget, and acceptance lost as budgets drop mass."""
+
+    def __init__(self, p=0.8, per_expert=5e-5, base=2e-3, per_token=1e-4, draft_step=3e-4, seed=0):
+        self.p, self.per_expert, self.base, self.per_token, self.draft_step = p, per_expert, base, per_token, draft_step
+        self.rng = np.random.default_rng(seed)
+
+    def step(self, i, config, ctx):
+        n = config.max_nodes
+        u = np.full(SHAPE.num_layers, int(round(iid_unique(32, 4, n + 1))))
+        kept = u if config.budgets is None else np.minimum(u, config.budgets)
+        mass = 1.0 - (1.0 - kept / u) ** 2
+        keep_p = float(np.exp(-2.0 * np.mean(1.0 - mass)))
+        acc = 0
+        for _ in range(config.depth if config.speculate else 0):
+            if self.rng.random() >= self.p * keep_p:
+                break
+            acc += 1
+        t_verify = self.base + self.per_token * (n + 1) + self.per_expert * kept.sum()
+        t_draft = self.draft_step * config.depth if config.speculate else 0.0
+        agreement = None if config.budgets is None else keep_p
+        return StepStats(i, config, acc, acc + 1, n, config.depth if config.speculate else 0, ctx,
+                         tuple(u.tolist()), tuple(kept.tolist()), tuple(mass.tolist()), (), t_draft, t_verify,
+                         agreement=agreement)
+
+    def profile(self):
+        return LatencyModel(verify=(self.base, self.per_token, self.per_expert, 0.0, 0.0),
+                            draft={"draft_model": (0.0, self.draft_step, 0.0)})
+
+
+def run(controller, env, steps=200, request_id=0, tokens=100_000, begin=True):
+    if begin:
+        controller.begin(request_id)
+    decisions, ctx = [], 32
+    for i in range(steps):
+        d = controller.decide(DecodeState(request_id, i, ctx, ctx - 32, tokens - ctx))
+        s = env.step(i, d.config, ctx)
+        controller.observe(s)
+        decisions.append((d, s))
+        ctx += s.emitted
+    return decisions
+
+
+def ms_per_token(out):
+    return 1e3 * sum(s.step_time for _, s in out) / sum(s.emitted for _, s in out)
+
+
+def make(config=ControllerConfig(), profile=None):
+    c = Controller(config, profile)
+    c.setup(SHAPE)
+    return c
+
+
+def test_acceptance_learns_per_depth_and_shares_prior():
+    m = AcceptanceModel(AcceptanceConfig(max_depth=4, request_decay=1.0))
+    rng = np.random.default_rng(0)
+    for _ in range(400):
+        a = 0
+        while a < 4 and rng.random() < 0.9:
+            a += 1
+        m.observe(0, 0, a, 4)
+    assert abs(m.mean(0)[0, 0] - 0.9) < 0.05
+    m.begin(1)  # a new request starts from what request 0 taught, not from 0.5
+    assert m.mean(1)[0, 0] > 0.8
+    assert np.allclose(expected_accepted(np.array([1.0, 1.0, 0.0])), [1, 2, 2])
+
+
+def test_acceptance_decay_relaxes_toward_prior():
+    m = AcceptanceModel(AcceptanceConfig(max_depth=2, request_decay=0.5, global_decay=0.5))
+    for _ in range(10):
+        m.observe(0, 0, 0, 2)
+    low = m.mean(0)[0, 0]
+    for _ in range(20):
+        m.decay(0)
+    assert m.mean(0)[0, 0] > low + 0.1
+
+
+def test_latency_rls_recovers_coefficients_and_seeds_from_profile():
+    lat = OnlineLatency(("draft_model",))
+    rng = np.random.default_rng(0)
+    truth = np.array([3e-3, 2e-4, 8e-5, 5e-4, 1e-5])
+    for _ in range(300):
+        n, u, ctx = rng.integers(1, 20), rng.integers(24, 192), rng.integers(0, 4000)
+        x = np.array([1, n, u, ctx / 1000, n * ctx / 1000])
+        lat.observe("draft_model", int(n), float(u), int(ctx), float(x @ truth), depth=3, nodes=3, t_draft=1e-3)
+    n, u, ctx = np.array([1, 5, 17]), np.array([24, 90, 180]), np.array([100, 2000, 3500])
+    pred = lat.predict_verify(n, u, ctx)
+    true = np.stack([np.ones(3), n, u, ctx / 1000, n * ctx / 1000], axis=1) @ truth
+    assert np.all(np.abs(pred - true) / true < 0.03)
+    seeded = OnlineLatency(("draft_model",))
+    seeded.seed(LatencyModel(verify=(1e-3, 1e-4, 2e-5, 1e-7, 0.0), step_overhead=1e-4))
+    assert seeded.seeded and np.allclose(seeded.verify.theta, [1.1e-3, 1e-4, 2e-5, 1e-4, 0.0])
+
+
+def test_expert_model_learns_coactivation_and_tail():
+    m = ExpertModel(SHAPE, max_tokens=20)
+    for _ in range(100):  # co-activated routing: half the i.i.d. unique experts; tail gamma = 3
+        u = np.full(6, round(0.5 * iid_unique(32, 4, 9)))
+        kept = np.maximum(u // 2, 1)
+        m.observe(9, tuple(u), tuple(kept), tuple(1 - (1 - kept / u) ** 3))
+    pred = m.predict([9, 15])
+    assert np.all(pred[:, 0] < 0.6 * iid_unique(32, 4, 9))
+    assert np.all(pred[:, 1] < 0.8 * iid_unique(32, 4, 15))  # unseen token counts follow the layer ratio
+    assert np.allclose(m.gamma, 3.0, atol=0.3)
+
+
+def test_fidelity_finds_the_sensitive_layer():
+    f = FidelityModel(4)
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        drop = rng.uniform(0, 0.2, 4)
+        f.observe_agreement(drop, 1.0 - 2.0 * drop[2] - 0.1 * drop.sum())
+    assert int(np.argmax(f.w)) == 2
+    assert f.agreement_loss(np.zeros(4)) == 0.0
+
+
+def test_high_acceptance_picks_deep_speculation_lossless():
+    c = make(ControllerConfig(budgets=False))
+    late = [d.config for d, _ in run(c, Env(p=0.95, per_expert=1e-6))[-50:]]
+    assert np.mean([cfg.depth if cfg.speculate else 0 for cfg in late]) >= 5
+    assert all(cfg.budgets is None for cfg in late)
+
+
+def test_zero_acceptance_turns_speculation_off():
+    c = make()
+    late = [d.config for d, _ in run(c, Env(p=0.0))[-100:]]
+    assert np.mean([cfg.speculate for cfg in late]) < 0.15
+
+
+def test_expensive_experts_bring_budgets():
+    c = make(ControllerConfig(max_agreement_loss=0.05))
+    late = [d.config for d, _ in run(c, Env(p=0.9, per_expert=4e-4))[-100:]]
+    spec = [cfg for cfg in late if cfg.speculate]
+    assert len(spec) > 50 and np.mean([cfg.budgets is not None for cfg in spec]) > 0.5
+    budgets = [cfg.budgets for cfg in spec if cfg.budgets is not None]
+    assert all(len(b) == SHAPE.num_layers for b in budgets)
+
+
+def test_lossless_config_never_budgets():
+    c = make(ControllerConfig(budgets=False))
+    assert all(d.config.budgets is None for d, _ in run(c, Env(p=0.9, per_expert=4e-4), steps=120))
+
+
+def test_same_seed_same_decisions():
+    a = [d.config for d, _ in run(make(ControllerConfig(seed=3)), Env(p=0.7, seed=1), steps=120)]
+    b = [d.config for d, _ in run(make(ControllerConfig(seed=3)), Env(p=0.7, seed=1), steps=120)]
+    assert a == b
+
+
+def test_phase_change_recovers_within_dozens_of_steps():
+    c = make(ControllerConfig(budgets=False))
+    env = Env(p=0.95, per_expert=1e-6)
+    run(c, env, steps=150)
+    env.p = 0.0  # the request's phase changes: the drafter stops matching
+    after = run(c, env, steps=60, begin=False)[-20:]  # recovered within 40 steps
+    plain_ms = 1e3 * (env.base + env.per_token + 24 * env.per_expert)  # the best config after the change
+    assert np.mean([d.config.speculate for d, _ in after]) < 0.4
+    assert ms_per_token(after) < 1.2 * plain_ms
+
+
+def test_request_starts_from_shared_prior():
+    c = make(ControllerConfig(budgets=False))
+    env = Env(p=0.95, per_expert=1e-6)
+    run(c, env, steps=200, request_id=0)
+    first = [d.config for d, _ in run(c, env, steps=5, request_id=1)]
+    assert np.mean([cfg.depth if cfg.speculate else 0 for cfg in first]) >= 4
+
+
+def test_feasible_latency_target_is_met_lossless():
+    env = Env(p=0.9, per_expert=5e-5)
+    c = make(ControllerConfig(latency_target_ms=3.0), profile=env.profile())  # plain: 3.3 ms/token
+    out = run(c, env, steps=200)[50:]
+    assert ms_per_token(out) <= 3.0
+    assert np.mean([d.config.budgets is None for d, _ in out]) > 0.9  # lossless when the target allows
+    assert not any(d.infeasible for d, _ in out)
+
+
+def test_infeasible_target_raises_at_setup_with_profile():
+    env = Env()
+    c = Controller(ControllerConfig(latency_target_ms=0.01), env.profile())
+    with pytest.raises(InfeasibleTarget, match="infeasible.*latency_target_ms >="):
+        c.setup(SHAPE)
+
+
+def test_infeasible_target_flagged_online_without_profile():
+    c = make(ControllerConfig(latency_target_ms=0.05, warmup_steps=8))
+    out = run(c, Env(p=0.5), steps=60)
+    flagged = [d for d, _ in out if d.infeasible]
+    assert flagged and "infeasible" in next(d.message for d, _ in out if d.message)

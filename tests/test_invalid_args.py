@@ -1,0 +1,148 @@
+"""Invalid arguments get clear ValueErrors: every policy config, the registry and the controller config."""
+import pytest
+
+from moetune.adaptive.acceptance import AcceptanceConfig
+from moetune.adaptive.controller import Controller, ControllerConfig
+from moetune.adaptive.latency import LatencyConfig
+from moetune.policies.adaptive import Adaptive
+from moetune.policies.cascade import Cascade, CascadeConfig
+from moetune.policies.moesd import MoESD, MoESDConfig
+from moetune.policies.moespec import MoESpec, MoESpecConfig
+from moetune.policies.registry import make_policy
+from moetune.policies.static import Static
+from moetune.step import DecodeState
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(budget=0), "budget must be >= 1"),
+    (dict(drafter="eagle"), "drafter must be one of"),
+    (dict(selection="best"), "selection must be one of"),
+    (dict(substitution="drop"), "substitution must be one of"),
+    (dict(depth=0), "depth must be >= 1"),
+    (dict(topk=0), "topk must be >= 1"),
+])
+def test_moespec_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MoESpecConfig(**kwargs)
+
+
+def test_moespec_needs_setup_and_config():
+    with pytest.raises(ValueError, match="before setup"):
+        MoESpec().decide(DecodeState(0, 0, 1, 0, 1))
+    with pytest.raises(ValueError, match="MoESpecConfig"):
+        MoESpec(config={"budget": 4})
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(ks=()), "distinct draft lengths"),
+    (dict(ks=(0, 2, 2)), "distinct draft lengths"),
+    (dict(ks=(0, -1)), "distinct draft lengths"),
+    (dict(ks=(1, 2)), "must include 0"),
+    (dict(test_steps=0), "test_steps and set_steps"),
+    (dict(set_steps=0), "test_steps and set_steps"),
+    (dict(topk=0), "topk must be >= 1"),
+    (dict(drafter="x"), "drafter must be one of"),
+])
+def test_cascade_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CascadeConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(max_depth=0), "max_depth must be in"),
+    (dict(max_depth=33), "max_depth must be in"),
+    (dict(calibration_reps=0), "calibration_reps"),
+    (dict(alpha_prior=1.0), "alpha_prior"),
+    (dict(alpha_decay=0.0), "alpha_decay"),
+    (dict(drafter="x"), "drafter must be one of"),
+])
+def test_moesd_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MoESDConfig(**kwargs)
+
+
+@pytest.mark.parametrize("cls, name", [(Cascade, "CascadeConfig"), (MoESD, "MoESDConfig"),
+                                       (Adaptive, "ControllerConfig"), (Static, "StepConfig")])
+def test_policies_reject_wrong_config_type(cls, name):
+    with pytest.raises(ValueError, match=name):
+        cls({"depth": 4})
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(drafters=()), "drafters must be a non-empty subset"),
+    (dict(drafters=("eagle",)), "drafters must be a non-empty subset"),
+    (dict(drafters=("ngram", "ngram")), "duplicates"),
+    (dict(widths=()), "widths must be distinct integers"),
+    (dict(widths=(0,)), "widths must be distinct integers"),
+    (dict(widths=(1, 1)), "widths must be distinct integers"),
+    (dict(max_depth=0), "max_depth must be in"),
+    (dict(max_agreement_loss=1.0), "max_agreement_loss"),
+    (dict(loss_levels=()), "loss_levels must be strictly increasing"),
+    (dict(loss_levels=(0.1, 0.05)), "loss_levels must be strictly increasing"),
+    (dict(loss_levels=(0.0,)), "loss_levels must be strictly increasing"),
+    (dict(latency_target_ms=0.0), "latency_target_ms must be > 0"),
+    (dict(latency_target_ms=-5.0), "latency_target_ms must be > 0"),
+    (dict(target_margin=0.5), "target_margin"),
+    (dict(exploration="epsilon"), "exploration must be one of"),
+    (dict(ucb_c=-1.0), "ucb_c"),
+    (dict(explore_slack=1.5), "explore_slack"),
+    (dict(hysteresis=-0.1), "hysteresis"),
+    (dict(min_dwell=-1), "min_dwell"),
+    (dict(warmup_steps=-1), "warmup_steps"),
+    (dict(refresh_every=0), "refresh_every"),
+    (dict(prior_strength=-1.0), "prior_strength"),
+    (dict(request_decay=0.0), "request_decay"),
+    (dict(idle_decay=1.5), "idle_decay"),
+    (dict(global_decay=2.0), "global_decay"),
+    (dict(latency_forgetting=0.5), "forgetting"),
+])
+def test_controller_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ControllerConfig(**kwargs)
+
+
+def test_estimator_configs():
+    with pytest.raises(ValueError, match="families"):
+        AcceptanceConfig(families=0)
+    with pytest.raises(ValueError, match="verify_prior needs 5"):
+        LatencyConfig(verify_prior=(1.0,))
+    with pytest.raises(ValueError, match="noise_s"):
+        LatencyConfig(noise_s=0.0)
+
+
+def test_controller_rejects_non_profile():
+    with pytest.raises(ValueError, match="latency profile"):
+        Controller(ControllerConfig(), profile=3.0)
+
+
+def test_adaptive_rejects_unreadable_profile(tmp_path):
+    with pytest.raises(ValueError, match="cannot read latency profile"):
+        Adaptive(profile=str(tmp_path / "missing.json"))
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("", "non-empty string"),
+    ("eagle", "unknown policy 'eagle'; valid names: adaptive, cascade"),
+    ("plain:depth=4", "has no parameter 'depth'; valid parameters: none"),
+    ("static:dpth=4", "no parameter 'dpth'; valid parameters: speculate, drafter, depth"),
+    ("static:depth", "is not key=value"),
+    ("static:depth=four", "depth='four' is invalid; expected an integer"),
+    ("static:depth=0", "depth must be >= 1"),
+    ("static:budgets=8/x", "expected integers separated by '/'"),
+    ("static:speculate=perhaps", "expected one of"),
+    ("moespec:budget=none", "expected an integer"),
+    ("moespec:budget=0", "budget must be >= 1"),
+    ("cascade:ks=1/2", "must include 0"),
+    ("moesd:alpha_prior=high", "expected a number"),
+    ("adaptive:latency_target_ms=-1", "latency_target_ms must be > 0"),
+    ("auto:exploration=random", "exploration must be one of"),
+    ("adaptive:profile=/no/such/profile.json", "cannot read latency profile"),
+])
+def test_registry(spec, match):
+    with pytest.raises(ValueError, match=match):
+        make_policy(spec)
+
+
+def test_registry_rejects_non_string():
+    with pytest.raises(ValueError, match="non-empty string"):
+        make_policy(None)

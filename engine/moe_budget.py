@@ -138,17 +138,20 @@ class BudgetReport:
     def _compute(self) -> dict:
         if self._numbers is None:
             rows = [r for r in self._layers if r is not None]
-            E = rows[0][1].keep.numel() if rows else 0
-            cols: dict[str, list] = {"unique": [], "kept": [], "mass": [], "subst": [], "selected": []}
-            for top_k_index, routing in rows:
-                cols["unique"].append(int(selection.hit_mask(top_k_index, E).any(0).sum()))
-                ids = routing.expert_ids
-                used = torch.unique(ids[ids >= 0]).tolist()
-                cols["kept"].append(len(used))
-                cols["selected"].append(tuple(used))
-                cols["mass"].append(float(routing.mass_kept.detach().mean()))
-                cols["subst"].append(int(routing.substituted.sum()))
-            self._numbers = {k: tuple(v) for k, v in cols.items()}
+            cols = {"unique": (), "kept": (), "mass": (), "subst": (), "selected": ()}
+            if rows:
+                E = rows[0][1].keep.numel()
+                table = torch.stack([torch.cat([
+                    selection.hit_mask(top_k_index, E).any(0).sum().float()[None],
+                    routing.mass_kept.detach().float().mean()[None],
+                    routing.substituted.sum().float()[None],
+                    selection.hit_mask(routing.expert_ids, E).any(0).float()]) for top_k_index, routing in rows])
+                values = table.tolist()  # [L, 3 + E], one host transfer
+                used = [tuple(e for e, u in enumerate(v[3:]) if u) for v in values]
+                cols = {"unique": tuple(int(v[0]) for v in values), "kept": tuple(len(u) for u in used),
+                        "mass": tuple(v[1] for v in values), "subst": tuple(int(v[2]) for v in values),
+                        "selected": tuple(used)}
+            self._numbers = cols
         return self._numbers
 
     @property

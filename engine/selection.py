@@ -41,9 +41,10 @@ class Routing:
 
 
 def hit_mask(top_k_index: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """top_k_index [T, K] -> [T, E] bool, True where the expert is in the token's top-k."""
-    hits = torch.zeros(top_k_index.shape[0], num_experts, dtype=torch.bool, device=top_k_index.device)
-    return hits.scatter_(1, top_k_index.long(), True)
+    """top_k_index [T, K] (-1 = no expert) -> [T, E] bool, True where the expert is in the token's top-k."""
+    index = top_k_index.long()
+    hits = torch.zeros(index.shape[0], num_experts + 1, dtype=torch.bool, device=index.device)
+    return hits.scatter_(1, torch.where(index >= 0, index, num_experts), True)[:, :num_experts]
 
 
 def selection_scores(probs: torch.Tensor,  # [T, E] full router softmax (fp32)

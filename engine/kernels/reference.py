@@ -45,14 +45,15 @@ def budgeted_moe_reference(hidden: torch.Tensor,  # [T, H]
     order, counts, offsets = group_slots(expert_ids, selected, gate_up.shape[0])
     acc = torch.promote_types(hidden.dtype, torch.float32)
     out = torch.zeros(T, hidden.shape[-1], dtype=acc, device=hidden.device)
-    flat_w = weights.reshape(-1).to(acc)  # [S]
-    for e, start, n in zip(selected.tolist(), offsets.tolist(), counts.tolist()):
-        if n == 0:
-            continue
-        slots = order[start:start + n]  # [n]
-        tokens = slots // K
-        x = hidden[tokens].to(gate_up.dtype)  # [n, H]
-        gate, up = F.linear(x, gate_up[e]).chunk(2, dim=-1)  # [n, I] each
-        y = F.linear(F.silu(gate) * up, down[e])  # [n, H]
-        out.index_add_(0, tokens, y.to(acc) * flat_w[slots, None])
+    spans = [(e, start, n) for e, start, n in zip(selected.tolist(), offsets.tolist(), counts.tolist()) if n]
+    if not spans:
+        return out.to(hidden.dtype)
+    order = order[:sum(n for _, _, n in spans)]  # [S'] computed slots, grouped by expert
+    tokens = order // K  # [S']
+    xs = hidden[tokens].to(gate_up.dtype)  # [S', H]
+    ys = torch.empty(order.numel(), hidden.shape[-1], dtype=gate_up.dtype, device=hidden.device)  # [S', H]
+    for e, start, n in spans:
+        gate, up = F.linear(xs[start:start + n], gate_up[e]).chunk(2, dim=-1)  # [n, I] each
+        ys[start:start + n] = F.linear(F.silu(gate) * up, down[e])
+    out.index_add_(0, tokens, ys.to(acc) * weights.reshape(-1)[order, None].to(acc))
     return out.to(hidden.dtype)

@@ -1,0 +1,57 @@
+"""`moetune run`: clean errors for bad flags, and a tiny end-to-end run."""
+import json
+
+import pytest
+import torch
+from test_loader import save_tiny_tokenizer
+from tiny import tiny_dense, tiny_moe
+
+from moetune.cli import main
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    tiny_moe("olmoe").save_pretrained(root / "target")
+    tiny_dense().save_pretrained(root / "draft")
+    for name in ("target", "draft"):
+        save_tiny_tokenizer(root / name)
+    (root / "prompts.json").write_text(json.dumps(
+        [{"kind": "code", "source": "t", "text": "w5 w9 w11 w5 w9"}, {"kind": "doc", "source": "t", "text": "w7"}]))
+    return root
+
+
+def flags(root, *extra):
+    return ["run", "--target", str(root / "target"), "--draft", str(root / "draft"), "--prompts-file",
+            str(root / "prompts.json"), "--prompts", "2", "--max-new-tokens", "6", "--device", "cpu",
+            "--threads", "1", *extra]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--depth", "0"], "StepConfig.depth must be >= 1"),
+    (["--topk", "0"], "StepConfig.topk must be >= 1"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+])
+def test_bad_values_exit_2_with_message(models, capsys, extra, message):
+    assert main(flags(models, *extra)) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [["--drafter", "eagle"], ["--depth", "x"], ["--prompts", "0"]])
+def test_bad_flags_are_argparse_errors(models, capsys, extra):
+    with pytest.raises(SystemExit) as e:
+        main(flags(models, *extra))
+    assert e.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [["--depth", "3", "--topk", "2", "--num-draft-tokens", "4"],
+                                   ["--drafter", "ngram"]])
+def test_tiny_end_to_end(models, capsys, extra):
+    threads = torch.get_num_threads()
+    try:
+        assert main(flags(models, *extra)) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "| plain | 12 |" in out and "| speculative | 12 |" in out and "1.00x" in out

@@ -2,7 +2,8 @@
 
 Three steps, each rerunnable:
   data    corpus split, byte-level BPE tokenizer, token files, held-out prompts
-  train   one model (--model target|draft), seeded; resumes from its last checkpoint
+  train   one model (--model target|draft), seeded; resumes from its last checkpoint; the draft can be
+          distilled from the target (--teacher) after ordinary training (--init)
   export  bf16 safetensors + tokenizer into moetune/models/<name>
 
     python scripts/train_default_models.py data --out data
@@ -132,7 +133,16 @@ def cmd_train(args) -> None:
     train = np.fromfile(data_dir / "train.bin", dtype=np.uint16)
     val = np.fromfile(data_dir / "val.bin", dtype=np.uint16)
     vocab = json.loads((data_dir / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"]
-    model = build_model(args.model, len(vocab) + 2).to(device)
+    if args.init:
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(args.init, dtype=torch.float32).to(device)
+    else:
+        model = build_model(args.model, len(vocab) + 2).to(device)
+    teacher = None
+    if args.teacher:
+        from transformers import AutoModelForCausalLM
+        teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=torch.bfloat16 if device.type == "cuda"
+                                                       else torch.float32).to(device).eval()
     if device.type == "cuda" and args.model == "target":
         try:
             model.set_experts_implementation("grouped_mm")
@@ -179,6 +189,13 @@ def cmd_train(args) -> None:
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1))
             aux = getattr(out, "aux_loss", None)
             total_loss = loss + (model.config.router_aux_loss_coef * aux if aux is not None else 0.0)
+            if teacher is not None:
+                # Distillation: match the target's next-token distribution, which is what acceptance rewards.
+                with torch.no_grad():
+                    t_logp = torch.log_softmax(teacher(input_ids=x[:, :-1]).logits.float(), dim=-1)
+                kl = torch.nn.functional.kl_div(torch.log_softmax(logits, dim=-1), t_logp, log_target=True,
+                                                reduction="none").sum(-1).mean()
+                total_loss = (1 - args.distill_weight) * total_loss + args.distill_weight * kl
         opt.zero_grad(set_to_none=True)
         total_loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -238,6 +255,9 @@ def main(argv=None) -> None:
     t.add_argument("--warmup", type=int, default=200)
     t.add_argument("--eval-every", type=int, default=250)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--init", default=None, help="warm-start from a save_pretrained folder")
+    t.add_argument("--teacher", default=None, help="distil from this model (the target) as well as the data")
+    t.add_argument("--distill-weight", type=float, default=0.8, help="weight of KL(teacher || model) in the loss")
     e = sub.add_parser("export")
     e.add_argument("--model", choices=["target", "draft"], required=True)
     e.add_argument("--data", default="data")

@@ -108,11 +108,13 @@ def test_replay_budget_fidelity_and_latency_target():
     assert max(s["unique_kept"]) <= 2 < min(free["unique_kept"])
 
 
-def test_static_spec_parser():
+def test_make_policy_gives_fresh_policies():
     p = make_policy("static:depth=3,topk=2,num_draft_tokens=6,budgets=4/4,drafter=ngram")
     assert p.config == StepConfig(depth=3, topk=2, num_draft_tokens=6, budgets=(4, 4), drafter="ngram")
     assert isinstance(make_policy("plain"), Plain)
-    with pytest.raises(ValueError, match="depth"):
+    static = Static(StepConfig(depth=2))
+    assert make_policy(static) is not static and make_policy(static).config == static.config
+    with pytest.raises(ValueError):
         make_policy("static:depht=3")
 
 

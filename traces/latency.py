@@ -80,9 +80,11 @@ class LatencyModel:
 
     @classmethod
     def fit(cls, tokens, unique_sum, context, seconds, draft: dict | None = None, step_overhead: float = 0.0,
-            num_layers: int = 0, source: str = "fit", folds: int = 5) -> "LatencyModel":
+            num_layers: int = 0, source: str = "fit", folds: int = 5, relative: bool = True) -> "LatencyModel":
         """Fit verification coefficients to S measurements (arrays [S]); draft terms are passed through.
 
+        relative=True weighs every measurement by its relative error (profiles spanning fast and slow
+        passes); False fits absolute seconds, so predicted totals over the data match measured totals.
         The stated error is the mean absolute percentage error on the data and, with enough points, in
         k-fold cross-validation (what to expect on configurations the profile did not measure).
         """
@@ -90,13 +92,13 @@ class LatencyModel:
         y = np.asarray(seconds, float)
         if len(y) < len(VERIFY_TERMS) or not np.all(np.isfinite(y)):
             raise ValueError(f"LatencyModel.fit needs at least {len(VERIFY_TERMS)} finite measurements, got {len(y)}")
-        coef = nnls(x, y)
+        coef = nnls(x, y, relative)
         err = dict(n=int(len(y)), mape=mape(x @ coef, y))
         if len(y) >= 2 * folds:
             fold = np.arange(len(y)) % folds
             pred = np.empty_like(y)
             for f in range(folds):
-                pred[fold == f] = x[fold == f] @ nnls(x[fold != f], y[fold != f])
+                pred[fold == f] = x[fold == f] @ nnls(x[fold != f], y[fold != f], relative)
             err["cv_mape"] = mape(pred, y)
         return cls(verify=tuple(float(c) for c in coef), draft=draft or {}, step_overhead=step_overhead,
                    num_layers=num_layers, error=err, source=source)
@@ -137,10 +139,10 @@ def design(tokens: np.ndarray, unique_sum: np.ndarray, context: np.ndarray) -> n
     return np.stack([np.ones_like(tokens), tokens, unique_sum, context, context * tokens], axis=1)
 
 
-def nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Non-negative least squares on relative error (rows weighted by 1/y), so fast and slow steps count alike."""
-    from sklearn.linear_model import LinearRegression
-    w = 1.0 / np.maximum(y, 1e-12)
+def nnls(x: np.ndarray, y: np.ndarray, relative: bool = True) -> np.ndarray:
+    """Non-negative least squares, on relative error (rows weighted by 1/y) unless relative=False."""
+    from sklearn.linear_model import LinearRegression  # imported here: a second at import, rarely needed
+    w = 1.0 / np.maximum(y, 1e-12) if relative else np.ones_like(y)
     scale = np.maximum(np.abs(x).max(axis=0), 1e-12)  # conditioning: context*tokens is large
     reg = LinearRegression(fit_intercept=False, positive=True).fit(x / scale, y, sample_weight=w ** 2)
     return reg.coef_ / scale
@@ -151,11 +153,49 @@ def mape(pred: np.ndarray, y: np.ndarray) -> float:
 
 
 def fit_draft(depth, nodes, seconds) -> tuple[float, float, float]:
-    """Draft coefficients (DRAFT_TERMS) from measurements [S]; too few points fall back to the mean."""
+    """Draft coefficients (DRAFT_TERMS) from measurements [S], in absolute seconds; too few or
+    collinear points fall back to the mean."""
     y = np.asarray(seconds, float)
     if len(y) == 0:
         return (0.0, 0.0, 0.0)
     x = np.stack([np.ones_like(y), np.asarray(depth, float), np.asarray(nodes, float)], axis=1)
     if len(y) < 6 or np.linalg.matrix_rank(x) < 3:
         return (float(y.mean()), 0.0, 0.0)
-    return tuple(float(c) for c in nnls(x, y))
+    return tuple(float(c) for c in nnls(x, y, relative=False))
+
+
+def fit_trace(trace, include_trees: bool = True) -> LatencyModel:
+    """A latency model from a recorded trace's own timings: the live run's steps (what ran) and, with
+    include_trees, every largest-tree draft and verification measured while recording.
+
+    Why absolute least squares: then predicted totals over the live steps match measured totals, and
+    replaying the live policy checks the counterfactual machinery rather than the regression.
+    """
+    tok, uni, ctx, sec, over = [], [], [], [], []
+    draft: dict[str, list] = {}
+    for req in trace.requests:
+        live = req.live
+        if live is not None and len(live.emitted):
+            tok += (live.tree_size + 1).tolist()
+            uni += live.unique_experts.sum(axis=1).tolist()
+            ctx += (req.prompt_len + live.position).tolist()
+            sec += live.times[:, 1].tolist()
+            over += live.times[:, 2:].sum(axis=1).tolist()
+            for i, c in zip(live.config_index.tolist(), range(len(live.emitted))):
+                cfg = live.configs[i]
+                if cfg.speculate:
+                    draft.setdefault(cfg.drafter, []).append((cfg.depth, live.tree_size[c], live.times[c, 0]))
+        if include_trees:
+            for p, pos in enumerate(req.positions):
+                for name, t in pos.trees.items():
+                    tok.append(t.num_nodes + 1)
+                    uni.append(int(np.bitwise_count(np.bitwise_or.reduce(t.expert_bits, axis=0)).sum()))
+                    ctx.append(req.prompt_len + p)
+                    sec.append(t.t_verify)
+                    draft.setdefault(name, []).append((int(t.depth.max(initial=0)), t.num_nodes, t.t_draft))
+    if len(sec) < len(VERIFY_TERMS):
+        raise ValueError(f"trace {trace.path} holds too few timed steps ({len(sec)}) to fit a latency model; "
+                         "pass a hardware profile (moetune profile) instead")
+    coefs = {name: fit_draft(*zip(*rows)) for name, rows in draft.items()}
+    return LatencyModel.fit(tok, uni, ctx, sec, draft=coefs, step_overhead=float(np.mean(over)) if over else 0.0,
+                            num_layers=trace.shape.num_layers, source=f"trace {trace.path}", relative=False)

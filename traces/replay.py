@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from moetune.policies.base import Policy
-from moetune.policies.static import Plain, Static
+from moetune.policies.registry import make_policy as registry_make
 from moetune.step import DecodeState, StepConfig, StepStats
 
 from .latency import LatencyModel
@@ -211,45 +211,21 @@ def replay_request(req, policy, latency, shape, target, overhead, configs, log) 
 
 
 def make_policy(spec: str | Policy | Callable[[], Policy]) -> Policy:
-    """A fresh policy from a spec. Strings go to moetune.policies.registry.make_policy when it exists;
-    otherwise only "plain" and "static:key=value,..." (StepConfig fields; budgets as 8/8/6) are known."""
+    """A fresh policy: a spec string through moetune.policies.registry (e.g. "static:depth=4,topk=2"),
+    a copy of a Policy instance, or a factory's product."""
     if isinstance(spec, Policy):
         return copy.deepcopy(spec)
     if callable(spec):
         return spec()
-    try:
-        from moetune.policies.registry import make_policy as registry_make
-    except ImportError:
-        return static_policy(spec)
     return registry_make(spec)
-
-
-def static_policy(spec: str) -> Policy:
-    """Minimal parser for "plain" and "static:depth=4,topk=2,drafter=ngram,budgets=8/8/8"."""
-    name, _, rest = spec.partition(":")
-    if name == "plain" and not rest:
-        return Plain()
-    if name != "static":
-        raise ValueError(f"unknown policy {spec!r}: use 'plain' or 'static:depth=4,topk=2,...'")
-    kw = {}
-    for item in filter(None, rest.split(",")):
-        key, _, value = item.partition("=")
-        if key not in StepConfig.__dataclass_fields__ or not value:
-            raise ValueError(f"policy {spec!r}: {item!r} is not key=value with a StepConfig field")
-        if key in ("budgets", "tree"):
-            kw[key] = tuple(int(v) for v in value.split("/"))
-        elif key in ("drafter", "selection", "substitution"):
-            kw[key] = value
-        elif key == "speculate":
-            kw[key] = value.lower() in ("1", "true", "yes")
-        else:
-            kw[key] = int(value)
-    return Static(StepConfig(**kw), name=spec)
 
 
 def _replay_job(job: tuple) -> ReplayResult:
     path, spec, latency, target = job
-    return replay(read_trace(path), make_policy(spec), latency, target)
+    result = replay(read_trace(path), make_policy(spec), latency, target)
+    if isinstance(spec, str):
+        result.policy = spec  # the spec says more than the class name ("static:depth=4" vs "static")
+    return result
 
 
 def replay_many(trace_paths: Sequence[str | Path], policies: Sequence, latency: LatencyModel,

@@ -1,0 +1,88 @@
+"""`moetune record`: record counterfactual traces (every position's largest draft trees, target verdicts,
+per-node routing, budget-grid outcomes, and one live policy run with measured step times)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from moetune import DEFAULT_DRAFT, DEFAULT_TARGET, MODELS_DIR, __version__
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--target", default=str(DEFAULT_TARGET))
+    p.add_argument("--draft", default=str(DEFAULT_DRAFT))
+    p.add_argument("--prompts", default=str(MODELS_DIR / "prompts.json"),
+                   help="JSON list of {kind, source, text} (default: the embedded held-out prompts)")
+    p.add_argument("--kinds", default="repetitive,code,docstring", help="prompt kinds to record (comma list)")
+    p.add_argument("--per-kind", type=int, default=1, help="prompts recorded per kind")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--policy", default="static:depth=4", help="the policy that runs live while recording")
+    p.add_argument("--drafters", default="draft_model,ngram", help="drafters whose trees are recorded")
+    p.add_argument("--depth", type=int, default=6, help="largest tree depth recorded")
+    p.add_argument("--topk", type=int, default=4, help="largest branching recorded (draft_model, self)")
+    p.add_argument("--grid", default="", help="uniform expert budgets whose outcomes are recorded "
+                                              "(comma list; default: E/4, E/2, 3E/4)")
+    p.add_argument("--router-top", type=int, help="router entries kept per token and layer (default: top-k)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="trace file to write, or a folder (one file per kind)")
+
+
+def main(args) -> int:
+    import torch
+
+    from moetune.engine.drafters import DraftModelDrafter, NgramDrafter, SelfDrafter
+    from moetune.engine.loader import load_draft, load_target, moe_shape
+    from moetune.traces.profile import hardware
+    from moetune.traces.record import record_request
+    from moetune.traces.replay import make_policy
+    from moetune.traces.schema import TraceMeta, TreeLimits
+    from moetune.traces.writer import TraceWriter
+
+    try:
+        prompts = json.loads(Path(args.prompts).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read prompts {args.prompts}: {e}") from None
+    kinds = [k for k in args.kinds.split(",") if k]
+    torch.manual_seed(args.seed)
+    target, tokenizer = load_target(args.target, args.device, args.dtype)
+    shape = moe_shape(target)
+    names = [d for d in args.drafters.split(",") if d]
+    pool, limits = {}, {}
+    for name in names:
+        if name == "draft_model":
+            pool[name] = DraftModelDrafter(load_draft(args.draft, tokenizer, args.device, args.dtype)[0])
+        elif name == "ngram":
+            pool[name] = NgramDrafter(device=target.device)
+        elif name == "self":
+            pool[name] = SelfDrafter(target)
+        else:
+            raise ValueError(f"--drafters: unknown drafter {name!r}; use draft_model, ngram, self")
+        limits[name] = TreeLimits(depth=args.depth, topk=1 if name == "ngram" else args.topk)
+    e = shape.num_experts
+    grid = tuple(int(b) for b in args.grid.split(",")) if args.grid else tuple(sorted({e // 4, e // 2, 3 * e // 4}))
+    meta = TraceMeta(shape=shape, drafters=limits, router_top=args.router_top or shape.top_k, budget_grid=grid,
+                     target=str(args.target), draft=str(args.draft), hardware=hardware(target.device),
+                     moetune_version=__version__, seed=args.seed)
+    out = Path(args.out)
+    groups = {k: [p for p in prompts if p.get("kind") == k][:args.per_kind] for k in kinds}
+    if not any(groups.values()):
+        raise ValueError(f"no prompts of kinds {kinds} in {args.prompts}")
+    files = {k: out / f"{k}.trace" for k in groups} if out.suffix != ".trace" else {None: out}
+    rid = 0
+    for key, path in files.items():
+        with TraceWriter(path, meta) as w:
+            for kind, items in groups.items():
+                if key is not None and kind != key:
+                    continue
+                for item in items:
+                    ids = tokenizer(item["text"], add_special_tokens=False)["input_ids"]
+                    res = record_request(w, target, pool, limits, make_policy(args.policy), rid, ids, kind,
+                                         item["text"], args.max_new_tokens, grid, args.router_top)
+                    print(f"{path}: request {rid} ({kind}): {res.positions} positions, live "
+                          f"{res.live_goodput:.1f} tok/s, {res.mismatches} root mismatches, {res.seconds:.1f}s")
+                    rid += 1
+        size = path.stat().st_size
+        print(f"wrote {path}: {size} bytes")
+    return 0

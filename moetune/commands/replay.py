@@ -1,0 +1,79 @@
+"""`moetune replay`: replay recorded traces offline against policies; a table, JSON and PNG plots."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def add_arguments(p) -> None:
+    p.add_argument("traces", nargs="+", help="trace files (moetune record)")
+    p.add_argument("--policy", action="append", required=True,
+                   help="policy spec, repeatable (e.g. plain, static:depth=4,topk=2, moespec:budget=16, adaptive)")
+    p.add_argument("--profile", help="hardware latency profile JSON (moetune profile); default: fitted from "
+                                     "the first trace's own timings")
+    p.add_argument("--latency-target-ms", type=float, help="report the share of tokens meeting this time per token")
+    p.add_argument("--out", help="folder for replay.json and PNG plots")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (one job per policy and trace)")
+    p.add_argument("--per-request", action="store_true", help="also print one row per request")
+
+
+def latency_for(args, first):
+    """The profile given, with draft terms from the trace for drafters it lacks; else the trace's own fit."""
+    from moetune.traces.latency import LatencyModel, fit_trace
+    if not args.profile:
+        return fit_trace(first)
+    prof = LatencyModel.from_json(args.profile)
+    missing = [d for d in first.meta.drafters if d not in prof.draft]
+    if not missing:
+        return prof
+    own = fit_trace(first)
+    draft = dict(prof.draft, **{d: own.draft[d] for d in missing if d in own.draft})
+    return LatencyModel(verify=prof.verify, draft=draft, step_overhead=prof.step_overhead or own.step_overhead,
+                        num_layers=prof.num_layers, error=prof.error, source=prof.source)
+
+
+def table(rows: list[dict], cols: list[str]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3f}"
+        if isinstance(v, list):
+            return "/".join(f"{x:.1f}" for x in v)
+        return "-" if v is None else str(v)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    from moetune.traces import plots
+    from moetune.traces.reader import read_trace
+    from moetune.traces.replay import make_policy, replay_many
+
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    for spec in args.policy:
+        make_policy(spec)  # fail early on a bad spec
+    first = read_trace(args.traces[0])
+    latency = latency_for(args, first)
+    results = replay_many(args.traces, args.policy, latency, args.latency_target_ms, args.workers)
+    cols = ["policy", "requests", "tokens", "goodput_tok_s", "speedup", "mean_accepted", "fidelity", "attainment",
+            "unique_kept", "control_us_per_step", "inexact_steps"]
+    summaries = [r.summary() for r in results]
+    print(f"latency model: {latency.source} (error {latency.error})")
+    print(table(summaries, cols))
+    per_request = [dict(policy=r.policy, request=q.request_id, kind=q.kind, tokens=q.tokens, goodput_tok_s=q.goodput,
+                        speedup=q.speedup, mean_accepted=q.mean_accepted, fidelity=q.fidelity,
+                        attainment=q.attainment if args.latency_target_ms else None)
+                   for r in results for q in r.requests]
+    if args.per_request:
+        print(table(per_request, list(per_request[0])))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        made = [plots.goodput_vs_fidelity(results, out / "goodput_vs_fidelity.png"),
+                plots.budgets_over_time(results, out / "budgets_over_time.png", first.shape.num_layers),
+                plots.acceptance_over_time(results, out / "acceptance_over_time.png")]
+        (out / "replay.json").write_text(json.dumps(dict(latency=json.loads(latency.to_json()), overall=summaries,
+                                                         per_request=per_request, traces=args.traces), indent=1))
+        print(f"wrote {out / 'replay.json'} and {', '.join(str(m) for m in made if m)}")
+    return 0

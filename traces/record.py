@@ -1,0 +1,127 @@
+"""Recording counterfactual traces with the engine: per request, one live run of a policy (what ran, and
+its measured step times), then a pass along the greedy output that, at every position, asks each drafter
+for its largest tree, verifies it (unbudgeted, and once per grid budget) and keeps the verdicts and the
+routing of every node.
+
+Why a second pass: the live policy lands on some positions only and verifies its own small trees; replay
+of any other policy needs the largest tree at every position. With greedy decoding both passes follow
+the same output (lossless), so the pass is teacher-forced on the live output; `mismatches` counts
+positions where the target's argmax at the root differs from it (numerical near-ties), which should be 0.
+
+Shape legend: N draft nodes, L MoE layers, K top-k, M router entries kept, E experts, V vocabulary.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from moetune.engine import kv
+from moetune.engine.drafters import Proposer
+from moetune.engine.generate import generate, prefill
+from moetune.engine.loader import moe_shape
+from moetune.engine.verify import verify
+from moetune.policies.base import Policy
+from moetune.step import StepConfig, StepStats
+
+from .schema import LIVE_TIMES, LiveRun, TreeLimits, TreeRecord
+from .writer import TraceWriter, expert_dtype
+
+
+@dataclass
+class RecordedRequest:
+    """What `record_request` wrote, for the caller's summary."""
+
+    positions: int
+    live_goodput: float
+    mismatches: int
+    seconds: float
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def live_run(steps: list[StepStats], policy_name: str) -> LiveRun:
+    """The live run's steps as arrays (position = output tokens committed before the step)."""
+    configs: dict[StepConfig, int] = {}
+    index = [configs.setdefault(s.config, len(configs)) for s in steps]
+    emitted = np.array([s.emitted for s in steps], dtype=np.int32)
+    return LiveRun(policy=policy_name, configs=list(configs), config_index=np.array(index, dtype=np.int32),
+                   position=np.concatenate(([0], np.cumsum(emitted)[:-1])).astype(np.int32),
+                   accepted=np.array([s.accepted for s in steps], dtype=np.int32), emitted=emitted,
+                   tree_size=np.array([s.tree_size for s in steps], dtype=np.int32),
+                   unique_experts=np.array([s.unique_experts for s in steps], dtype=np.int16).reshape(len(steps), -1),
+                   times=np.array([[getattr(s, t) for t in LIVE_TIMES] for s in steps], dtype=np.float64).reshape(-1, 5))
+
+
+def routing_arrays(routing, router_top: int) -> tuple[np.ndarray, np.ndarray]:
+    """experts [N+1, L, M] (by descending router probability; the first K are the routed ones) and
+    their probabilities [N+1, L, M], from the engine's captured routing."""
+    probs = torch.stack([lr.router_probs for lr in routing.layers], dim=1)  # [N+1, L, E]
+    top = probs.topk(router_top, dim=-1)
+    return top.indices.cpu().numpy(), top.values.to(torch.float16).cpu().numpy()
+
+
+@torch.no_grad()
+def record_request(writer: TraceWriter, target, drafters: dict[str, Proposer], limits: dict[str, TreeLimits],
+                   policy: Policy, request_id: int, prompt_ids: list[int], kind: str = "", prompt: str = "",
+                   max_new_tokens: int = 48, budget_grid: tuple[int, ...] = (), router_top: int | None = None,
+                   eos_token_id=None) -> RecordedRequest:
+    """Record one request into `writer` (see module docstring)."""
+    t_start = time.perf_counter()
+    shape = moe_shape(target)
+    m = router_top or shape.top_k
+    live = generate(target, None, [prompt_ids], drafter=dict(drafters), policy=policy,
+                    max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)[0]
+    run = live_run(live.steps, getattr(policy, "name", type(policy).__name__))
+    output = live.token_ids
+    writer.begin_request(request_id, len(prompt_ids), kind, prompt, run)
+    device = target.device
+    cache = kv.new_cache(target)
+    prefill(target, cache, prompt_ids)
+    for d in drafters.values():
+        d.prefill(list(prompt_ids))
+    context = list(prompt_ids)
+    edtype = expert_dtype(shape.num_experts)
+    mismatches = 0
+    for p, token in enumerate(output):
+        trees = {}
+        for name, drafter in drafters.items():
+            lim = limits[name]
+            config = StepConfig(drafter=name, depth=lim.depth, topk=lim.topk)
+            _sync(device)
+            t0 = time.perf_counter()
+            tree = drafter.draft(context, config)
+            _sync(device)
+            t1 = time.perf_counter()
+            ver = verify(target, cache, context[-1], tree, config)
+            argmax = ver.logits.argmax(dim=-1).cpu().numpy().astype(np.int32)  # [N+1]
+            _sync(device)
+            t2 = time.perf_counter()
+            experts, probs = routing_arrays(ver.routing, m)
+            kv.crop(cache, ver.past_len)
+            grid_argmax = np.zeros((len(budget_grid), len(tree) + 1), dtype=np.int32)
+            for g, b in enumerate(budget_grid):
+                budgeted = verify(target, cache, context[-1], tree,
+                                  StepConfig(drafter=name, depth=lim.depth, topk=lim.topk,
+                                             budgets=(b,) * shape.num_layers))
+                grid_argmax[g] = budgeted.logits.argmax(dim=-1).cpu().numpy()
+                kv.crop(cache, budgeted.past_len)
+            trees[name] = TreeRecord(parents=np.array(tree.parents, dtype=np.int16),
+                                     tokens=tree.tokens.cpu().numpy().astype(np.int32),
+                                     probs=tree.probs.float().cpu().numpy().astype(np.float16), argmax=argmax,
+                                     experts=experts.astype(edtype), router_probs=probs, budget_argmax=grid_argmax,
+                                     t_draft=t1 - t0, t_verify=t2 - t1)
+            mismatches += int(argmax[0] != token)
+        writer.position(token, trees)
+        # Commit the token: the cache gains the root, the next root is `token`.
+        root = torch.tensor([[context[-1]]], device=device)
+        target.model(input_ids=root, past_key_values=cache, use_cache=True)
+        context.append(int(token))
+    writer.end_request("eos" if len(output) < max_new_tokens else "max_new_tokens")
+    return RecordedRequest(len(output), run.goodput, mismatches // max(len(drafters), 1),
+                           time.perf_counter() - t_start)

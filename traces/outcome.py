@@ -66,11 +66,13 @@ class StepOutcome:
     budget_exact: bool
 
 
-def subtree(record: TreeRecord, config: StepConfig) -> Subtree:
-    key = (config.depth, config.topk, config.num_draft_tokens, config.tree)
+def subtree(record: TreeRecord, config: StepConfig, max_depth: int | None = None) -> Subtree:
+    key = (config.drafter, config.depth, config.topk, config.num_draft_tokens, config.tree, max_depth)
     hit = record.subtrees.get(key)
     if hit is None:
         nodes, exact = select(record, config)
+        if max_depth is not None and len(nodes):
+            nodes = nodes[record.depth[nodes] <= max_depth]
         if len(nodes):
             bits = np.bitwise_or.reduce(record.expert_bits[np.concatenate(([0], nodes + 1))], axis=0)
             unique = tuple(np.bitwise_count(bits).sum(axis=1).tolist())
@@ -121,13 +123,15 @@ def select(record: TreeRecord, config: StepConfig) -> tuple[np.ndarray, bool]:
     return np.array(sorted(created), dtype=np.int64), exact
 
 
-def outcome(record: TreeRecord, config: StepConfig) -> StepOutcome:
-    """The counterfactual outcome of verifying `config`'s subtree of `record` (see module docstring)."""
+def outcome(record: TreeRecord, config: StepConfig, max_depth: int | None = None) -> StepOutcome:
+    """The counterfactual outcome of verifying `config`'s subtree of `record` (see module docstring).
+
+    max_depth drops deeper nodes, as the engine does when fewer tokens remain than the tree is deep."""
     if not config.speculate:  # the root alone routes to K distinct experts per layer
         layers = record.experts.shape[1]
         unique = (record.top_k,) * layers
         return StepOutcome(0, 0, 0, unique, True, unique, (1.0,) * layers, (0,) * layers, 0, None, True)
-    sub = subtree(record, config)
+    sub = subtree(record, config, max_depth)
     layers = len(sub.unique_experts)
     if config.budgets is None or all(b >= u for b, u in zip(config.budgets, sub.unique_experts)):
         if config.budgets is not None and len(config.budgets) != layers:

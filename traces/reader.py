@@ -127,7 +127,8 @@ def read_trace(path: str | Path, strict: bool = False) -> Trace:
                     live = live_from(info["live"], arrays, meta.shape.num_layers) if "live" in info else None
                     requests.append(RequestTrace(request_id=int(info["request_id"]),
                                                  prompt_len=int(info["prompt_len"]), kind=info["kind"],
-                                                 prompt=info["prompt"], live=live))
+                                                 prompt=info["prompt"], live=live,
+                                                 max_new_tokens=int(info.get("max_new_tokens", 0))))
                 elif kind in (KIND_POSITION, KIND_END):
                     req = requests[-1] if requests and not requests[-1].complete else None
                     if req is None or int(info["request_id"]) != req.request_id:

@@ -158,18 +158,19 @@ def replay_request(req, policy, latency, shape, target, overhead, configs, log) 
     t0 = clock()
     policy.begin(req.request_id, req.prompt_len)
     res.control_s += clock() - t0
+    limit = req.max_new_tokens or total  # the engine trims trees to the tokens still allowed
     p = step = 0
     while p < total:
         context = req.prompt_len + p
         t0 = clock()
-        config = policy.decide(DecodeState(req.request_id, step, context, p, total - p))
+        config = policy.decide(DecodeState(req.request_id, step, context, p, limit - p))
         t_decide = clock() - t0
         trees = positions[p].trees
         tree = trees.get(config.drafter) if config.speculate else next(iter(trees.values()))
         if tree is None:
             raise ValueError(f"policy {getattr(policy, 'name', policy)!r} asked for drafter {config.drafter!r}; "
                              f"this trace recorded {sorted(trees)}")
-        o = outcome(tree, config)
+        o = outcome(tree, config, limit - p - 1)
         accepted = o.budget_accepted
         emitted = min(accepted + 1, total - p)
         if o.budget_tokens is None:

@@ -206,6 +206,7 @@ class RequestTrace:
     prompt: str = ""
     positions: list[Position] = field(default_factory=list)
     live: LiveRun | None = None
+    max_new_tokens: int = 0  # the recording's limit (0: unknown; replay then takes the recorded length)
     complete: bool = False  # the writer closed this request (False: the run stopped inside it)
 
     @property

@@ -60,11 +60,12 @@ class TraceWriter:
         self.bytes_written += len(data)
 
     def begin_request(self, request_id: int, prompt_len: int, kind: str = "", prompt: str = "",
-                      live: LiveRun | None = None) -> None:
+                      live: LiveRun | None = None, max_new_tokens: int = 0) -> None:
         """Start a request. `live` (what ran while recording) goes first so the self-check needs no tail."""
         if self._request is not None:
             raise ValueError(f"request {self._request} is still open; call end_request first")
-        info = dict(request_id=int(request_id), prompt_len=int(prompt_len), kind=kind, prompt=prompt)
+        info = dict(request_id=int(request_id), prompt_len=int(prompt_len), kind=kind, prompt=prompt,
+                    max_new_tokens=int(max_new_tokens))
         arrays = {}
         if live is not None:
             info["live"] = dict(policy=live.policy, configs=[config_to_dict(c) for c in live.configs])
@@ -111,7 +112,7 @@ def write_trace(trace: Trace, path: str | Path) -> int:
     """Write a whole in-memory trace (e.g. a synthetic one); returns the bytes written."""
     with TraceWriter(path, trace.meta) as w:
         for r in trace.requests:
-            w.begin_request(r.request_id, r.prompt_len, r.kind, r.prompt, r.live)
+            w.begin_request(r.request_id, r.prompt_len, r.kind, r.prompt, r.live, r.max_new_tokens)
             for pos in r.positions:
                 w.position(pos.token, pos.trees)
             if r.complete:

@@ -1,0 +1,86 @@
+"""Recording with the engine on tiny models: counterfactual replay of smaller configs reproduces what
+the engine does live with them, and the policy that ran while recording replays to its measured goodput."""
+import numpy as np
+import pytest
+
+from moetune.engine.drafters import NgramDrafter, SelfDrafter
+from moetune.engine.generate import generate
+from moetune.policies.static import Static
+from moetune.step import StepConfig
+from moetune.traces.latency import fit_trace
+from moetune.traces.reader import read_trace
+from moetune.traces.record import record_request
+from moetune.traces.replay import replay
+from moetune.traces.schema import TraceMeta, TreeLimits
+from moetune.engine.loader import moe_shape
+from moetune.traces.writer import TraceWriter
+from tiny import tiny_moe
+
+PROMPT = [5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6]
+NEW = 24
+
+
+class Collect(Static):
+    """A static policy that keeps what it observes."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.seen = []
+
+    def observe(self, stats):
+        self.seen.append(stats)
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    target = tiny_moe("qwen3_moe", seed=0)
+    drafters = {"self": SelfDrafter(target), "ngram": NgramDrafter()}
+    limits = {"self": TreeLimits(depth=3, topk=2), "ngram": TreeLimits(depth=3, topk=1)}
+    shape = moe_shape(target)
+    meta = TraceMeta(shape=shape, drafters=limits, router_top=shape.top_k, budget_grid=(2, 4))
+    path = tmp_path_factory.mktemp("rec") / "tiny.trace"
+    live_policy = Static(StepConfig(drafter="self", depth=2), name="live")
+    with TraceWriter(path, meta) as w:
+        res = record_request(w, target, drafters, limits, live_policy, 0, PROMPT, "test", max_new_tokens=NEW,
+                             budget_grid=(2, 4))
+    assert res.mismatches == 0
+    return target, drafters, read_trace(path, strict=True)
+
+
+@pytest.mark.parametrize("config", [
+    StepConfig(drafter="self", depth=1),
+    StepConfig(drafter="self", depth=3),
+    StepConfig(drafter="self", depth=2, topk=2),
+    StepConfig(drafter="self", depth=3, topk=2, num_draft_tokens=4),
+    StepConfig(drafter="self", tree=(-1, -1, 0)),
+    StepConfig(drafter="ngram", depth=2),
+])
+def test_counterfactual_matches_live_engine(recorded, config):
+    target, drafters, trace = recorded
+    live = Collect(config)
+    out = generate(target, None, [PROMPT], drafter=dict(drafters), policy=live, max_new_tokens=NEW)[0]
+    assert out.token_ids == trace.requests[0].output.tolist()
+    replayed = Collect(config)
+    replay(trace, replayed, fit_trace(trace))
+    assert [s.accepted for s in replayed.seen] == [s.accepted for s in live.seen]
+    assert [s.tree_size for s in replayed.seen] == [s.tree_size for s in live.seen]
+    assert [s.unique_experts for s in replayed.seen] == [s.unique_experts for s in live.seen]
+
+
+def test_budget_grid_recorded_and_lossless_at_full_budget(recorded):
+    _, _, trace = recorded
+    for pos in trace.requests[0].positions:
+        tree = pos.trees["self"]
+        assert tree.budget_argmax.shape == (2, tree.num_nodes + 1)
+        assert tree.argmax[0] == pos.token
+    full = replay(trace, Static(StepConfig(drafter="self", depth=2, budgets=(8, 8))), fit_trace(trace))
+    assert full.summary()["fidelity"] == 1.0
+
+
+def test_self_check_live_policy_replays_to_measured_goodput(recorded):
+    _, _, trace = recorded
+    req = trace.requests[0]
+    assert req.live is not None and req.live.configs == [StepConfig(drafter="self", depth=2)]
+    result = replay(trace, Static(req.live.configs[0]), fit_trace(trace, include_trees=False))
+    assert result.log[:, 4].astype(int).tolist() == req.live.accepted.tolist()
+    assert result.total().goodput == pytest.approx(req.live.goodput, rel=0.10)

@@ -6,9 +6,10 @@ How a config selects a subtree of the recorded tree (the rule of the engine's dr
   then per level, the `topk` most probable children of each frontier node, the new frontier being the
   `topk` created nodes of highest cumulative draft probability; to `depth` levels; finally, with
   `num_draft_tokens`, the best that many created nodes by cumulative probability (ties: lower node id,
-  i.e. creation order). A chain is topk=1. The recording keeps every node its (larger) growth created, so
-  a smaller config's tree is found inside it, except where the smaller config's frontier holds a node the
-  larger one did not expand (then that node's children are missing and `exact` is False).
+  i.e. creation order). A chain is topk=1. The recording keeps every node its (larger) growth created,
+  plus the chain and topk=2 growths (record.union), so a smaller config's tree is found inside it, except
+  where its frontier holds a node recorded with fewer than `topk` children (a model drafter always has
+  more): then `exact` is False and the missing children are absent.
 - a static `tree` (parent array): node j is the r-th child (in order of appearance) of its parent, and maps
   to the recorded child of the mapped parent with draft-probability rank r.
 The set is closed under ancestors, so its accepted length is the count of selected nodes on the recorded
@@ -110,8 +111,8 @@ def select(record: TreeRecord, config: StepConfig) -> tuple[np.ndarray, bool]:
         cands = []
         for node in frontier:
             ch = kids[node + 1]
-            if not ch and model_drafter and lim is not None and level < lim.depth:
-                exact = False  # the recording did not expand this node
+            if len(ch) < k and model_drafter and lim is not None and level < lim.depth:
+                exact = False  # the recording did not expand this node as far as this config does
             cands.extend(ch[:k])
         if not cands:
             break

@@ -22,6 +22,7 @@ from moetune.engine import kv
 from moetune.engine.drafters import Proposer
 from moetune.engine.generate import generate, prefill
 from moetune.engine.loader import moe_shape
+from moetune.engine.tree import DraftTree
 from moetune.engine.verify import verify
 from moetune.policies.base import Policy
 from moetune.step import StepConfig, StepStats
@@ -66,6 +67,29 @@ def routing_arrays(routing, router_top: int) -> tuple[np.ndarray, np.ndarray]:
     return top.indices.cpu().numpy(), top.values.to(torch.float16).cpu().numpy()
 
 
+def union(trees: list[DraftTree]) -> DraftTree:
+    """The first tree plus the nodes of the others it lacks (matched by token path), parents first.
+
+    Why: EAGLE-2 growth keeps only the `topk` best nodes per level, so the largest tree may not expand
+    the nodes a narrower config (a chain, topk=2) would; drafting those too keeps them replayable."""
+    first = trees[0]
+    parents, tokens, probs = list(first.parents), first.tokens.tolist(), first.probs.float().tolist()
+    index = {(p, t): i for i, (p, t) in enumerate(zip(parents, tokens))}
+    for extra in trees[1:]:
+        mapped: list[int] = []
+        for p, t, q in zip(extra.parents, extra.tokens.tolist(), extra.probs.float().tolist()):
+            key = (-1 if p < 0 else mapped[p], t)
+            if key not in index:
+                index[key] = len(parents)
+                parents.append(key[0])
+                tokens.append(t)
+                probs.append(q)
+            mapped.append(index[key])
+    device = first.tokens.device
+    return DraftTree(tuple(parents), torch.tensor(tokens, dtype=torch.long, device=device),
+                     torch.tensor(probs, device=device))
+
+
 @torch.no_grad()
 def record_request(writer: TraceWriter, target, drafters: dict[str, Proposer], limits: dict[str, TreeLimits],
                    policy: Policy, request_id: int, prompt_ids: list[int], kind: str = "", prompt: str = "",
@@ -98,6 +122,12 @@ def record_request(writer: TraceWriter, target, drafters: dict[str, Proposer], l
             tree = drafter.draft(context, config)
             _sync(device)
             t1 = time.perf_counter()
+            if name != "ngram" and lim.topk > 1:  # narrower growths, see union()
+                narrower = [drafter.draft(context, StepConfig(drafter=name, depth=lim.depth, topk=k))
+                            for k in sorted({1, 2} - {lim.topk}) if k < lim.topk]
+                tree = union([tree, *narrower])
+            _sync(device)
+            t_draft, t1 = t1 - t0, time.perf_counter()
             ver = verify(target, cache, context[-1], tree, config)
             argmax = ver.logits.argmax(dim=-1).cpu().numpy().astype(np.int32)  # [N+1]
             _sync(device)
@@ -115,7 +145,7 @@ def record_request(writer: TraceWriter, target, drafters: dict[str, Proposer], l
                                      tokens=tree.tokens.cpu().numpy().astype(np.int32),
                                      probs=tree.probs.float().cpu().numpy().astype(np.float16), argmax=argmax,
                                      experts=experts.astype(edtype), router_probs=probs, budget_argmax=grid_argmax,
-                                     t_draft=t1 - t0, t_verify=t2 - t1)
+                                     t_draft=t_draft, t_verify=t2 - t1)
             mismatches += int(argmax[0] != token)
         writer.position(token, trees)
         # Commit the token: the cache gains the root, the next root is `token`.

@@ -128,8 +128,11 @@ def expert_stats(routes: list[np.ndarray], num_experts: int, top_k: int) -> dict
             "norm_entropy": entropy.round(3).tolist(), "unique": unique}
 
 
-def training_summary(name: str) -> dict:
-    log = [json.loads(x) for x in (MODELS / f"log_{name}.jsonl").read_text().splitlines() if x.strip()]
+def training_summary(log_name: str) -> dict:
+    path = MODELS / log_name
+    if not path.exists():
+        return {}
+    log = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
     best = min(log, key=lambda r: r["val_loss"])
     return {"steps": log[-1]["step"], "tokens": log[-1]["tokens"], "train_seconds": log[-1]["seconds"],
             "best_step": best["step"], "best_val_loss_bf16_autocast": best["val_loss"]}
@@ -158,11 +161,12 @@ def main(argv=None) -> None:
                    "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "experts": cfg.num_experts,
                    "top_k": cfg.num_experts_per_tok, "expert_intermediate": cfg.moe_intermediate_size,
                    "vocab": cfg.vocab_size, "val_loss": round(val_loss(target, val), 4),
-                   "training": training_summary("target")},
+                   "training": training_summary("log_target.jsonl")},
         "draft": {"class": type(draft).__name__, "params": params(draft), "active_params": params(draft),
                   "layers": draft.config.num_hidden_layers, "hidden": draft.config.hidden_size,
                   "vocab": draft.config.vocab_size, "val_loss": round(val_loss(draft, val), 4),
-                  "training": training_summary("draft")},
+                  "training": training_summary("log_draft.jsonl"),
+                  "distillation": training_summary("log_draft_distill.jsonl")},
         "data": json.loads((MODELS / "data.json").read_text()),
         "prompts": {k: sum(p["kind"] == k for p in prompts) for k in ("repetitive", "code", "docstring")},
     }
@@ -195,6 +199,9 @@ def render(c: dict) -> str:
         f"{d['training']['tokens'] / 1e6:.1f}M ({d['training']['steps']}) |",
         f"| training time | {t['training']['train_seconds']:.0f} s | {d['training']['train_seconds']:.0f} s |",
         f"| checkpoint kept (best validation) | step {t['training']['best_step']} | step {d['training']['best_step']} |",
+        *([f"| distillation from the target (KL 0.8 + CE 0.2, `scripts/gpu_distill.sh`) | - | "
+           f"{d['distillation']['tokens'] / 1e6:.1f}M tokens, {d['distillation']['steps']} steps, "
+           f"{d['distillation']['train_seconds']:.0f} s |"] if d.get("distillation") else []),
         f"| validation loss, nats/token (shipped bf16 weights, fp32 CPU) | **{t['val_loss']:.3f}** | **{d['val_loss']:.3f}** |",
         "", f"The target is {d['val_loss'] - t['val_loss']:.2f} nats better than the draft on validation. "
         "Both overfit the 8M-token corpus late in training, so the best-validation checkpoint is shipped.", "",

@@ -158,6 +158,8 @@ def cmd_train(args) -> None:
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["opt"])
         state = saved["state"]
+        if args.steps is not None:  # a longer schedule asked for on resume
+            state["total_steps"] = args.steps
         rng.bit_generator.state = saved["rng"]
         print(f"resumed {args.model} at step {state['step']}")
     n_params = sum(p.numel() for p in model.parameters())

@@ -88,20 +88,33 @@ def load_draft(path_or_id: str | Path, target_tokenizer_or_vocab_size, device: s
 
 
 def moe_blocks(model) -> list:
-    """The sparse MoE blocks of `model` in layer order (dense layers, e.g. Qwen mlp_only_layers, skipped)."""
-    blocks = [layer.mlp for layer in model.model.layers
-              if hasattr(getattr(layer, "mlp", None), "gate") and hasattr(layer.mlp, "experts")]
+    """The sparse MoE blocks of `model` in layer order (dense layers, e.g. Qwen mlp_only_layers, skipped).
+
+    A block counts when it has a `.gate` router and `.experts` in the transformers 5.x fused layout
+    (gate_up_proj [E, 2I, H], down_proj [E, H, I]), the layout routing capture and budgeting rely on.
+    """
+    blocks = [layer.mlp for layer in getattr(getattr(model, "model", None), "layers", ())
+              if hasattr(getattr(layer, "mlp", None), "gate")
+              and hasattr(getattr(layer.mlp, "experts", None), "gate_up_proj")
+              and hasattr(layer.mlp.experts, "down_proj")]
     if not blocks:
-        raise ValueError(f"{type(model).__name__} has no MoE layers with .gate/.experts; "
+        raise ValueError(f"{type(model).__name__} has no MoE layers with .gate/.experts.gate_up_proj (a dense "
+                         f"model: expert budgets and routing need an MoE target, use budgets=None); "
                          f"supported families: {SUPPORTED}")
     return blocks
 
 
 def moe_shape(model) -> ModelShape:
-    """The target's MoE shape (L MoE layers, E experts, top-K) for policies and replay."""
+    """The target's MoE shape (L MoE layers, E experts, top-K, H, I) for policies, replay and budgets.
+
+    Every MoE layer must share one shape: budgets, policies and the expert kernel assume it.
+    """
     blocks = moe_blocks(model)
-    experts = blocks[0].experts
-    return ModelShape(num_layers=len(blocks), num_experts=int(experts.gate_up_proj.shape[0]),
-                      top_k=int(blocks[0].gate.top_k), hidden_size=int(model.config.hidden_size),
-                      expert_intermediate_size=int(experts.down_proj.shape[-1]),
-                      shared_expert=hasattr(blocks[0], "shared_expert"))
+    shapes = {(int(b.experts.gate_up_proj.shape[0]), int(b.gate.top_k), int(b.experts.gate_up_proj.shape[2]),
+               int(b.experts.down_proj.shape[2]), hasattr(b, "shared_expert")) for b in blocks}
+    if len(shapes) != 1:
+        raise ValueError(f"MoE layers differ in shape (E, K, H, I, shared) {sorted(shapes)}; moetune needs one "
+                         f"shape for all MoE layers")
+    (E, K, H, I, shared), = shapes
+    return ModelShape(num_layers=len(blocks), num_experts=E, top_k=K, hidden_size=H, expert_intermediate_size=I,
+                      shared_expert=shared)

@@ -35,30 +35,8 @@ import torch.nn.functional as F
 
 from moetune.engine import selection
 from moetune.engine.kernels import reference
+from moetune.engine.loader import moe_blocks, moe_shape
 from moetune.step import SELECTIONS, SUBSTITUTIONS, ModelShape, StepConfig
-
-
-def moe_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The model's sparse MoE blocks in layer order (index = MoE layer l)."""
-    return [m for m in model.modules()
-            if isinstance(getattr(m, "gate", None), torch.nn.Module)
-            and hasattr(getattr(m, "experts", None), "gate_up_proj")
-            and hasattr(m.experts, "down_proj")]
-
-
-def moe_shape(model: torch.nn.Module) -> ModelShape:
-    """ModelShape of the model's MoE layers; ValueError when it has none or they differ."""
-    blocks = moe_blocks(model)
-    if not blocks:
-        raise ValueError("model has no MoE layers (no block with .gate and .experts.gate_up_proj): expert budgets "
-                         "apply only to MoE targets; use budgets=None for a dense model")
-    shapes = {(b.experts.gate_up_proj.shape[0], b.gate.top_k, b.experts.gate_up_proj.shape[2],
-               b.experts.down_proj.shape[2], hasattr(b, "shared_expert")) for b in blocks}
-    if len(shapes) != 1:
-        raise ValueError(f"MoE layers differ in shape {sorted(shapes)}; budgeting needs one (E, K, H, I) for all layers")
-    (E, K, H, I, shared), = shapes
-    return ModelShape(num_layers=len(blocks), num_experts=E, top_k=K, hidden_size=H,
-                      expert_intermediate_size=I, shared_expert=shared)
 
 
 @dataclass(frozen=True)

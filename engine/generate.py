@@ -193,5 +193,5 @@ def _stats(step, cfg, accepted, emitted, tree, context_len, ver, times, t_contro
         router_mass_kept=tuple(report.router_mass_kept) if report is not None else (1.0,) * num_layers,
         tokens_substituted=tuple(report.tokens_substituted) if report is not None else (0,) * num_layers,
         t_draft=times.get("draft", 0.0), t_verify=times.get("verify", 0.0), t_accept=times.get("accept", 0.0),
-        t_commit=times.get("commit", 0.0), t_control=t_control, gpu=gpu_snapshot(device),
+        t_commit=times.get("commit", 0.0), t_control=t_control, agreement=ver.agreement, gpu=gpu_snapshot(device),
         router_mass=tuple(per_layer[num_layers:]))

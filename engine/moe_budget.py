@@ -45,15 +45,14 @@ class BudgetPlan:
 
     budgets: one int for every MoE layer, or one per MoE layer (a 1-tuple counts as one for all).
     node_weights: [T] (or [N+1], root first, tiled over a batch) acceptance estimates used by
-    selection="accept_weighted"; without them accept_weighted equals prob_sum. eval_agreement asks the
-    engine to also run the unbudgeted pass and report argmax agreement (see evaluate_agreement).
+    selection="accept_weighted"; without them accept_weighted equals prob_sum. (Evaluation mode is a
+    StepConfig setting the engine's verify acts on, not part of the plan; see evaluate_agreement.)
     """
 
     budgets: int | tuple[int, ...]
     selection: str = "prob_sum"
     substitution: str = "renormalize"
     node_weights: torch.Tensor | Sequence[float] | None = field(default=None, compare=False)
-    eval_agreement: bool = False
 
     def __post_init__(self):
         if isinstance(self.budgets, int):
@@ -75,11 +74,11 @@ class BudgetPlan:
                                  "root first) or None")
 
     @classmethod
-    def from_step_config(cls, config: StepConfig, node_weights=None, eval_agreement: bool = False) -> "BudgetPlan":
+    def from_step_config(cls, config: StepConfig, node_weights=None) -> "BudgetPlan":
         if config.budgets is None:
             raise ValueError("StepConfig.budgets is None (no budget): verify without apply_budget instead")
         return cls(budgets=tuple(config.budgets), selection=config.selection, substitution=config.substitution,
-                   node_weights=node_weights, eval_agreement=eval_agreement)
+                   node_weights=node_weights)
 
     def validate(self, shape: ModelShape) -> tuple[int, ...]:
         """Per-layer budgets for `shape`; ValueError naming the limit when a budget cannot apply."""

@@ -2,7 +2,9 @@
 
 The mask and position ids travel as forward arguments (transformers 5.x returns a 4D mask as-is), the
 routers are observed through scoped hooks, and an expert budget, when the step asks for one, is applied
-by moetune.engine.moe_budget inside the same scoped forward.
+by moetune.engine.moe_budget inside the same scoped forward. In evaluation mode (StepConfig.eval_agreement
+on a budgeted step) the same tree is first verified unbudgeted, the cache is cropped back, and the argmax
+agreement of the two passes is reported; the budgeted pass then sees exactly the cache it would have seen.
 
 Shape legend: N drafted nodes, C cached tokens, V vocabulary, L MoE layers.
 """
@@ -15,7 +17,7 @@ import torch
 
 from moetune.step import StepConfig
 
-from .kv import cache_len
+from .kv import cache_len, crop
 from .routing import Routing, capture_routing
 from .tree import DraftTree, attention_mask, path_weights, position_ids
 
@@ -26,6 +28,7 @@ class Verification:
     routing: Routing  # unbudgeted routing of the N+1 verified tokens
     past_len: int  # C, cache length before verification
     budget_report: object | None = None  # moe_budget's report when the step was budgeted
+    agreement: float | None = None  # eval mode: argmax agreement with the unbudgeted pass over the N+1 rows
 
 
 def _budget(model, tree: DraftTree, config: StepConfig):
@@ -46,7 +49,15 @@ def verify(model, cache, root: int, tree: DraftTree, config: StepConfig) -> Veri
     input_ids = torch.cat([root_t, tree.tokens.to(device)])[None]  # [1, N+1]
     mask = attention_mask(tree.parents, past, model.dtype, device)  # [1, 1, N+1, C+N+1]
     pos = position_ids(tree.parents, past, device)  # [1, N+1]
+    args = dict(input_ids=input_ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+    unbudgeted = None
+    if config.budgets is not None and config.eval_agreement:
+        unbudgeted = model(**args).logits[0]  # [N+1, V]
+        crop(cache, past)
     with capture_routing(model) as routing, _budget(model, tree, config) as report:
-        out = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                    use_cache=True)
-    return Verification(out.logits[0], routing, past, report)
+        out = model(**args)
+    agreement = None
+    if unbudgeted is not None:
+        from .moe_budget import argmax_agreement
+        agreement = argmax_agreement(out.logits[0], unbudgeted)
+    return Verification(out.logits[0], routing, past, report, agreement)

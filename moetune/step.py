@@ -45,7 +45,9 @@ class StepConfig:
     topk > 1 the drafter grows a tree by top-k expansion, keeping at most `num_draft_tokens` nodes
     ranked by cumulative draft probability (EAGLE-2 style); `tree` (a parent array, -1 = child of the
     root/last committed token) fixes a static shape instead. `budgets` caps unique experts per MoE
-    layer during verification (None: no budget, lossless).
+    layer during verification (None: no budget, lossless). eval_agreement (evaluation mode) also runs
+    each budgeted verification unbudgeted, so StepStats.agreement measures what the budget cost; it
+    roughly doubles verification time and is a no-op without budgets.
     """
 
     speculate: bool = True
@@ -57,6 +59,7 @@ class StepConfig:
     budgets: tuple[int, ...] | None = None  # per-layer expert budgets B_l, or None
     selection: str = "prob_sum"
     substitution: str = "renormalize"
+    eval_agreement: bool = False  # also verify unbudgeted and report argmax agreement (StepStats.agreement)
 
     def __post_init__(self):
         if self.drafter not in DRAFTERS:
@@ -78,6 +81,8 @@ class StepConfig:
             raise ValueError(f"StepConfig.selection must be one of {SELECTIONS}, got {self.selection!r}")
         if self.substitution not in SUBSTITUTIONS:
             raise ValueError(f"StepConfig.substitution must be one of {SUBSTITUTIONS}, got {self.substitution!r}")
+        if not isinstance(self.eval_agreement, bool):
+            raise ValueError(f"StepConfig.eval_agreement must be True or False, got {self.eval_agreement!r}")
 
     @property
     def max_nodes(self) -> int:
@@ -114,6 +119,7 @@ class StepStats:
     t_commit: float = 0.0
     t_control: float = 0.0  # policy decide + observe
     agreement: float | None = None  # eval mode: argmax agreement of budgeted vs unbudgeted verification
+    # over the verified rows (root + nodes); None unless eval_agreement is set on a budgeted step
     gpu: dict | None = field(default=None, compare=False)  # pynvml snapshot when a GPU is present
     router_mass: tuple[float, ...] = ()  # per layer, mean over verified tokens of router prob on their top-k
 

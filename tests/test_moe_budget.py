@@ -232,3 +232,30 @@ def test_evaluate_agreement():
     a = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
     assert mb.argmax_agreement(a, torch.tensor([[0.0, 2.0], [0.0, 1.0]])) == 0.5
     mb.install(m).remove()
+
+
+def test_eval_mode_reports_agreement_without_disturbing_decoding():
+    """StepConfig.eval_agreement: budget = E agrees everywhere, a tight budget does not, and the extra
+    unbudgeted pass (cache cropped back) leaves tokens and per-step numbers exactly as with eval off."""
+    from moetune.engine.drafters import DraftModelDrafter
+    from moetune.engine.generate import generate
+    torch.set_num_threads(1)
+    m = tiny_moe("qwen3_moe")
+    draft = DraftModelDrafter(tiny_dense())
+    prompt = [5, 17, 33, 17, 33, 90, 4, 17, 33]
+
+    def run(budget, eval_agreement):
+        cfg = StepConfig(depth=3, topk=2, budgets=budget, eval_agreement=eval_agreement)
+        return generate(m, None, [prompt], drafter=draft, config=cfg, max_new_tokens=12, eos_token_id=-1)[0]
+
+    full = run((8,), True)
+    assert [s.agreement for s in full.steps] == [1.0] * len(full.steps)
+    tight, tight_off = run((2,), True), run((2,), False)
+    assert min(s.agreement for s in tight.steps) < 1.0
+    assert all(0.0 <= s.agreement <= 1.0 for s in tight.steps)
+    assert all(s.agreement is None for s in tight_off.steps)
+    assert tight.token_ids == tight_off.token_ids
+    assert [(s.accepted, s.unique_experts, s.unique_experts_kept, s.tokens_substituted) for s in tight.steps] == \
+        [(s.accepted, s.unique_experts, s.unique_experts_kept, s.tokens_substituted) for s in tight_off.steps]
+    assert all(s.agreement is None for s in run(None, True).steps)  # no budget: nothing to compare
+    mb.install(m).remove()

@@ -9,9 +9,13 @@ times, in bf16, one expert layer computing it:
   hf_eager    a real transformers Qwen3MoeExperts module, experts_implementation="eager"
   hf_grouped  the same module with experts_implementation="grouped_mm" (when this transformers has it)
   selection   the budget's selection + substitution overhead (scores, top-B, re-routing)
+Eager times (CUDA events around one Python call) include the host's launch overhead, which dominates at
+small T; kernel and selection never sync with the host, so they are also timed as CUDA-graph replays
+(kernel_graph_ms, selection_graph_ms: device time, what a graph-captured verification step pays).
 B = E is "no budget" (every expert the tokens hit is computed). It also checks kernel == reference and
 kernel == HF eager on CUDA (max relative error, printed and recorded). Writes gpu_kernel.json and
-gpu_kernel.md into --out; finishes in about a minute on an H100.
+gpu_kernel.md into --out and prints a one-line summary (kernel vs HF grouped_mm at T = 1, 8, 32, B = E);
+finishes in about a minute on an H100.
 
 Reproduce: .venv/bin/python bench/gpu_kernel.py --out bench/results
 """
@@ -56,6 +60,25 @@ def time_ms(fn, reps: int, warmup: int) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def graph_ms(fn, reps: int, warmup: int) -> float | None:
+    """Median milliseconds of one replay of fn() captured in a CUDA graph; None (with a warning) when fn
+    cannot be captured, e.g. because it syncs with the host."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError as exc:
+        print(f"warning: CUDA graph capture failed: {exc}", file=sys.stderr)
+        return None
+    return time_ms(graph.replay, reps, warmup)
 
 
 def hf_experts(H, I, E, K, gate_up, down):
@@ -121,6 +144,9 @@ def run(args, device: torch.device = torch.device("cuda")) -> dict:
                        "selection_ms": time_ms(select, args.reps, args.warmup),
                        "kernel_ms": time_ms(lambda: budgeted_moe(x, ids, rw, gate_up, down, r.selected),
                                             args.reps, args.warmup),
+                       "selection_graph_ms": graph_ms(select, args.reps, args.warmup),
+                       "kernel_graph_ms": graph_ms(lambda: budgeted_moe(x, ids, rw, gate_up, down, r.selected),
+                                                   args.reps, args.warmup),
                        "reference_ms": time_ms(lambda: budgeted_moe_reference(x, ids, rw, gate_up, down, r.selected),
                                                args.reps, args.warmup)}
                 for impl in ("eager", "grouped_mm"):
@@ -131,6 +157,8 @@ def run(args, device: torch.device = torch.device("cuda")) -> dict:
                         row[key + "_unavailable"] = why
                 weight_bytes = kept * 3 * I * H * gate_up.element_size()
                 row["kernel_weight_GBps"] = weight_bytes / (row["kernel_ms"] * 1e-3) / 1e9
+                row["kernel_graph_weight_GBps"] = (weight_bytes / (row["kernel_graph_ms"] * 1e-3) / 1e9
+                                                   if row["kernel_graph_ms"] else None)
                 rows.append(row)
                 if B in (K, E) and T in (tokens[0], tokens[-1]):
                     out = budgeted_moe(x, ids, rw, gate_up, down, r.selected)
@@ -147,6 +175,9 @@ def run(args, device: torch.device = torch.device("cuda")) -> dict:
 def markdown(meta, res) -> str:
     def ms(v):
         return "n/a" if v is None else f"{v:.3f}"
+
+    def gbps(v):
+        return "n/a" if v is None else f"{v:.0f}"
     lines = [f"# Budgeted MoE kernel ({meta['device']}, bf16, torch {meta['torch']}, triton {meta['triton']}, "
              f"transformers {meta['transformers']})", "", f"Reproduce: `{meta['command']}`", "",
              "Correctness on CUDA (max |a - b| / max |b|; documented bf16 tolerance 2e-2):", "",
@@ -154,14 +185,29 @@ def markdown(meta, res) -> str:
     lines += [f"| {c['shape']} | {c['tokens']} | {c['budget']} | {c['kernel_vs_reference']:.2e} | "
               f"{c['kernel_vs_hf_eager']:.2e} |" for c in res["checks"]]
     lines += ["", "Times in ms (median of CUDA-event timings); B = E computes every expert hit.", "",
-              "| shape | T | B | unique hit | computed | selection | kernel | reference | HF eager | HF grouped_mm "
-              "| kernel GB/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| shape | T | B | unique hit | computed | selection | selection graph | kernel | kernel graph "
+              "| reference | HF eager | HF grouped_mm | kernel GB/s | kernel graph GB/s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         lines.append(f"| {r['shape']} | {r['tokens']} | {r['budget']} | {r['unique_experts']} | "
-                     f"{r['computed_experts']} | {ms(r['selection_ms'])} | {ms(r['kernel_ms'])} | "
-                     f"{ms(r['reference_ms'])} | {ms(r['hf_eager_ms'])} | {ms(r['hf_grouped_ms'])} | "
-                     f"{r['kernel_weight_GBps']:.0f} |")
+                     f"{r['computed_experts']} | {ms(r['selection_ms'])} | {ms(r['selection_graph_ms'])} | "
+                     f"{ms(r['kernel_ms'])} | {ms(r['kernel_graph_ms'])} | {ms(r['reference_ms'])} | "
+                     f"{ms(r['hf_eager_ms'])} | {ms(r['hf_grouped_ms'])} | {r['kernel_weight_GBps']:.0f} | "
+                     f"{gbps(r['kernel_graph_weight_GBps'])} |")
     return "\n".join(lines)
+
+
+def summary(res, tokens=(1, 8, 32)) -> str:
+    """One line: per shape, at B = E and T in `tokens`, kernel eager / graph against HF grouped_mm (ms)."""
+    def ms(v):
+        return "n/a" if v is None else f"{v:.3f}"
+    parts = []
+    for name in SHAPES:
+        rows = {r["tokens"]: r for r in res["rows"] if r["shape"] == name and r["budget"] == r["E"]}
+        parts.append(f"{name} " + ", ".join(
+            f"T={t} {ms(rows[t]['kernel_ms'])}/{ms(rows[t]['kernel_graph_ms'])} vs {ms(rows[t]['hf_grouped_ms'])}"
+            for t in tokens if t in rows))
+    return "summary (B=E, ms, kernel eager/graph vs HF grouped_mm eager): " + " | ".join(parts)
 
 
 def main(argv=None) -> int:
@@ -185,6 +231,7 @@ def main(argv=None) -> int:
     text = markdown(meta, res)
     (out / "gpu_kernel.md").write_text(text + "\n")
     print(text)
+    print(summary(res))
     worst = max(c["kernel_vs_reference"] for c in res["checks"])
     return 0 if worst <= 2e-2 else 2
 

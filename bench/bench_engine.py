@@ -64,8 +64,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--prompts", type=int, default=12)
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: least noise on a shared box)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     target, tok = load_target(DEFAULT_TARGET, device=args.device)
     draft, _ = load_draft(DEFAULT_DRAFT, tok, device=args.device)
     device = next(target.parameters()).device

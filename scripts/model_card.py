@@ -70,7 +70,8 @@ def chain_acceptance(target, draft, prompt_ids: list[torch.Tensor], n_tokens: in
             with torch.inference_mode():
                 d = draft.generate(ctx, max_new_tokens=MAX_K, do_sample=False, pad_token_id=1)[0, ctx.shape[1]:]
             ref = gen[p:p + MAX_K]
-            m = (d[:len(ref)] == ref).int()
+            n = min(len(d), len(ref))  # the draft may stop early at EOS
+            m = (d[:n] == ref[:n]).int()
             runs.append(int(m.cumprod(0).sum()))
         for k in per_k:
             p = 0

@@ -22,6 +22,8 @@ import numpy as np
 
 from moetune.step import DRAFTERS, ModelShape
 
+from .derive import prepare
+
 VERIFY_TERMS = ("overhead", "per_token", "per_expert", "per_context", "per_context_token")
 DRAFT_TERMS = ("d0", "per_step", "per_node")
 
@@ -186,10 +188,11 @@ def fit_trace(trace, include_trees: bool = True) -> LatencyModel:
                 if cfg.speculate:
                     draft.setdefault(cfg.drafter, []).append((cfg.depth, live.tree_size[c], live.times[c, 0]))
         if include_trees:
+            prepare(t for pos in req.positions for t in pos.trees.values())
             for p, pos in enumerate(req.positions):
                 for name, t in pos.trees.items():
                     tok.append(t.num_nodes + 1)
-                    uni.append(int(np.bitwise_count(np.bitwise_or.reduce(t.expert_bits, axis=0)).sum()))
+                    uni.append(sum(t.unique_experts(np.arange(t.num_nodes + 1))))
                     ctx.append(req.prompt_len + p)
                     sec.append(t.t_verify)
                     draft.setdefault(name, []).append((int(t.depth.max(initial=0)), t.num_nodes, t.t_draft))

@@ -72,22 +72,21 @@ def subtree(record: TreeRecord, config: StepConfig, max_depth: int | None = None
     hit = record.subtrees.get(key)
     if hit is None:
         nodes, exact = select(record, config)
-        if max_depth is not None and len(nodes):
-            nodes = nodes[record.depth[nodes] <= max_depth]
-        if len(nodes):
-            bits = np.bitwise_or.reduce(record.expert_bits[np.concatenate(([0], nodes + 1))], axis=0)
-            unique = tuple(np.bitwise_count(bits).sum(axis=1).tolist())
-            depth = int(record.depth[nodes].max())
-        else:
-            unique, depth = tuple(np.bitwise_count(record.expert_bits[0]).sum(axis=1).tolist()), 0
-        hit = Subtree(nodes, int(record.on_path[nodes].sum()), depth, unique, exact)
+        depths = record.depth[nodes]
+        if max_depth is not None and len(nodes) and depths.max() > max_depth:
+            nodes, depths = nodes[depths <= max_depth], depths[depths <= max_depth]
+        rows = np.concatenate(([0], nodes + 1))  # [n+1] the root, then the selected nodes
+        unique = record.unique_experts(rows)
+        depth = int(depths.max()) if len(nodes) else 0
+        hit = Subtree(nodes, int(np.count_nonzero(record.on_path[nodes])), depth, unique, exact)
         record.subtrees[key] = hit
     return hit
 
 
 def select(record: TreeRecord, config: StepConfig) -> tuple[np.ndarray, bool]:
     """Node ids of the subtree `config` verifies, and whether the recording holds all of it."""
-    kids = record.kids
+    d = record.derived
+    order, start, r0 = d.child_order, d.child_start, d.row0  # children of tree row r: order[start[r0 + r]:...]
     if config.tree is not None:
         mapped: list[int] = []
         seen: dict[int, int] = {}
@@ -95,8 +94,9 @@ def select(record: TreeRecord, config: StepConfig) -> tuple[np.ndarray, bool]:
             rank = seen.get(p, 0)
             seen[p] = rank + 1
             parent = -1 if p < 0 else mapped[p]
-            ch = kids[parent + 1] if p < 0 or parent >= 0 else []
-            mapped.append(ch[rank] if rank < len(ch) else -1)
+            row = r0 + parent + 1 if p < 0 or parent >= 0 else None  # None: the mapped parent is missing
+            a = start[row] + rank if row is not None else 0
+            mapped.append(order[a] if row is not None and a < start[row + 1] else -1)
         nodes = np.array(sorted(n for n in mapped if n >= 0), dtype=np.int64)
         return nodes, len(nodes) == len(mapped)
     k, lim = config.topk, record.limits
@@ -104,23 +104,23 @@ def select(record: TreeRecord, config: StepConfig) -> tuple[np.ndarray, bool]:
     if config.drafter == "ngram" and k > 1:
         exact = False
     model_drafter = config.drafter != "ngram"
-    cum = record.derived["cum_list"]
-    frontier = kids[0][:k]
+    a, b = start[r0], start[r0 + 1]
+    frontier = order[a:a + k if b - a > k else b]
     created = list(frontier)
     for level in range(1, config.depth):
         cands = []
         for node in frontier:
-            ch = kids[node + 1]
-            if len(ch) < k and model_drafter and lim is not None and level < lim.depth:
+            a, b = start[r0 + node + 1], start[r0 + node + 2]
+            if b - a < k and model_drafter and lim is not None and level < lim.depth:
                 exact = False  # the recording did not expand this node as far as this config does
-            cands.extend(ch[:k])
+            cands.extend(order[a:a + k if b - a > k else b])
         if not cands:
             break
         created.extend(cands)
-        frontier = sorted(cands, key=lambda j: (-cum[j], j))[:k] if len(cands) > k else cands
+        frontier = sorted(cands, key=d.cum_rank.__getitem__)[:k] if len(cands) > k else cands
     n = config.num_draft_tokens
     if n is not None and len(created) > n:
-        created = sorted(created, key=lambda j: (-cum[j], j))[:n]
+        created = sorted(created, key=d.cum_rank.__getitem__)[:n]
     return np.array(sorted(created), dtype=np.int64), exact
 
 

@@ -26,6 +26,7 @@ from moetune.policies.base import Policy
 from moetune.policies.registry import make_policy as registry_make
 from moetune.step import DecodeState, StepConfig, StepStats
 
+from .derive import prepare
 from .latency import LatencyModel
 from .outcome import StepOutcome, outcome  # noqa: F401  (re-exported: the replay API)
 from .reader import read_trace
@@ -140,13 +141,25 @@ def replay(traces: Trace | Sequence[Trace], policy: Policy, latency: LatencyMode
     requests = []
     overhead = latency.step_overhead
     for trace in traces:
+        batches = drafter_batches(trace)
         for req in trace.requests:
-            requests.append(replay_request(req, policy, latency, shape, target, overhead, configs, log))
+            requests.append(replay_request(req, policy, latency, shape, target, overhead, configs, log, batches))
     return ReplayResult(getattr(policy, "name", type(policy).__name__), requests, list(configs),
                         np.array(log, dtype=float).reshape(-1, len(LOG_COLUMNS)), latency_target_ms)
 
 
-def replay_request(req, policy, latency, shape, target, overhead, configs, log) -> RequestResult:
+def drafter_batches(trace: Trace) -> dict[str, list]:
+    """Each drafter's trees in a trace: the first step that touches an underived tree derives all of that
+    drafter's trees in one batch (traces.derive), and drafters no step asks for are never derived."""
+    batches: dict[str, list] = {}
+    for req in trace.requests:
+        for pos in req.positions:
+            for name, tree in pos.trees.items():
+                batches.setdefault(name, []).append(tree)
+    return batches
+
+
+def replay_request(req, policy, latency, shape, target, overhead, configs, log, batches) -> RequestResult:
     positions, total = req.positions, len(req.positions)
     output = req.output
     res = RequestResult(req.request_id, req.kind, unique=np.zeros(shape.num_layers),
@@ -170,6 +183,8 @@ def replay_request(req, policy, latency, shape, target, overhead, configs, log) 
         if tree is None:
             raise ValueError(f"policy {getattr(policy, 'name', policy)!r} asked for drafter {config.drafter!r}; "
                              f"this trace recorded {sorted(trees)}")
+        if tree.batch is None and config.speculate:
+            prepare(batches[config.drafter])
         o = outcome(tree, config, limit - p - 1)
         accepted = o.budget_accepted
         emitted = min(accepted + 1, total - p)

@@ -15,11 +15,12 @@ output[p]; a node at depth j on the accepted path predicts output[p + j - 1].
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from functools import cached_property
 
 import numpy as np
 
 from moetune.step import DRAFTERS, SELECTIONS, SUBSTITUTIONS, ModelShape, StepConfig
+
+from .derive import Derived, prepare, routed_bits
 
 SCHEMA_VERSION = 1
 
@@ -82,8 +83,8 @@ class TraceMeta:
 class TreeRecord:
     """The largest tree one drafter proposes at one position, with the target's verdicts and routing.
 
-    Nodes are stored parents-first (parent[i] < i). Derived arrays used by replay are computed once,
-    lazily, so replaying many policies over one trace pays for them once.
+    Nodes are stored parents-first (parent[i] < i). Derived arrays used by replay are computed once
+    (traces.derive, batched over a trace), so replaying many policies over one trace pays for them once.
     """
 
     parents: np.ndarray  # [N] int16, -1 = child of the root
@@ -100,6 +101,8 @@ class TreeRecord:
     grid: tuple[int, ...] = ()  # the trace's budget grid (rows of budget_argmax)
     limits: TreeLimits | None = None  # the largest tree the drafter was asked for
     subtrees: dict = field(default_factory=dict)  # replay's cache: config shape -> Subtree
+    batch: tuple | None = field(default=None, repr=False)  # (traces.derive.Batch, index), not stored
+    derived_arrays: Derived | None = field(default=None, repr=False)  # this tree's part of the batch
 
     @property
     def num_nodes(self) -> int:
@@ -111,57 +114,37 @@ class TreeRecord:
         # ratios within a token (routing mass kept), so the stored probabilities serve for all of them.
         return self.router_probs[:, :, :self.top_k]
 
-    @cached_property
-    def match(self) -> np.ndarray:  # [N] bool, the target's verdict: token == target argmax at its parent
-        return self.tokens == self.argmax[self.parents.astype(np.int64) + 1]
-
-    @cached_property
-    def derived(self) -> dict:
-        """depth [N] (1 = child of the root), cum_prob [N] (product of draft probs along the path),
-        on_path [N] (the node and its ancestors match: the accepted path) and kids (per row, root first,
-        child node ids from most to least probable; ties: lower id), in one pass over the nodes."""
-        n = self.num_nodes
-        parents = self.parents.tolist()
-        probs = self.probs.astype(np.float64).tolist()
-        match = self.match.tolist()
-        depth, cum, ok = [0] * n, [0.0] * n, [False] * n
-        kids: list[list[int]] = [[] for _ in range(n + 1)]
-        for i, p in enumerate(parents):
-            if p < 0:
-                depth[i], cum[i], ok[i] = 1, probs[i], match[i]
-            else:
-                depth[i], cum[i], ok[i] = depth[p] + 1, probs[i] * cum[p], match[i] and ok[p]
-            kids[p + 1].append(i)
-        for k in kids:
-            if len(k) > 1:
-                k.sort(key=lambda j: (-probs[j], j))
-        return dict(depth=np.array(depth, dtype=np.int64), cum_prob=np.array(cum), cum_list=cum,
-                    on_path=np.array(ok, dtype=bool), kids=kids)
+    @property
+    def derived(self) -> Derived:
+        """Depths, path probabilities, verdicts and children order (traces.derive). Replay derives every
+        tree of a trace in one batch; a lone tree is derived on first use."""
+        if self.derived_arrays is None:
+            if self.batch is None:
+                prepare([self])
+            batch, i = self.batch
+            self.derived_arrays = batch.tree(i, self.experts)
+        return self.derived_arrays
 
     @property
-    def depth(self) -> np.ndarray:
-        return self.derived["depth"]
+    def match(self) -> np.ndarray:  # [N] bool
+        return self.derived.match
 
     @property
-    def cum_prob(self) -> np.ndarray:
-        return self.derived["cum_prob"]
+    def depth(self) -> np.ndarray:  # [N] int64
+        return self.derived.depth
 
     @property
-    def on_path(self) -> np.ndarray:
-        return self.derived["on_path"]
+    def cum_prob(self) -> np.ndarray:  # [N] float64
+        return self.derived.cum_prob
 
     @property
-    def kids(self) -> list[list[int]]:
-        return self.derived["kids"]
+    def on_path(self) -> np.ndarray:  # [N] bool
+        return self.derived.on_path
 
-    @cached_property
-    def expert_bits(self) -> np.ndarray:  # [N+1, L, W] uint64 bitset of each token's K routed experts
-        idx = self.experts[:, :, :self.top_k].astype(np.uint64)
-        words = int(idx.max(initial=0)) // 64 + 1
-        one = np.uint64(1)
-        # A token's K routed experts are distinct, so summing their bits is OR-ing them.
-        return np.stack([np.where(idx // 64 == w, np.left_shift(one, idx % 64), 0).sum(axis=2, dtype=np.uint64)
-                         for w in range(words)], axis=2)
+    def unique_experts(self, rows: np.ndarray) -> tuple[int, ...]:
+        """[L] unique routed experts over token rows `rows` (0 = the root, i + 1 = node i)."""
+        bits = routed_bits(self.experts[rows], self.top_k, self.derived.bit_table)  # [L, W]
+        return tuple(np.bitwise_count(bits).sum(axis=1).tolist())
 
 
 @dataclass(eq=False)

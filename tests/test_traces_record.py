@@ -1,5 +1,6 @@
-"""Recording with the engine on tiny models: counterfactual replay of smaller configs reproduces what
-the engine does live with them, and the policy that ran while recording replays to its measured goodput."""
+"""Recording with the engine on tiny models: counterfactual replay of smaller configs (with and without
+expert budgets) reproduces what the engine does live with them, and the policy that ran while recording
+replays to its measured goodput."""
 import numpy as np
 import pytest
 
@@ -8,6 +9,7 @@ from moetune.engine.generate import generate
 from moetune.policies.static import Static
 from moetune.step import StepConfig
 from moetune.traces.latency import fit_trace
+from moetune.traces.outcome import outcome
 from moetune.traces.reader import read_trace
 from moetune.traces.record import record_request
 from moetune.traces.replay import replay
@@ -37,7 +39,8 @@ def recorded(tmp_path_factory):
     drafters = {"self": SelfDrafter(target), "ngram": NgramDrafter()}
     limits = {"self": TreeLimits(depth=3, topk=2), "ngram": TreeLimits(depth=3, topk=1)}
     shape = moe_shape(target)
-    meta = TraceMeta(shape=shape, drafters=limits, router_top=shape.top_k, budget_grid=(2, 4))
+    # The whole router distribution (M = E), so budget rankings can be checked against the engine's.
+    meta = TraceMeta(shape=shape, drafters=limits, router_top=shape.num_experts, budget_grid=(2, 4))
     path = tmp_path_factory.mktemp("rec") / "tiny.trace"
     live_policy = Static(StepConfig(drafter="self", depth=2), name="live")
     with TraceWriter(path, meta) as w:
@@ -84,3 +87,38 @@ def test_self_check_live_policy_replays_to_measured_goodput(recorded):
     result = replay(trace, Static(req.live.configs[0]), fit_trace(trace, include_trees=False))
     assert result.log[:, 4].astype(int).tolist() == req.live.accepted.tolist()
     assert result.total().goodput == pytest.approx(req.live.goodput, rel=0.10)
+
+
+@pytest.mark.parametrize("config, grid_exact", [
+    (StepConfig(drafter="ngram", depth=3, budgets=(4, 4)), True),  # the whole recorded tree, a grid budget
+    (StepConfig(drafter="ngram", depth=3, budgets=(2, 2)), True),
+    (StepConfig(drafter="self", depth=2, topk=2, budgets=(3, 5)), False),
+    (StepConfig(drafter="self", depth=3, budgets=(3, 3), selection="hit_count"), False),
+    (StepConfig(drafter="self", depth=2, topk=2, budgets=(4, 3), selection="accept_weighted"), False),
+])
+def test_budget_outcomes_match_live_engine(recorded, config, grid_exact):
+    """Each live budgeted step, while the live output still equals the recorded one (same context), has
+    the unique experts kept, routing mass kept and substituted tokens replay derives for the layers it
+    calls exact, and the accepted length wherever replay calls that exact."""
+    target, drafters, trace = recorded
+    req = trace.requests[0]
+    live = Collect(config)
+    out = generate(target, None, [PROMPT], drafter=dict(drafters), policy=live, max_new_tokens=NEW)[0]
+    p = compared = dropped = exact = 0
+    for stats in live.seen:
+        if out.token_ids[:p] != req.output[:p].tolist():
+            break  # the budget changed an emitted token: from here the contexts differ
+        o = outcome(req.positions[p].trees[config.drafter], config, NEW - p - 1)
+        n = o.budget_layers_exact
+        assert n >= 1  # the full router distribution makes at least the first layer's ranking exact
+        assert o.unique_kept[:n] == stats.unique_experts_kept[:n]
+        assert o.substituted[:n] == stats.tokens_substituted[:n]
+        assert o.mass_kept[:n] == pytest.approx(stats.router_mass_kept[:n], abs=2e-3)  # float16 router probs
+        if o.budget_exact:
+            assert o.budget_accepted == stats.accepted
+            exact += 1
+        compared += 1
+        dropped += any(stats.tokens_substituted[:n])
+        p += stats.emitted
+    assert compared >= 3 and dropped >= 1
+    assert (exact > 0) == grid_exact

@@ -17,14 +17,23 @@ accepted path. `exact` is also False when the config is deeper or wider than the
 n-gram trie of several continuations (approximated by the rule above); missing nodes can only
 under-state acceptance.
 
-Budgets: per layer, experts routed by the root or a selected node are ranked (prob_sum: summed router
-probability, from the M recorded router entries; hit_count: routed-token count; accept_weighted: router
-probability weighted by the node's cumulative draft probability), and the best B_l are kept. Unique
-experts kept, routing mass kept and substituted tokens follow exactly. A node whose routed experts (and
-its ancestors') all survive computes exactly the unbudgeted result; an affected node's budgeted argmax is
-looked up in the recorded grid at the largest grid budget <= the smallest binding B_l (rounding down is
-conservative: a smaller budget drops more). Emitted tokens under a budget follow from those argmaxes.
-`budget_exact` is True only where that lookup is exactly what was recorded (whole tree, uniform on-grid B).
+Budgets: per layer, experts routed by the root or a selected node are ranked as engine/selection.py
+ranks them (reimplemented in numpy; replay imports no torch): prob_sum: router probability summed over
+those tokens; hit_count: routed-token count + prob_sum / (tokens + 1) (so ties in the count go to the
+larger probability); accept_weighted: router probability weighted by the node's cumulative draft
+probability (root 1). Only routed experts are eligible and the best B_l are kept; exactly equal scores go
+to the lower expert id (torch.topk does not promise an order there; real-valued sums make this rare).
+The sums use the M recorded router entries per token, so the ranking is the engine's only when M = E
+(`record --router-top E`); with M < E it approximates it from each token's top-M probabilities.
+Unique experts kept, routing mass kept and substituted tokens then follow from the recorded routing
+- which is the routing the engine sees only up to the first layer that drops an expert: later layers
+route budgeted hidden states. `budget_layers_exact` says how many leading layers are exact (M = E:
+through the first dropping layer; M < E: those before the first binding budget). A node whose routed
+experts (and its ancestors') all survive is taken to compute the unbudgeted result; an affected node's
+budgeted argmax is looked up in the recorded grid at the largest grid budget <= the smallest binding
+B_l (rounding down is conservative: a smaller budget drops more). Emitted tokens under a budget follow
+from those argmaxes. `budget_exact` is True only where the grid row is exactly what the engine computes
+(the whole recorded tree at a uniform on-grid B); then every row's argmax is read from it.
 
 Shape legend: n selected nodes (+1 with the root), L MoE layers, K top-k, M router entries, E experts.
 """
@@ -65,6 +74,7 @@ class StepOutcome:
     budget_accepted: int  # accepted length under the budgets (== accepted without binding budgets)
     budget_tokens: tuple[int, ...] | None  # tokens emitted under binding budgets; None: the greedy ones
     budget_exact: bool
+    budget_layers_exact: int  # leading MoE layers whose unique_kept, mass_kept and substituted are exact
 
 
 def subtree(record: TreeRecord, config: StepConfig, max_depth: int | None = None) -> Subtree:
@@ -131,7 +141,7 @@ def outcome(record: TreeRecord, config: StepConfig, max_depth: int | None = None
     if not config.speculate:  # the root alone routes to K distinct experts per layer
         layers = record.experts.shape[1]
         unique = (record.top_k,) * layers
-        return StepOutcome(0, 0, 0, unique, True, unique, (1.0,) * layers, (0,) * layers, 0, None, True)
+        return StepOutcome(0, 0, 0, unique, True, unique, (1.0,) * layers, (0,) * layers, 0, None, True, layers)
     sub = subtree(record, config, max_depth)
     layers = len(sub.unique_experts)
     if config.budgets is None or all(b >= u for b, u in zip(config.budgets, sub.unique_experts)):
@@ -139,7 +149,7 @@ def outcome(record: TreeRecord, config: StepConfig, max_depth: int | None = None
             raise ValueError(f"StepConfig.budgets has {len(config.budgets)} entries; this trace's model has "
                              f"{layers} MoE layers")
         return StepOutcome(len(sub.nodes), sub.tree_depth, sub.accepted, sub.unique_experts, sub.exact,
-                           sub.unique_experts, (1.0,) * layers, (0,) * layers, sub.accepted, None, True)
+                           sub.unique_experts, (1.0,) * layers, (0,) * layers, sub.accepted, None, True, layers)
     return budgeted(record, config, sub)
 
 
@@ -161,11 +171,19 @@ def budgeted(record: TreeRecord, config: StepConfig, sub: Subtree) -> StepOutcom
     exact = (len(grid) > 0 and g >= 0 and len(sub.nodes) == record.num_nodes and len(set(config.budgets)) == 1
              and grid[g] == config.budgets[0])
     g = max(g, 0)
+    if exact:  # the grid pass verified this very tree under this budget: read every row's argmax from it
+        affected = dict.fromkeys(affected, True)
     tokens, accepted = walk(record, sub.nodes, affected, g if len(grid) else None)
+    dropped = lost.any(axis=(0, 2))  # [L] the budget dropped some routed expert in this layer
+    # Layer l's routing is the recorded one while no earlier layer dropped anything (later layers see
+    # budgeted hidden states); the ranking is the engine's only with the full router distribution.
+    # Without it, layers before the first binding budget (nothing to rank there) are exact.
+    first_drop = int(np.argmax(dropped)) + 1 if dropped.any() else layers
+    layers_exact = first_drop if record.router_full else int(np.argmax(binding))
     return StepOutcome(len(sub.nodes), sub.tree_depth, sub.accepted, sub.unique_experts, sub.exact,
                        tuple(np.minimum(budgets, sub.unique_experts).tolist()),
                        tuple(mass.mean(axis=0).tolist()), tuple(lost.any(axis=2).sum(axis=0).tolist()),
-                       accepted, tuple(tokens), exact)
+                       accepted, tuple(tokens), exact, layers_exact)
 
 
 def keep(record: TreeRecord, toks: np.ndarray, budgets: np.ndarray, selection: str) -> tuple[np.ndarray, np.ndarray]:
@@ -178,15 +196,14 @@ def keep(record: TreeRecord, toks: np.ndarray, budgets: np.ndarray, selection: s
     e = max(int(ent.max()) + 1, 1)
     offs = (np.arange(layers) * e)[None, :, None]
     routed = ent[:, :, :k] + offs  # [n+1, L, K] flat (layer, expert) ids
-    hits = np.bincount(routed.ravel(), minlength=layers * e)
-    if selection == "hit_count":
-        score = hits.astype(float)
-    else:
-        w = np.ones(len(toks))
-        if selection == "accept_weighted":
-            w[1:] = record.cum_prob[toks[1:] - 1]
-        probs = record.router_probs[toks].astype(float) * w[:, None, None]
-        score = np.bincount((ent + offs).ravel(), weights=probs.ravel(), minlength=layers * e)
+    hits = np.bincount(routed.ravel(), minlength=layers * e)  # [L*E] routed-token count
+    w = np.ones(len(toks))
+    if selection == "accept_weighted":
+        w[1:] = record.cum_prob[toks[1:] - 1]
+    probs = record.router_probs[toks].astype(float) * w[:, None, None]  # [n+1, L, M]
+    score = np.bincount((ent + offs).ravel(), weights=probs.ravel(), minlength=layers * e)  # [L*E]
+    if selection == "hit_count":  # engine/selection.py: hits, ties broken by the summed probability
+        score = hits + score / (len(toks) + 1)
     score = np.where(hits > 0, score, -np.inf).reshape(layers, e)
     order = np.argsort(-score, axis=1, kind="stable")  # [L, E] ties: lower expert id first
     rank = np.empty_like(order)

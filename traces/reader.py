@@ -96,7 +96,8 @@ def tree_from(name: str, info: dict, arrays: dict, meta: TraceMeta) -> TreeRecor
     if fields["experts"].size and int(fields["experts"].max()) >= s.num_experts:
         raise ValueError(f"tree {name!r}: expert index >= num_experts={s.num_experts}")
     return TreeRecord(**fields, t_draft=float(info["t_draft"]), t_verify=float(info["t_verify"]),
-                      top_k=s.top_k, grid=meta.budget_grid, limits=meta.drafters[name])
+                      top_k=s.top_k, grid=meta.budget_grid, limits=meta.drafters[name],
+                      router_full=meta.router_top == s.num_experts)
 
 
 def live_from(info: dict, arrays: dict, num_layers: int) -> LiveRun:

@@ -98,7 +98,7 @@ def record_request(writer: TraceWriter, target, drafters: dict[str, Proposer], l
     """Record one request into `writer` (see module docstring)."""
     t_start = time.perf_counter()
     shape = moe_shape(target)
-    m = router_top or shape.top_k
+    m = router_top or writer.meta.router_top  # the header's M unless told otherwise
     live = generate(target, None, [prompt_ids], drafter=dict(drafters), policy=policy,
                     max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)[0]
     run = live_run(live.steps, getattr(policy, "name", type(policy).__name__))

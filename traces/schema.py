@@ -100,6 +100,7 @@ class TreeRecord:
     top_k: int = 1  # K: the first K router entries are the routed experts
     grid: tuple[int, ...] = ()  # the trace's budget grid (rows of budget_argmax)
     limits: TreeLimits | None = None  # the largest tree the drafter was asked for
+    router_full: bool = False  # M == E: the whole router distribution is kept (budget rankings are exact)
     subtrees: dict = field(default_factory=dict)  # replay's cache: config shape -> Subtree
     batch: tuple | None = field(default=None, repr=False)  # (traces.derive.Batch, index), not stored
     derived_arrays: Derived | None = field(default=None, repr=False)  # this tree's part of the batch

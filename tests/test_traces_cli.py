@@ -54,3 +54,21 @@ def test_replay_command_writes_table_json_and_plots(tmp_path, capsys):
     for png in ("goodput_vs_fidelity.png", "budgets_over_time.png", "acceptance_over_time.png"):
         assert (tmp_path / "out" / png).stat().st_size > 1000
     assert main(["replay", str(path), "--policy", "nonsense"]) == 2
+
+
+def test_replay_command_reports_a_malformed_trace_in_one_line(tmp_path, capsys):
+    shape = ModelShape(num_layers=2, num_experts=8, top_k=2)
+    good = tmp_path / "good.trace"
+    write_trace(synthetic_trace(shape, n_requests=1, n_tokens=8, seed=2), good)
+    data = bytearray(good.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside a record: its checksum no longer matches
+    (tmp_path / "flipped.trace").write_bytes(bytes(data))
+    (tmp_path / "garbage.trace").write_bytes(b"not a trace at all")
+    for bad, why in (("garbage.trace", "bad magic bytes"), ("flipped.trace", "bad checksum"),
+                     ("missing.trace", "cannot read")):
+        capsys.readouterr()
+        rc = main(["replay", str(good), str(tmp_path / bad), "--policy", "plain", "--policy", "static:depth=2"])
+        err = capsys.readouterr().err
+        assert rc == 2
+        assert err.startswith("moetune replay: error: ") and why in err and bad in err
+        assert err.count("\n") == 1 and "Traceback" not in err

@@ -55,7 +55,10 @@ def decode(payload: bytes) -> tuple[dict, dict[str, np.ndarray]]:
 
 def iter_records(path: str | Path) -> Iterator[tuple[int, bytes, dict, dict]]:
     """(record number, kind, info, arrays) for each complete record; the header is record 0."""
-    data = Path(path).read_bytes()
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise TraceError(f"{path}: cannot read ({e.strerror or e})") from None
     if not data.startswith(MAGIC):
         if MAGIC.startswith(data):
             raise TraceError(f"{path}: empty or truncated before the header")

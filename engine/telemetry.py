@@ -43,18 +43,33 @@ class StepTimer:
 
 
 _nvml_handles: dict[int, object] = {}
+_last: dict[int, tuple[float, dict | None]] = {}
+SNAPSHOT_EVERY_S = 0.5
 
 
 def gpu_snapshot(device: torch.device) -> dict | None:
-    """Memory, power and clocks of `device` via NVML; None without a GPU or NVML."""
+    """Memory, power and clocks of `device` via NVML; None without a GPU or NVML.
+
+    NVML queries cost far more than a decode step's bookkeeping, so a snapshot is refreshed at most
+    every SNAPSHOT_EVERY_S seconds and steps in between carry the latest one.
+    """
     device = torch.device(device)
     if device.type != "cuda":
         return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    now = time.monotonic()
+    if index in _last and now - _last[index][0] < SNAPSHOT_EVERY_S:
+        return _last[index][1]
+    snap = _query(device, index)
+    _last[index] = (now, snap)
+    return snap
+
+
+def _query(device: torch.device, index: int) -> dict | None:
     try:
         import pynvml
     except ImportError:
         return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
     try:
         if index not in _nvml_handles:
             pynvml.nvmlInit()

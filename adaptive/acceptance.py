@@ -45,37 +45,67 @@ class AcceptanceConfig:
 
 
 class AcceptanceModel:
-    """Beta posteriors over per-depth conditional acceptance, shape (families, max_depth)."""
+    """Beta posteriors over per-depth conditional acceptance, shape (families, max_depth).
+
+    Why lazy: observe runs every decode step, so per-request decay is one scalar (counts are stored
+    divided by a running scale, in plain lists: a step touches a few of them, and numpy calls cost more
+    than Python arithmetic at this size) and updates of the shared counts are queued and folded in by `refresh`
+    (the controller calls it when it replans), `begin` and `prior_mean`. A posterior's small fixed share
+    of the shared prior uses the prior as of the last fold.
+    """
 
     def __init__(self, config: AcceptanceConfig = AcceptanceConfig()):
         self.config = config
         shape = (config.families, config.max_depth)
         self.global_s = np.zeros(shape)
         self.global_f = np.zeros(shape)
-        self._requests: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._requests: dict[int, list] = {}  # id -> [successes / scale, failures / scale (nested lists), scale]
+        self._queue: list[tuple[int, int, int, float]] = []
+        self.refresh()
 
     def begin(self, request_id: int) -> None:
         """A new request starts from the shared prior, worth prior_strength observations that then decay
         like its own evidence (so a phase change is not held back by a prior that keeps coming back)."""
         mu = self.prior_mean()
         k = self.config.prior_strength
-        self._requests[request_id] = (k * mu, k * (1.0 - mu))
+        self._requests[request_id] = [(k * mu).tolist(), (k * (1.0 - mu)).tolist(), 1.0]
 
     def end(self, request_id: int) -> None:
         self._requests.pop(request_id, None)
 
-    def prior_mean(self) -> np.ndarray:
+    def refresh(self) -> None:
+        """Fold the queued shared-count updates in, in order, and cache the prior's floor share."""
         c = self.config
-        return (self.global_s + c.base_alpha) / (self.global_s + self.global_f + c.base_alpha + c.base_beta)
+        if self._queue:
+            # in closed form: a step's counts decay by global_decay once per later step of its family
+            family, accepted, depth, fail_weight = (np.array(x) for x in zip(*self._queue))
+            self._queue.clear()
+            g = c.global_decay
+            same = family[:, None] == family[None, :]
+            later = np.triu(same, 1).sum(axis=1)
+            w = g ** later.astype(float)
+            levels = np.arange(c.max_depth)
+            succ = (levels < accepted[:, None]) * w[:, None]
+            fail = ((levels == accepted[:, None]) & (accepted < depth)[:, None]) * (fail_weight * w)[:, None]
+            shrink = g ** np.bincount(family, minlength=c.families).astype(float)[:, None]
+            self.global_s *= shrink
+            self.global_f *= shrink
+            np.add.at(self.global_s, family, succ)
+            np.add.at(self.global_f, family, fail)
+        mu = (self.global_s + c.base_alpha) / (self.global_s + self.global_f + c.base_alpha + c.base_beta)
+        self._mu = mu
+        self._floor_a, self._floor_b = c.floor_strength * mu, c.floor_strength * (1.0 - mu)
+
+    def prior_mean(self) -> np.ndarray:
+        self.refresh()
+        return self._mu
 
     def posterior(self, request_id: int) -> tuple[np.ndarray, np.ndarray]:
         """Beta parameters (alpha, beta) for this request: a small fixed share of the shared prior plus
         its own decayed counts. While speculation is off the counts decay, the posterior widens toward
         the shared prior, and Thompson sampling tries speculating again."""
-        s, f = self._request(request_id)
-        mu = self.prior_mean()
-        k = self.config.floor_strength
-        return k * mu + s, k * (1.0 - mu) + f
+        s, f, scale = self._request(request_id)
+        return self._floor_a + np.array(s) * scale, self._floor_b + np.array(f) * scale
 
     def mean(self, request_id: int) -> np.ndarray:
         a, b = self.posterior(request_id)
@@ -88,10 +118,10 @@ class AcceptanceModel:
 
     def decay(self, request_id: int, factor: float | None = None) -> None:
         """Forget a little of this request's evidence (once per step; `factor` overrides request_decay)."""
-        s, f = self._request(request_id)
-        d = self.config.request_decay if factor is None else factor
-        s *= d
-        f *= d
+        r = self._request(request_id)
+        r[2] *= self.config.request_decay if factor is None else factor
+        if r[2] < 1e-100:  # fold the scale into the counts before it underflows
+            r[0], r[1], r[2] = (np.array(r[0]) * r[2]).tolist(), (np.array(r[1]) * r[2]).tolist(), 1.0
 
     def observe(self, request_id: int, family: int, accepted: int, depth: int, fail_weight: float = 1.0) -> None:
         """A step drafted `depth` levels of `family` and `accepted` of them were accepted.
@@ -101,18 +131,15 @@ class AcceptanceModel:
         """
         depth = min(depth, self.config.max_depth)
         accepted = min(accepted, depth)
-        s, f = self._request(request_id)
-        g = self.config.global_decay
-        self.global_s[family] *= g
-        self.global_f[family] *= g
-        if accepted:
-            s[family, :accepted] += 1.0
-            self.global_s[family, :accepted] += 1.0
+        s, f, scale = self._request(request_id)
+        row = s[family]
+        for i in range(accepted):
+            row[i] += 1.0 / scale
         if accepted < depth:
-            f[family, accepted] += fail_weight
-            self.global_f[family, accepted] += fail_weight
+            f[family][accepted] += fail_weight / scale
+        self._queue.append((family, accepted, depth, fail_weight))
 
-    def _request(self, request_id: int) -> tuple[np.ndarray, np.ndarray]:
+    def _request(self, request_id: int) -> list:
         if request_id not in self._requests:
             self.begin(request_id)
         return self._requests[request_id]

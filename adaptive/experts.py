@@ -8,6 +8,9 @@ of the unique experts observed, shrunk toward N(t) scaled by the layer's observe
 Why a mass curve: routing is heavy-tailed, so dropping the least-used fraction x of a step's unique
 experts drops much less than x of the router mass. Per layer, mass dropped ~= x ** gamma_l, gamma_l
 fitted online (log-log regression through the origin) from budgeted steps.
+
+Why buffered: observe runs every decode step and must cost next to nothing; steps are queued and folded
+in with a few vectorised operations when a prediction needs them (the same result as one at a time).
 """
 from __future__ import annotations
 
@@ -38,36 +41,49 @@ class ExpertModel:
         # log-log regression sums per layer, started at the prior gamma with weight gamma_weight
         self._xy = np.full(L, gamma_prior * gamma_weight)
         self._xx = np.full(L, gamma_weight)
-        self.version = 0  # bumps on every update, so callers can tell when to recompute plans
+        self._pending: list[tuple] = []
 
     def observe(self, tokens: int, unique: tuple[int, ...], kept: tuple[int, ...] = (),
                 mass_kept: tuple[float, ...] = ()) -> None:
+        """Queue one verification pass: tokens verified, unique experts per layer, and under a budget the
+        experts kept and router mass kept per layer."""
         L = self.shape.num_layers
         if len(unique) != L or tokens < 1:
             return
-        u = np.asarray(unique, dtype=float)
-        n = min(tokens, self.max_tokens)
-        self.sum[:, n] += u
-        self.count[n] += 1.0
-        if tokens > 1:
-            self.ratio += self.ratio_rate * (u / self.iid[n] - self.ratio)
-        if len(kept) == L and len(mass_kept) == L:
-            x = 1.0 - np.asarray(kept, dtype=float) / np.maximum(u, 1.0)
-            drop = 1.0 - np.asarray(mass_kept, dtype=float)
-            ok = (x > 0.0) & (x < 1.0) & (drop > 1e-6) & (drop < 1.0)
-            if ok.any():
-                lx, ld = np.log(x[ok]), np.log(drop[ok])
-                self._xy[ok] += lx * ld
-                self._xx[ok] += lx * lx
-        self.version += 1
+        budgeted = len(kept) == L and len(mass_kept) == L
+        self._pending.append((tokens, unique, kept if budgeted else unique, mass_kept if budgeted else (1.0,) * L))
+
+    def flush(self) -> None:
+        """Fold the queued passes into the per-count means, the co-activation ratio and the tail fit."""
+        if not self._pending:
+            return
+        tokens, unique, kept, mass = (np.array(c, dtype=float) for c in zip(*self._pending))
+        self._pending.clear()
+        n = np.minimum(tokens, self.max_tokens).astype(int)
+        np.add.at(self.sum.T, n, unique)
+        np.add.at(self.count, n, 1.0)
+        multi = tokens > 1
+        if multi.any():  # exponential moving average, oldest first, in closed form
+            x = unique[multi] / self.iid[n[multi]][:, None]
+            r, m = self.ratio_rate, len(x)
+            self.ratio = (1.0 - r) ** m * self.ratio + (r * (1.0 - r) ** (m - 1.0 - np.arange(m))) @ x
+        x = 1.0 - kept / np.maximum(unique, 1.0)
+        drop = 1.0 - mass
+        ok = (x > 0.0) & (x < 1.0) & (drop > 1e-6) & (drop < 1.0)
+        if ok.any():
+            lx, ld = np.log(np.where(ok, x, 1.0)), np.log(np.where(ok, drop, 1.0))
+            self._xy += (lx * ld).sum(axis=0)
+            self._xx += (lx * lx).sum(axis=0)
 
     @property
     def gamma(self) -> np.ndarray:
         """Per-layer tail exponent: mass dropped ~= (fraction of unique experts dropped) ** gamma."""
+        self.flush()
         return np.maximum(self._xy / self._xx, 1.0)
 
     def predict(self, tokens) -> np.ndarray:
         """Expected unique experts per layer, shape (L, len(tokens)), for verified-token counts."""
+        self.flush()
         n = np.minimum(np.asarray(tokens, dtype=int), self.max_tokens)
         prior = self.ratio[:, None] * self.iid[None, n]
         pred = (self.sum[:, n] + self.prior_weight * prior) / (self.count[n] + self.prior_weight)

@@ -27,7 +27,6 @@ class FidelityModel:
         self.floor = floor
         self._lam_num = lambda_prior * lambda_weight
         self._lam_den = lambda_weight
-        self.version = 0
 
     @property
     def w(self) -> np.ndarray:
@@ -48,7 +47,6 @@ class FidelityModel:
 
     def observe_agreement(self, drop: np.ndarray, agreement: float) -> None:
         self.weights.observe(np.asarray(drop, dtype=float), 1.0 - agreement)
-        self.version += 1
 
     def observe_acceptance(self, loss: float, successes: float, expected: float) -> None:
         """A budgeted step at predicted loss `loss` got `successes` where `expected` were due unbudgeted."""
@@ -56,4 +54,3 @@ class FidelityModel:
             return
         self._lam_num += expected - successes
         self._lam_den += loss * expected
-        self.version += 1

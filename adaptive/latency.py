@@ -4,8 +4,13 @@ Why online: step time depends on the machine, the model, the load and the contex
 profile measured once drifts. Why these features: a verification pass reads every unique expert it
 computes (bandwidth, the MoE cost of speculation), processes every verified token (compute) and attends
 over the context (KV reads grow with context, per token verified). Drafting is a separate linear model
-per drafter (fixed cost + per draft step + per node). RLS with a forgetting factor is a few small
-matrix-vector products per step and tracks drift. Seeded from a hardware profile when one exists.
+per drafter (fixed cost + per draft step + per node). RLS with a forgetting factor tracks drift.
+Seeded from a hardware profile when one exists.
+
+Why buffered: decide + observe must stay a small share of a step (2% on the embedded CPU model), and a
+sequential RLS update is a dozen numpy calls. Observations are queued and applied as one exact block
+update (the same estimate the sequential updates give) when a prediction or `flush` asks for them; the
+controller flushes when it replans, so its step-time predictions lag by at most refresh_every steps.
 """
 from __future__ import annotations
 
@@ -62,6 +67,18 @@ class RLS:
         self.P *= 1.0 / self.forgetting
         self.n += 1
 
+    def observe_many(self, X: np.ndarray, y: np.ndarray) -> None:
+        """The m observations (rows of X, oldest first) at once, exactly as m sequential `observe` calls:
+        information form A' = lam^m A + X^T W X with W = diag(lam^(m-1-i)), applied through Woodbury."""
+        m, lam = len(y), self.forgetting
+        PXt = self.P @ X.T  # (p, m)
+        S = np.diag(lam ** (1.0 + np.arange(m))) + X @ PXt
+        K = np.linalg.solve(S, PXt.T).T  # P X^T S^-1
+        self.P = (self.P - K @ PXt.T) * lam ** -m
+        w = lam ** (m - 1.0 - np.arange(m))
+        self.theta += self.P @ (X.T @ (w * (y - X @ self.theta)))
+        self.n += m
+
     def predict(self, x: np.ndarray) -> np.ndarray:
         return x @ self.theta
 
@@ -84,6 +101,7 @@ class OnlineLatency:
         self.draft = {d: RLS(c.draft_prior, np.array(c.draft_prior) * c.prior_scale, c.noise_s, c.forgetting)
                       for d in drafters}
         self.seeded = False
+        self._pending: list[tuple] = []
 
     def seed(self, profile) -> None:
         """Start from a hardware profile (a traces.latency.LatencyModel): its coefficients become the prior.
@@ -106,15 +124,30 @@ class OnlineLatency:
 
     def observe(self, drafter: str | None, tokens: int, experts: float, context_len: int,
                 t_verify: float, depth: int = 0, nodes: int = 0, t_draft: float = 0.0) -> None:
-        ctx_k = context_len / 1000.0
-        self.verify.observe(np.array([1.0, tokens, experts, ctx_k, tokens * ctx_k]), t_verify)
-        if drafter is not None and drafter in self.draft:
-            self.draft[drafter].observe(np.array([1.0, depth, nodes], dtype=float), t_draft)
+        """Queue one step (applied by `flush`); drafter None or unknown: no drafting happened or is fitted."""
+        self._pending.append((drafter if drafter in self.draft else None, tokens, experts, context_len, t_verify,
+                              depth, nodes, t_draft))
+
+    def flush(self) -> None:
+        """Apply the queued steps as block updates of the verify fit and of each drafter's fit."""
+        if not self._pending:
+            return
+        drafter, *cols = zip(*self._pending)
+        self._pending.clear()
+        tokens, experts, ctx, t_verify, depth, nodes, t_draft = (np.array(c, dtype=float) for c in cols)
+        self.verify.observe_many(verify_features(tokens, experts, ctx), t_verify)
+        for name, rls in self.draft.items():
+            sel = np.array([d == name for d in drafter])
+            if sel.any():
+                X = np.stack([np.ones(int(sel.sum())), depth[sel], nodes[sel]], axis=1)
+                rls.observe_many(X, t_draft[sel])
 
     def predict_verify(self, tokens, experts, context_len) -> np.ndarray:
+        self.flush()
         return self.verify.predict(verify_features(tokens, experts, context_len))
 
     def predict_draft(self, drafter: str, depth, nodes) -> np.ndarray:
+        self.flush()
         depth = np.asarray(depth, dtype=float)
         X = np.stack(np.broadcast_arrays(np.ones_like(depth), depth, np.asarray(nodes, dtype=float)), axis=-1)
         return np.maximum(self.draft[drafter].predict(X), 0.0)

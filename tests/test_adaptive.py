@@ -6,7 +6,7 @@ from moetune.adaptive.acceptance import AcceptanceConfig, AcceptanceModel, expec
 from moetune.adaptive.controller import Controller, ControllerConfig, InfeasibleTarget
 from moetune.adaptive.experts import ExpertModel, iid_unique
 from moetune.adaptive.fidelity import FidelityModel
-from moetune.adaptive.latency import OnlineLatency
+from moetune.adaptive.latency import RLS, OnlineLatency
 from moetune.step import DecodeState, ModelShape, StepStats
 from moetune.traces.latency import LatencyModel
 
@@ -108,6 +108,19 @@ def test_latency_rls_recovers_coefficients_and_seeds_from_profile():
     assert seeded.seeded and np.allclose(seeded.verify.theta, [1.1e-3, 1e-4, 2e-5, 1e-4, 0.0])
 
 
+def test_block_rls_update_equals_sequential_updates():
+    rng = np.random.default_rng(0)
+    X, theta = rng.normal(size=(30, 3)), np.array([0.5, -1.0, 2.0])
+    y = X @ theta + 0.01 * rng.normal(size=30)
+    one, block = (RLS([1.0, 2.0, 3.0], 1.0, 0.1, 0.98) for _ in range(2))
+    for x, t in zip(X, y):
+        one.observe(x, t)
+    block.observe_many(X[:11], y[:11])
+    block.observe_many(X[11:], y[11:])
+    assert np.allclose(one.theta, block.theta, rtol=1e-9) and np.allclose(one.P, block.P, rtol=1e-9)
+    assert one.n == block.n == 30 and np.allclose(block.theta, theta, atol=0.05)
+
+
 def test_expert_model_learns_coactivation_and_tail():
     m = ExpertModel(SHAPE, max_tokens=20)
     for _ in range(100):  # co-activated routing: half the i.i.d. unique experts; tail gamma = 3
@@ -155,6 +168,14 @@ def test_expensive_experts_bring_budgets():
 def test_lossless_config_never_budgets():
     c = make(ControllerConfig(budgets=False))
     assert all(d.config.budgets is None for d, _ in run(c, Env(p=0.9, per_expert=4e-4), steps=120))
+
+
+def test_decide_every_holds_choices_between_full_decisions():
+    env = Env(p=0.7)
+    c = make(ControllerConfig(decide_every=4, decide_every_max=4, exploration="greedy"), profile=env.profile())
+    configs = [d.config for d, _ in run(c, env, steps=80)]
+    changes = [i for i in range(1, len(configs)) if configs[i] != configs[i - 1]]
+    assert changes and all(i % 4 == 0 for i in changes)
 
 
 def test_same_seed_same_decisions():

@@ -90,6 +90,7 @@ def test_policies_reject_wrong_config_type(cls, name):
     (dict(min_dwell=-1), "min_dwell"),
     (dict(warmup_steps=-1), "warmup_steps"),
     (dict(refresh_every=0), "refresh_every"),
+    (dict(decide_every=0), "decide_every must be >= 1"),
     (dict(prior_strength=-1.0), "prior_strength"),
     (dict(request_decay=0.0), "request_decay"),
     (dict(idle_decay=1.5), "idle_decay"),
@@ -136,6 +137,7 @@ def test_adaptive_rejects_unreadable_profile(tmp_path):
     ("moesd:alpha_prior=high", "expected a number"),
     ("adaptive:latency_target_ms=-1", "latency_target_ms must be > 0"),
     ("auto:exploration=random", "exploration must be one of"),
+    ("auto:drafters=eagle", "drafters must be a non-empty subset"),
     ("adaptive:profile=/no/such/profile.json", "cannot read latency profile"),
 ])
 def test_registry(spec, match):

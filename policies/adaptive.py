@@ -37,6 +37,10 @@ class Adaptive(Policy):
         self.last: Decision | None = None
 
     def setup(self, shape: ModelShape) -> None:
+        """Set up once per model shape: a policy reused across generate calls (one per prompt, as
+        `moetune run` and the live benchmark do) keeps what earlier requests taught it."""
+        if getattr(self, "shape", None) == shape:
+            return
         super().setup(shape)
         self.controller.setup(shape)
 

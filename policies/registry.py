@@ -8,6 +8,12 @@ malformed raises a ValueError that lists what is valid.
 Examples: plain · static:depth=4 · static:depth=4,topk=2,num_draft_tokens=8,drafter=ngram ·
 moespec:budget=16,depth=6 · cascade:ks=0/1/2/4 · moesd:max_depth=6 · adaptive · auto ·
 adaptive:latency_target_ms=20,profile=profile.json · adaptive:budgets=false
+
+`auto` is the adaptive policy choosing among every drafter (draft model, n-gram, self-speculation) and
+lossless unless a latency target needs expert budgets (max_agreement_loss=0): on a CPU, n-gram drafting
+is often the best option for repetitive text and costs no model, and budgets measured live changed the
+greedy output far more than their predicted loss (bench/results/live.md). `adaptive` keeps the draft
+model only, which is what a trace recorded with one drafter can replay, and allows budgets.
 """
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ import dataclasses
 from typing import Callable
 
 from moetune.adaptive.controller import ControllerConfig
-from moetune.step import StepConfig
+from moetune.step import DRAFTERS, StepConfig
 
 from .adaptive import Adaptive
 from .base import Policy
@@ -34,7 +40,8 @@ POLICIES: dict[str, tuple[type | None, dict[str, str], Callable]] = {
     "adaptive": (ControllerConfig, {"profile": "str | None"},
                  lambda cfg, extra: Adaptive(cfg, profile=extra.get("profile"))),
 }
-ALIASES = {"auto": "adaptive"}
+# alias -> (policy name, default parameters the user may still override)
+ALIASES: dict[str, tuple[str, dict]] = {"auto": ("adaptive", {"drafters": DRAFTERS, "max_agreement_loss": 0.0})}
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -58,7 +65,7 @@ def make_policy(spec: str) -> Policy:
     key = _resolve(name)
     cls, extra_types, build = POLICIES[key]
     types = parameters(key)
-    kwargs, extra = {}, {}
+    kwargs, extra = dict(ALIASES.get(name.strip().lower(), ("", {}))[1]), {}
     for item in filter(None, (s.strip() for s in rest.split(","))):
         k, eq, v = item.partition("=")
         k = k.strip()
@@ -74,7 +81,7 @@ def make_policy(spec: str) -> Policy:
 
 def _resolve(name: str) -> str:
     name = name.strip().lower()
-    name = ALIASES.get(name, name)
+    name = ALIASES[name][0] if name in ALIASES else name
     if name not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; valid names: {', '.join(names())}")
     return name

@@ -8,7 +8,7 @@ from moetune.policies.cascade import Cascade, CascadeConfig
 from moetune.policies.moesd import MoESD, MoESDConfig
 from moetune.policies.moespec import MoESpec, MoESpecConfig
 from moetune.policies.registry import make_policy, names
-from moetune.step import ModelShape
+from moetune.step import DRAFTERS, ModelShape
 from moetune.traces.latency import LatencyModel
 from moetune.traces.replay import replay
 from moetune.traces.synthetic import Phase, synthetic_trace
@@ -104,7 +104,24 @@ def test_phase_change_recovery(easy):
     assert np.mean(before) >= 3
 
 
+@pytest.fixture(scope="module")
+def ngram_wins():
+    """Every drafter recorded; only the free n-gram drafter matches (repetitive text on a CPU)."""
+    return synthetic_trace(SHAPE, n_requests=2, n_tokens=200, seed=1, budget_grid=(8, 16), drafters=DRAFTERS,
+                           phases=[Phase(200, {"ngram": (0.9,), "draft_model": (0.2,), "self": (0.3,)})])
+
+
+def test_auto_chooses_among_every_drafter(ngram_wins):
+    lat = LatencyModel(verify=(2e-3, 1e-5, 1e-6, 0.0, 0.0),
+                       draft={"draft_model": (0.0, 4e-4, 0.0), "ngram": (0.0, 0.0, 0.0), "self": (0.0, 1e-3, 0.0)})
+    r = replay(ngram_wins, make_policy("auto:max_depth=6"), lat)
+    late = [r.configs[int(i)] for i in r.log[r.log[:, 2] >= 100, 3]]
+    assert np.mean([c.speculate and c.drafter == "ngram" for c in late]) > 0.7
+    assert r.summary()["speedup"] > 1.5
+
+
 @pytest.mark.parametrize("name", names())
-def test_every_registered_policy_replays(easy, name):
-    r = replay(easy, make_policy(name), PRICEY).total()
-    assert r.tokens == easy.num_tokens
+def test_every_registered_policy_replays(easy, ngram_wins, name):
+    trace = ngram_wins if name == "auto" else easy  # auto drafts with every drafter, so it needs all recorded
+    r = replay(trace, make_policy(name), PRICEY).total()
+    assert r.tokens == trace.num_tokens

@@ -55,3 +55,42 @@ def test_tiny_end_to_end(models, capsys, extra):
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert "| plain | 12 |" in out and "| speculative | 12 |" in out and "1.00x" in out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--auto", "--policy", "plain"], "--auto and --policy are alternatives"),
+    (["--latency-target-ms", "5", "--policy", "cascade"], "--latency-target-ms needs the adaptive policy"),
+    (["--latency-target-ms", "0"], "--latency-target-ms must be > 0"),
+    (["--auto", "--depth", "3"], "--depth set a static config; they cannot be combined with a policy"),
+    (["--policy", "adaptive:latency_target_ms=3", "--latency-target-ms", "4"], "the latency target is given twice"),
+    (["--policy", "eagle"], "unknown policy 'eagle'"),
+])
+def test_bad_policy_combinations_exit_2_with_message(models, capsys, extra, message):
+    assert main(flags(models, *extra)) == 2
+    assert message in capsys.readouterr().err
+
+
+def run_out(models, capsys, *extra) -> str:
+    threads = torch.get_num_threads()
+    try:
+        assert main(flags(models, *extra, "--max-new-tokens", "16")) == 0  # the last --max-new-tokens wins
+    finally:
+        torch.set_num_threads(threads)
+    return capsys.readouterr().out
+
+
+def test_auto_considers_every_drafter_and_shows_configs_over_time(models, capsys):
+    out = run_out(models, capsys, "--auto")
+    assert "| plain | 32 |" in out and "| auto | 32 |" in out
+    table = out.split("Configurations over time")[1]
+    assert "| 0 |" in table and "| 1 |" in table  # one row per request
+    for drafter in ("draft_model chain", "ngram chain", "self chain"):  # the n-gram and self drafters ran live
+        assert drafter in table
+    assert "Policy switches:" in out and "- request 0 step 1: -> draft_model chain d8" in out
+
+
+def test_latency_target_reports_attainment_and_infeasibility(models, capsys):
+    out = run_out(models, capsys, "--policy", "adaptive:warmup_steps=2,drafters=ngram", "--latency-target-ms", "0.001")
+    assert "| adaptive:warmup_steps=2,drafters=ngram,latency_target_ms=0.001 | 32 |" in out
+    assert "Latency target 0.001 ms/token: met by steps emitting 0% of tokens" in out
+    assert "judged infeasible in 2 of 2 requests" in out and "is infeasible for this request" in out

@@ -1,16 +1,26 @@
 """`moetune run`: speculative decoding on held-out prompts, measured against plain decoding in the same run.
 
 Plain decoding runs first on the same prompts and settings, so the speedup compares like with like on
-this machine right now. Flags only build a StepConfig (or name a policy); the config validates itself.
+this machine right now. The speculative run is either one static config (--drafter/--depth/--topk/
+--num-draft-tokens), a policy by name (--policy NAME[:k=v,...]), auto-tuning (--auto: the adaptive
+controller over every drafter) or auto-tuning to a latency target (--latency-target-ms). Flags only
+build a StepConfig or a policy spec; those validate themselves. For policy runs the summary also shows
+which configurations ran over time, the policy's switches, and how often a latency target was met.
 """
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from moetune import DEFAULT_DRAFT, DEFAULT_TARGET, MODELS_DIR
 from moetune.step import DRAFTERS, PLAIN, StepConfig
+
+STATIC_FLAGS = {"drafter": ("--drafter", "draft_model"), "depth": ("--depth", 4), "topk": ("--topk", 1),
+                "num_draft_tokens": ("--num-draft-tokens", None)}
+SHOWN_CONFIGS = 4  # most-used configs listed per request
+FIRST_STEPS = 12  # steps of each request shown in order
 
 
 def _positive(text: str) -> int:
@@ -27,12 +37,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts-file", default=str(MODELS_DIR / "prompts.json"),
                    help="JSON list of {kind, source, text} (default: the embedded held-out prompts)")
     p.add_argument("--max-new-tokens", type=_positive, default=64)
-    p.add_argument("--drafter", choices=DRAFTERS, default="draft_model")
-    p.add_argument("--depth", type=int, default=4, help="draft steps per tree (num speculative tokens)")
-    p.add_argument("--topk", type=int, default=1, help="tree width: children per expanded node (1 = chain)")
-    p.add_argument("--num-draft-tokens", type=int, default=None, help="node budget of a dynamic tree")
+    p.add_argument("--drafter", choices=DRAFTERS, default=None, help="static run: drafter (default draft_model)")
+    p.add_argument("--depth", type=int, default=None, help="static run: draft steps per tree (default 4)")
+    p.add_argument("--topk", type=int, default=None, help="static run: children per expanded node (default 1 = chain)")
+    p.add_argument("--num-draft-tokens", type=int, default=None, help="static run: node budget of a dynamic tree")
     p.add_argument("--policy", default=None,
-                   help="a policy spec for moetune.policies.registry (e.g. 'adaptive'); overrides the static flags")
+                   help="a policy spec NAME[:key=value,...] (plain, static, moespec, cascade, moesd, adaptive, auto)")
+    p.add_argument("--auto", action="store_true",
+                   help="auto-tuning: the adaptive controller over every drafter (same as --policy auto)")
+    p.add_argument("--latency-target-ms", type=float, default=None,
+                   help="auto-tune to this time per output token (ms); alone it implies --auto")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
@@ -42,20 +56,42 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args) -> StepConfig:
-    return StepConfig(drafter=args.drafter, depth=args.depth, topk=args.topk,
-                      num_draft_tokens=args.num_draft_tokens)
+    values = {k: default if getattr(args, k) is None else getattr(args, k) for k, (_, default) in STATIC_FLAGS.items()}
+    return StepConfig(**values)
 
 
-def _policy(args):
-    """The seam for adaptive policies: a --policy spec is resolved by the policies registry."""
-    if args.policy is None:
+def policy_spec(args) -> str | None:
+    """The policy spec the flags ask for (None: a static run); ValueError for combinations that conflict."""
+    static = [flag for k, (flag, _) in STATIC_FLAGS.items() if getattr(args, k) is not None]
+    target = args.latency_target_ms
+    if args.auto and args.policy is not None:
+        raise ValueError("--auto and --policy are alternatives (--auto is --policy auto); pass one of them")
+    if target is not None and not target > 0:
+        raise ValueError(f"--latency-target-ms must be > 0 (milliseconds per output token), got {target:g}")
+    spec = "auto" if args.auto or (target is not None and args.policy is None) else args.policy
+    if spec is None:
         return None
-    try:
-        from moetune.policies.registry import make_policy
-    except ImportError as e:
-        raise ValueError(f"--policy needs moetune.policies.registry, which is not importable ({e}); "
-                         "use the static flags --drafter/--depth/--topk instead") from e
-    return make_policy(args.policy)
+    if static:
+        raise ValueError(f"{', '.join(static)} set a static config; they cannot be combined with a policy "
+                         f"(--policy/--auto/--latency-target-ms): pass static parameters in the spec instead, "
+                         f"e.g. --policy static:depth=4,topk=2")
+    if target is not None:
+        name = spec.partition(":")[0].strip().lower()
+        if name not in ("adaptive", "auto"):
+            raise ValueError(f"--latency-target-ms needs the adaptive policy (--auto or --policy adaptive[:...]); "
+                             f"policy {name!r} has no latency target")
+        if "latency_target_ms" in spec:
+            raise ValueError("the latency target is given twice (--latency-target-ms and latency_target_ms= in "
+                             "--policy); pass it once")
+        spec += ("," if ":" in spec else ":") + f"latency_target_ms={target:g}"
+    return spec
+
+
+def _policy(spec: str | None):
+    if spec is None:
+        return None
+    from moetune.policies.registry import make_policy
+    return make_policy(spec)
 
 
 def _prompts(path: str, n: int) -> list[str]:
@@ -73,18 +109,21 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
-    config, policy = _config(args), _policy(args)
+    spec = policy_spec(args)
+    config, policy = _config(args), _policy(spec)
     prompts = _prompts(args.prompts_file, args.prompts)
     import torch
     from tqdm import tqdm
 
     from moetune.engine.drafters import DraftModelDrafter
     from moetune.engine.generate import generate
-    from moetune.engine.loader import load_draft, load_target
+    from moetune.engine.loader import load_draft, load_target, moe_shape
 
     if args.threads:
         torch.set_num_threads(args.threads)
     target, tokenizer = load_target(args.target, device=args.device, dtype=args.dtype)
+    if policy is not None:
+        policy.setup(moe_shape(target))  # a latency target a profile proves infeasible fails here, before any run
     drafters = {}
     if policy is not None or config.drafter == "draft_model":
         draft, _ = load_draft(args.draft, tokenizer, device=args.device, dtype=args.dtype)
@@ -92,16 +131,21 @@ def main(args: argparse.Namespace) -> int:
     common = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                   seed=args.seed)
     generate(target, tokenizer, prompts[:1], config=PLAIN, max_new_tokens=4)  # warm-up, not timed
-    runs = {}
+    runs, events = {}, []
+    name = spec or "speculative"
     with tqdm(total=2 * len(prompts), desc="moetune run", unit="prompt") as bar:
-        for name, kw in (("plain", dict(config=PLAIN)),
-                         (args.policy or "speculative", dict(drafter=drafters, policy=policy,
-                                                             config=None if policy else config))):
-            runs[name] = []
+        for run, kw in (("plain", dict(config=PLAIN)),
+                        (name, dict(drafter=drafters, policy=policy, config=None if policy else config))):
+            runs[run] = []
             for prompt in prompts:
-                runs[name] += generate(target, tokenizer, [prompt], **kw, **common)
+                seen = len(getattr(policy, "events", ()))
+                runs[run] += generate(target, tokenizer, [prompt], **kw, **common)
+                if run == name:  # the policy numbers requests from 0 in every call: attribute them here
+                    events += [(len(runs[run]) - 1, *e[1:]) for e in getattr(policy, "events", ())[seen:]]
                 bar.update(1)
     print(summary(runs, config if policy is None else None))
+    if policy is not None:
+        print(over_time(runs[name], events, getattr(getattr(policy, "config", None), "latency_target_ms", None)))
     return 0
 
 
@@ -123,3 +167,74 @@ def summary(runs: dict, config: StepConfig | None) -> str:
             "|---|---|---|---|---|---|"]
     note = f"\nconfig: {config}" if config is not None else ""
     return "\n".join(head + rows) + note
+
+
+def _runs(labels: list[str]) -> str:
+    """`a a a b a` -> `a x3, b, a`: a request's step sequence, compressed."""
+    out: list[list] = []
+    for lab in labels:
+        if out and out[-1][0] == lab:
+            out[-1][1] += 1
+        else:
+            out.append([lab, 1])
+    return ", ".join(lab if n == 1 else f"{lab} x{n}" for lab, n in out)
+
+
+def short_label(config: StepConfig) -> str:
+    """A config's label with its per-layer budgets summarised by their mean, so budgeted steps group."""
+    from moetune.adaptive.candidates import label
+
+    if config.budgets is None:
+        return label(config)
+    mean = sum(config.budgets) / len(config.budgets)
+    return f"{label(replace(config, budgets=None))} B~{mean:.0f}"
+
+
+def over_time(results, events: list[tuple], target_ms: float | None) -> str:
+    """Which configurations a policy ran, per request: the most used (config: steps), the first steps in
+    order, the config changes and the switches the policy reported (policy.events: request, step, config,
+    message), and with a target, how often it was met and whether it was judged infeasible."""
+    lines = ["", "Configurations over time (config: steps; B~n = budgeted, n experts per layer on average), "
+             "first steps in order:", "",
+             "| request | steps | tokens | config changes | configs used | first steps |", "|---|---|---|---|---|---|"]
+    for i, r in enumerate(results):
+        labels = [short_label(s.config) for s in r.steps]
+        counts: dict[str, int] = {}
+        for lab in labels:
+            counts[lab] = counts.get(lab, 0) + 1
+        top = sorted(counts.items(), key=lambda kv: -kv[1])
+        used = ", ".join(f"{lab}: {n}" for lab, n in top[:SHOWN_CONFIGS])
+        used += f", +{len(top) - SHOWN_CONFIGS} more" if len(top) > SHOWN_CONFIGS else ""
+        changes = sum(a != b for a, b in zip(labels, labels[1:]))
+        lines.append(f"| {i} | {len(r.steps)} | {len(r.token_ids)} | {changes} | {used} | "
+                     f"{_runs(labels[:FIRST_STEPS])} |")
+    switches = [e for e in events if not e[3]]
+    if switches:
+        lines += ["", f"Policy switches: {len(switches)}" + (f", the first {FIRST_STEPS}:" if len(switches) > FIRST_STEPS
+                                                              else ":")]
+        lines += [f"- request {e[0]} step {e[1]}: -> {e[2]}" for e in switches[:FIRST_STEPS]]
+    if target_ms is not None:
+        lines += ["", attainment(results, events, target_ms)]
+    return "\n".join(lines)
+
+
+def target_stats(results, events: list[tuple], target_ms: float) -> dict:
+    """Latency-target figures of a run: `attainment`, the share of tokens emitted by steps whose time per
+    output token met the target; `ms_per_token` overall; `infeasible`, the requests (indices) the policy
+    judged infeasible (events whose message says so)."""
+    steps = [s for r in results for s in r.steps]
+    tokens = sum(s.emitted for s in steps)
+    met = sum(s.emitted for s in steps if s.step_time * 1e3 <= target_ms * s.emitted)
+    return dict(attainment=met / max(tokens, 1), ms_per_token=sum(s.step_time for s in steps) * 1e3 / max(tokens, 1),
+                infeasible=sorted({e[0] for e in events if "infeasible" in e[3]}))
+
+
+def attainment(results, events: list[tuple], target_ms: float) -> str:
+    """The target_stats of a run as lines, with the policy's messages (why a target was judged infeasible)."""
+    t = target_stats(results, events, target_ms)
+    bad = t["infeasible"]
+    lines = [f"Latency target {target_ms:g} ms/token: met by steps emitting {t['attainment']:.0%} of tokens; "
+             f"overall {t['ms_per_token']:.3g} ms/token; judged infeasible in {len(bad)} of {len(results)} requests"
+             + (f" ({', '.join(map(str, bad))})." if bad else ".")]
+    lines += [f"- request {e[0]} step {e[1]}: {e[3]}" for e in events if e[3]]
+    return "\n".join(lines)

@@ -35,7 +35,9 @@ class ControllerConfig:
     decide_every: int = 3  # full decisions every this many steps of a request; the choice is held between
     decide_every_max: int = 12  # ... and up to this many while full decisions keep confirming the choice
     refresh_every: int = 32  # steps between plan recomputations
-    warmup_steps: int = 24  # calibration steps when no hardware profile seeds the latency model
+    # calibration steps when no hardware profile seeds the latency model; None = one pass over the
+    # calibration configs (a costly drafter, e.g. self-speculation on a CPU, is then tried only once)
+    warmup_steps: int | None = None
     prior_strength: float = 4.0
     request_decay: float = 0.94  # per speculative step: forgetting of a request's acceptance evidence
     idle_decay: float = 0.98  # per plain step: slower, so speculation is re-tried now and then
@@ -74,7 +76,7 @@ class ControllerConfig:
         if self.hysteresis < 0:
             raise ValueError(f"ControllerConfig.hysteresis must be >= 0, got {self.hysteresis}")
         for name in ("min_dwell", "warmup_steps"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"ControllerConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.refresh_every < 1:
             raise ValueError(f"ControllerConfig.refresh_every must be >= 1, got {self.refresh_every}")

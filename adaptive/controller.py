@@ -108,6 +108,7 @@ class Controller:
         self._token_counts, self._token_index = np.unique(self.grid.tokens, return_inverse=True)
         self._plan()
         self._calibration = self._calibration_options()
+        self._warmup = len(self._calibration) if c.warmup_steps is None else c.warmup_steps
         if c.latency_target_ms is not None and self.latency.seeded:
             lb = self.lower_bound_ms()
             if lb > c.latency_target_ms:
@@ -229,7 +230,7 @@ class Controller:
         if r.hold > 0:
             return self._hold(r)
         T = self._times(state.context_len)
-        if not self.latency.seeded and self.steps < c.warmup_steps:
+        if not self.latency.seeded and self.steps < self._warmup:
             best = self._calibration[self.steps % len(self._calibration)]
             r.mean = self.acceptance.mean(state.request_id)
             E = self._emitted(r.mean[None], state.remaining)[0]
@@ -256,7 +257,7 @@ class Controller:
                 r.hold = r.interval - 1
             return self._commit(r, choice, E, T, switched=not keep and best != cur)
         d = self._decide_target(state, r, E, T, util, mean_E)
-        r.interval = c.decide_every if d.switched or d.infeasible else min(2 * r.interval, c.decide_every_max)
+        r.interval = c.decide_every if d.switched else min(2 * r.interval, c.decide_every_max)
         r.hold = r.interval - 1
         return d
 
@@ -358,5 +359,5 @@ class Controller:
         self.steps += 1
         self._since_plan += 1
         if self._since_plan >= self.config.refresh_every or \
-                (not self.latency.seeded and self.steps == self.config.warmup_steps):
+                (not self.latency.seeded and self.steps == self._warmup):
             self._plan()

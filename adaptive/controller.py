@@ -106,6 +106,7 @@ class Controller:
         self._powers = np.arange(1, c.max_depth + 1, dtype=float)
         self._config_cache: dict = {}
         self._token_counts, self._token_index = np.unique(self.grid.tokens, return_inverse=True)
+        self._draft_features = self._drafting_rows()
         self._plan()
         self._calibration = self._calibration_options()
         self._warmup = len(self._calibration) if c.warmup_steps is None else c.warmup_steps
@@ -116,6 +117,15 @@ class Controller:
                     f"latency target {c.latency_target_ms:g} ms/token is infeasible: the hardware profile's lower "
                     f"bound is {lb:.3g} ms/token even if every drafted token were accepted; set "
                     f"latency_target_ms >= {lb:.3g}")
+
+    def _drafting_rows(self) -> list:
+        """Per drafter: which candidates it drafts and their draft-time features (const, depth, nodes),
+        fixed by the grid, so built once instead of at every plan."""
+        g, out = self.grid, []
+        for di, d in enumerate(g.drafters):
+            sel = g.drafter == di
+            out.append((d, sel, np.stack([np.ones(int(sel.sum())), g.depth[sel], g.nodes[sel]], axis=1).astype(float)))
+        return out
 
     def lower_bound_ms(self) -> float:
         """Fastest time per output token the latency model allows: all drafts accepted, minimal experts."""
@@ -156,9 +166,8 @@ class Controller:
         self._lossy = np.where(self._loss > self.config.max_agreement_loss, -np.inf, 0.0)
         self._budgets = a.budgets[inv]  # (C, J, L)
         draft = np.zeros(C)
-        for di, d in enumerate(g.drafters):
-            sel = g.drafter == di
-            draft[sel] = self.latency.predict_draft(d, g.depth[sel], g.nodes[sel])
+        for d, sel, features in self._draft_features:
+            draft[sel] = self.latency.predict_draft(d, features)
         # step seconds of every option = _t0 + _t1 * context_len (verify features with the context folded out)
         th = self.latency.verify.theta
         n = np.repeat(g.tokens.astype(float), J)

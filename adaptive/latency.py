@@ -146,8 +146,7 @@ class OnlineLatency:
         self.flush()
         return self.verify.predict(verify_features(tokens, experts, context_len))
 
-    def predict_draft(self, drafter: str, depth, nodes) -> np.ndarray:
+    def predict_draft(self, drafter: str, features: np.ndarray) -> np.ndarray:
+        """Draft seconds for rows of DRAFT_FEATURES (const, depth, nodes), built once by the caller."""
         self.flush()
-        depth = np.asarray(depth, dtype=float)
-        X = np.stack(np.broadcast_arrays(np.ones_like(depth), depth, np.asarray(nodes, dtype=float)), axis=-1)
-        return np.maximum(self.draft[drafter].predict(X), 0.0)
+        return np.maximum(self.draft[drafter].predict(features), 0.0)

@@ -94,3 +94,12 @@ def test_latency_target_reports_attainment_and_infeasibility(models, capsys):
     assert "| adaptive:warmup_steps=2,drafters=ngram,latency_target_ms=0.001 | 32 |" in out
     assert "Latency target 0.001 ms/token: met by steps emitting 0% of tokens" in out
     assert "judged infeasible in 2 of 2 requests" in out and "is infeasible for this request" in out
+
+
+def test_target_a_profile_proves_infeasible_is_a_clean_error_before_running(models, tmp_path, capsys):
+    from moetune.traces.latency import LatencyModel
+    profile = tmp_path / "profile.json"
+    LatencyModel(verify=(1e-3, 1e-4, 1e-5, 0.0, 0.0), draft={"draft_model": (0.0, 1e-4, 0.0)}).to_json(profile)
+    assert main(flags(models, "--policy", f"adaptive:profile={profile}", "--latency-target-ms", "0.01")) == 2
+    captured = capsys.readouterr()
+    assert "latency target 0.01 ms/token is infeasible" in captured.err and "| plain |" not in captured.out

@@ -1,6 +1,8 @@
 """Replay benchmark: adaptive vs every static config, MoE-Spec at its best B, Cascade, MoESD, and the
 per-request oracle, on synthetic traces with phase changes and mixed request kinds (and on
-traces/samples/*.trace when present). Writes bench/results/policies.json and policies.md.
+traces/samples/*.trace when present: every recorded drafter is a static option and the adaptive
+controller's choice, and step times come from the trace's own CPU timings, traces.latency.fit_trace).
+Writes bench/results/policies.json and policies.md.
 
     .venv/bin/python bench/bench_policies.py --requests 8 --tokens 200
 
@@ -23,7 +25,7 @@ from moetune.adaptive.controller import ControllerConfig
 from moetune.policies.adaptive import Adaptive
 from moetune.policies.registry import make_policy
 from moetune.step import ModelShape
-from moetune.traces.latency import LatencyModel
+from moetune.traces.latency import LatencyModel, fit_trace
 from moetune.traces.reader import read_trace
 from moetune.traces.replay import replay
 from moetune.traces.synthetic import Phase, synthetic_trace
@@ -41,9 +43,14 @@ def kinds(tokens: int) -> list[list[Phase]]:
             [Phase(h, (0.2,), alt=0.1, kind="chat->code"), Phase(tokens - h, (0.9,), topic=1)]]
 
 
-def statics(max_depth: int) -> list[str]:
-    out = ["plain"] + [f"static:depth={d}" for d in range(1, max_depth + 1)]
-    out += [f"static:depth={d},topk=2,num_draft_tokens={2 * d}" for d in range(2, max_depth + 1)]
+def statics(limits: dict) -> list[str]:
+    """Plain, then per recorded drafter every chain and (where it recorded trees) every top-2 tree."""
+    out = ["plain"]
+    for drafter, lim in limits.items():
+        tag = "" if drafter == "draft_model" else f",drafter={drafter}"
+        out += [f"static:depth={d}{tag}" for d in range(1, lim.depth + 1)]
+        if lim.topk >= 2:
+            out += [f"static:depth={d},topk=2,num_draft_tokens={2 * d}{tag}" for d in range(2, lim.depth + 1)]
     return out
 
 
@@ -63,15 +70,17 @@ def recovery(adaptive, best, change: int, window: int = 8) -> list:
     return out
 
 
-def bench(name: str, traces, latency: LatencyModel, max_depth: int, change: int | None) -> dict:
+def bench(name: str, traces, latency: LatencyModel, change: int | None) -> dict:
     rows, results = [], {}
-    specs = statics(max_depth) + [f"moespec:budget={b},depth=4" for b in GRID] + ["cascade", "moesd"]
+    limits = (traces[0] if isinstance(traces, list) else traces).meta.drafters
+    max_depth = max(lim.depth for lim in limits.values())
+    static_names = statics(limits)
+    specs = static_names + [f"moespec:budget={b},depth=4" for b in GRID] + ["cascade", "moesd"]
     for spec in specs:
         results[spec] = replay(traces, make_policy(spec), latency)
-    config = ControllerConfig(max_depth=max_depth)
+    config = ControllerConfig(max_depth=max_depth, drafters=tuple(limits))
     results["adaptive"] = replay(traces, Adaptive(config), latency)
     results["adaptive+profile"] = replay(traces, Adaptive(config, profile=latency), latency)
-    static_names = statics(max_depth)
     best_static = max(static_names, key=lambda s: results[s].summary()["goodput_tok_s"])
     best_moespec = max((s for s in specs if s.startswith("moespec")), key=lambda s: results[s].summary()["goodput_tok_s"])
     n_req = len(results["plain"].requests)
@@ -125,16 +134,17 @@ def main(argv=None) -> int:
     t0 = time.time()
     trace = synthetic_trace(SHAPE, n_requests=args.requests, n_tokens=args.tokens, phases=kinds(args.tokens),
                             seed=args.seed, budget_grid=GRID)
-    max_depth = max(lim.depth for lim in trace.meta.drafters.values())
     reports = []
     for lname, lat in [("bandwidth-bound (analytic, 2000 GB/s)", LatencyModel.analytic(SHAPE)),
                        ("expert-heavy (analytic, 300 GB/s)", LatencyModel.analytic(SHAPE, bandwidth_gbs=300.0))]:
-        reports.append(bench(f"synthetic mixed kinds, {lname}", trace, lat, max_depth, change=args.tokens // 2))
-    for path in sorted(Path("traces/samples").glob("*.trace")):
-        t = read_trace(path)
-        d = max(lim.depth for lim in t.meta.drafters.values())
-        lat = LatencyModel.analytic(t.shape)
-        reports.append(bench(f"sample {path.name}", t, lat, d, change=None))
+        reports.append(bench(f"synthetic mixed kinds, {lname}", trace, lat, change=args.tokens // 2))
+    samples = [read_trace(path) for path in sorted(Path("traces/samples").glob("*.trace"))]
+    for path, t in zip(sorted(Path("traces/samples").glob("*.trace")), samples):
+        reports.append(bench(f"sample {path.name} (drafters {', '.join(t.meta.drafters)}; latency fitted from "
+                             f"its own timings)", t, fit_trace(t), change=None))
+    if len(samples) > 1:  # one policy instance over every sample request in turn, as a server sees them
+        reports.append(bench(f"samples combined ({sum(len(t.requests) for t in samples)} requests in turn; latency "
+                             f"fitted from the first sample's timings)", samples, fit_trace(samples[0]), change=None))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "python bench/bench_policies.py " + " ".join(argv if argv is not None else sys.argv[1:])

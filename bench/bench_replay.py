@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def decisions_per_second(path: Path, shape: ModelShape) -> list[dict]:
     """Cold: a freshly read trace (per-tree arrays derived inside the timed replay, traces.derive).
     Warm: the same trace objects after one other policy ran (derived arrays cached, this config's
-    subtrees not). Reading (decompressing and validating) is timed separately, per position."""
+    subtree selection not). Reading (decompressing and validating) is timed separately, per position."""
     latency = LatencyModel.analytic(shape)
     rows = []
     for spec in STATICS:
@@ -41,6 +41,8 @@ def decisions_per_second(path: Path, shape: ModelShape) -> list[dict]:
         replay(trace, make_policy("static:depth=2,topk=3"), latency)  # warms derived arrays only
         for tree in (t for r in trace.requests for pos in r.positions for t in pos.trees.values()):
             tree.subtrees.clear()
+            if tree.batch is not None:
+                tree.batch[0].selections.clear()
         t0 = time.perf_counter()
         warm = replay(trace, make_policy(spec), latency)
         t_warm = time.perf_counter() - t0

@@ -132,3 +132,15 @@ def test_replay_many_matches_serial(tmp_path):
     for a, b in zip(par, ser):
         assert a.policy == b.policy and a.summary()["goodput_tok_s"] == pytest.approx(b.summary()["goodput_tok_s"])
         assert len(a.requests) == 2 and np.array_equal(a.log, b.log)
+
+
+def test_batch_rank_matches_exact_order_with_near_ties():
+    """derive.Batch.by_rank sorts by the top bits of cum_prob; near-ties, exact ties and -0.0 must still
+    give the exact (tree, -cum_prob, id) order (through the checked fallback where needed)."""
+    from moetune.traces.derive import Batch
+    rng = np.random.default_rng(0)
+    for cum in (rng.random(300), np.repeat([0.5, 0.5 + 2 ** -40, -0.0, 0.0, 0.25], 60)):
+        tree_of = np.repeat(np.arange(3), 100)
+        batch = Batch(np.array([0, 100, 200, 300]), np.array([0, 101, 202, 303]), tree_of, tree_of, cum,
+                      cum > 0, cum > 0, tree_of, tree_of, tree_of, tree_of, [None] * 3, [], 1)
+        assert batch.by_rank.tolist() == np.lexsort((-cum, tree_of)).tolist()

@@ -5,8 +5,8 @@ Why batched and lazy: a replay step touches one recorded tree, and a static poli
 positions it lands on, so per-tree Python setup (a loop over ~100 nodes and a sort per parent, ~100 us
 per tree) used to cost more than the step itself and capped a freshly read trace at ~9,000 decisions/s.
 Here `prepare` derives every node of every tree level by level in a few numpy calls per depth level for
-the whole trace (~2 us per tree), and each tree's views and small Python lists are cut from that batch
-only when a step first touches the tree.
+the whole trace (~5 us per tree), each tree's views are cut from that batch only when a step first
+touches the tree, and subtree selection also runs over the whole batch (traces/select.py).
 
 The results equal the per-node definitions exactly: a node's cumulative probability is computed as
 probs[i] * cum[parent[i]] in float64, parents before children (so each product is the same float
@@ -19,7 +19,7 @@ nodes), L MoE layers, K top-k, M router entries, W 64-bit words per expert bitse
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable
 
 import numpy as np
@@ -27,44 +27,80 @@ import numpy as np
 
 @dataclass(frozen=True, eq=False)
 class Derived:
-    """One tree's derived arrays (views into its batch), and its batch's lists for selection's loops."""
+    """One tree's derived arrays (views into its batch)."""
 
     depth: np.ndarray  # [N] int64, 1 = child of the root
     cum_prob: np.ndarray  # [N] float64, product of draft probabilities along the path from the root
     match: np.ndarray  # [N] bool, the target's verdict: token == target argmax at its parent
     on_path: np.ndarray  # [N] bool, the node and all its ancestors match (the accepted path)
     bit_table: np.ndarray  # [64 W, W] uint64, row e: expert e's bit (W words cover the tree's experts)
-    child_order: list  # [S] the batch's: node ids (the tree's own) grouped by parent row, then (-draft prob, id)
-    child_start: list  # [R+1] the batch's: children of row r are child_order[child_start[row0 + r]:...[row0 + r + 1]]
-    row0: int  # this tree's root row in the batch (row r of the tree: 0 = root, i + 1 = node i)
-
-    @functools.cached_property
-    def cum_rank(self) -> list:  # [N] rank of each node by (-cum_prob, id): EAGLE-2's frontier and final cut
-        rank = np.empty(len(self.cum_prob), dtype=np.int64)
-        rank[np.argsort(-self.cum_prob, kind="stable")] = np.arange(len(self.cum_prob))  # stable: ties by id
-        return rank.tolist()
 
 
 @dataclass(frozen=True, eq=False)
 class Batch:
     """Derived arrays of many trees, concatenated: tree i's nodes are [node_off[i], node_off[i + 1]),
-    its rows (root first) [row_off[i], row_off[i + 1])."""
+    its rows (root first) [row_off[i], row_off[i + 1]).
+    Node ids below are the batch's (tree i's node j is node_off[i] + j)."""
 
     node_off: np.ndarray  # [T+1]
     row_off: np.ndarray  # [T+1]
+    tree_of: np.ndarray  # [S] the tree each node belongs to
     depth: np.ndarray  # [S] int64
     cum: np.ndarray  # [S] float64
     match: np.ndarray  # [S] bool
     on_path: np.ndarray  # [S] bool
-    order: list  # [S] node ids (each tree's own) grouped by batch parent row, then (-prob, id)
-    start: list  # [R+1] children of batch row r: order[start[r]:start[r + 1]]
+    order: np.ndarray  # [S] nodes grouped by parent row, then (-draft prob, id)
+    start: np.ndarray  # [R+1] children of batch row r: order[start[r]:start[r + 1]]
+    count: np.ndarray  # [R] children of each row
+    node_row: np.ndarray  # [S] each node's batch row (node + its tree + 1)
+    limits: list  # [T] each tree's TreeLimits (None: unknown)
+    experts: list  # [T] each tree's [N+1, L, M] router entries (concatenated only when a selection needs them)
+    top_k: int  # K: the first K router entries are the routed experts
+    selections: dict = field(default_factory=dict)  # traces.select's cache: config shape -> Selection
 
     def tree(self, i: int, experts: np.ndarray) -> Derived:
         """Tree i's views (cut on first use, so trees no step touches cost nothing)."""
         a, b = self.node_off[i], self.node_off[i + 1]
         return Derived(depth=self.depth[a:b], cum_prob=self.cum[a:b], match=self.match[a:b],
-                       on_path=self.on_path[a:b], bit_table=bit_table(int(experts.max(initial=0)) // 64 + 1),
-                       child_order=self.order, child_start=self.start, row0=int(self.row_off[i]))
+                       on_path=self.on_path[a:b], bit_table=bit_table(int(experts.max(initial=0)) // 64 + 1))
+
+    @functools.cached_property
+    def by_rank(self) -> np.ndarray:  # [S] nodes sorted by (tree, -cum_prob, id): EAGLE-2's cuts per tree
+        """Sorted as one int64 key per node (tree, the top bits of -cum_prob's float bits, id): sorting
+        values is ~10x faster than a stable lexsort. Cumulative probabilities in [0, 1] order like their
+        bits, so only nodes of one tree whose values agree in the kept bits can be out of order; every
+        adjacent pair is checked against the exact values, and any miss takes the exact (slower) order."""
+        s, t = len(self.cum), len(self.row_off) - 1
+        id_bits, tree_bits = max(s.bit_length(), 1), max(t.bit_length(), 1)
+        value_bits = 63 - id_bits - tree_bits  # cum in [0, 1] has 62 significant bits (sign and top exponent bit 0)
+        if value_bits >= 16 and np.all((self.cum >= 0) & (self.cum <= 1)):
+            top = (self.cum + 0.0).view(np.int64) >> (62 - value_bits)  # + 0.0: -0.0 has the sign bit
+            key = (self.tree_of << (63 - tree_bits)) | (((1 << value_bits) - 1 - top) << id_bits) | np.arange(s)
+            order = np.sort(key) & ((1 << id_bits) - 1)
+            same = self.tree_of[order[1:]] == self.tree_of[order[:-1]]
+            if not np.any(same & (self.cum[order[1:]] > self.cum[order[:-1]])):  # ties keep id order (key)
+                return order
+        return np.lexsort((-self.cum, self.tree_of))  # stable: ties by id
+
+    @functools.cached_property
+    def rank(self) -> np.ndarray:  # [S] each node's position in by_rank
+        rank = np.empty_like(self.by_rank)
+        rank[self.by_rank] = np.arange(len(rank))
+        return rank
+
+    @functools.cached_property
+    def routed(self) -> np.ndarray:  # [R, L, K] every row's routed experts
+        if self.experts[0].shape[2] == self.top_k:  # M = K: no per-tree slicing (a view each)
+            return np.concatenate(self.experts)
+        return np.concatenate([e[:, :, :self.top_k] for e in self.experts])
+
+    @functools.cached_property
+    def limit_table(self) -> np.ndarray:  # [T, 2] each tree's recorded (depth, topk); (0, 0): unknown
+        """Trees of one drafter share one TreeLimits object, so the table is built per distinct object."""
+        _, first, inverse = np.unique([id(lim) for lim in self.limits], return_index=True, return_inverse=True)
+        distinct = [self.limits[i] for i in first]
+        table = np.array([(lim.depth, lim.topk) if lim else (0, 0) for lim in distinct], dtype=np.int64)
+        return table.reshape(-1, 2)[inverse]
 
 
 def prepare(trees: Iterable) -> None:
@@ -75,44 +111,55 @@ def prepare(trees: Iterable) -> None:
     todo = [t for t in trees if t.batch is None]
     if not todo:
         return
-    n = np.array([t.num_nodes for t in todo], dtype=np.int64)  # [T]
+    parts = [t.parents for t in todo]
+    n = np.fromiter(map(len, parts), dtype=np.int64, count=len(parts))  # [T]
     node_off = np.concatenate(([0], np.cumsum(n)))  # [T+1]
     row_off = node_off + np.arange(len(todo) + 1)  # [T+1]
     tree_of = np.repeat(np.arange(len(todo)), n)  # [S]
-    parents = np.concatenate([t.parents for t in todo]).astype(np.int64)  # [S] local, -1 = root
+    parents = np.concatenate(parts).astype(np.int64)  # [S] local, -1 = root
     prow = parents + 1 + row_off[tree_of]  # [S] batch row of each node's parent
     pnode = np.where(parents >= 0, parents + node_off[tree_of], -1)  # [S] batch node of the parent, -1 root
-    tokens = np.concatenate([t.tokens for t in todo]).astype(np.int64)  # [S]
-    argmax = np.concatenate([t.argmax for t in todo]).astype(np.int64)  # [R]
+    tokens = np.concatenate([t.tokens for t in todo])  # [S]
+    argmax = np.concatenate([t.argmax for t in todo])  # [R]
     probs16 = np.concatenate([t.probs for t in todo]).astype(np.float16)  # [S]
     match = tokens == argmax[prow]
-    depth, cum, ok = levels(pnode, probs16.astype(np.float64), match)
     key = (prow << 16) | (0xFFFF - probs16.view(np.uint16).astype(np.int64))  # [S]
     order = np.argsort(key, kind="stable")  # [S] stable: equal probabilities keep node id order
-    start = np.concatenate(([0], np.cumsum(np.bincount(prow, minlength=int(row_off[-1])))))  # [R+1]
-    local = order - node_off[tree_of[order]]  # [S] each tree's own node ids
-    batch = Batch(node_off, row_off, depth, cum, match, ok, local.tolist(), start.tolist())
+    count = np.bincount(prow, minlength=int(row_off[-1]))  # [R]
+    start = np.concatenate(([0], np.cumsum(count)))  # [R+1]
+    node_row = np.arange(len(prow)) + tree_of + 1  # [S]
+    depth, cum, ok = levels(order, start, count, row_off[:-1], node_row, pnode, probs16.astype(np.float64), match)
+    batch = Batch(node_off, row_off, tree_of, depth, cum, match, ok, order, start, count, node_row,
+                  [t.limits for t in todo], [t.experts for t in todo], todo[0].top_k)
     for i, t in enumerate(todo):
         t.batch = (batch, i)
 
 
-def levels(pnode: np.ndarray, probs: np.ndarray, match: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """depth, cumulative probability and accepted-path flag [S], one depth level per iteration
-    (parents are settled before their children, so each product is taken in the per-node order)."""
-    depth = np.where(pnode < 0, 1, 0)  # [S]
-    cum = np.where(pnode < 0, probs, 0.0)
-    ok = match & (pnode < 0)
-    rest = np.flatnonzero(pnode >= 0)  # nodes whose depth is not settled yet
-    d = 1
-    while rest.size:
-        at = depth[pnode[rest]] == d  # the parent was settled last round: the node has depth d + 1
-        idx, rest = rest[at], rest[~at]
-        par = pnode[idx]
-        depth[idx] = d + 1
-        cum[idx] = probs[idx] * cum[par]
-        ok[idx] = match[idx] & ok[par]
-        d += 1
-    return depth.astype(np.int64), cum, ok
+def levels(order: np.ndarray, start: np.ndarray, count: np.ndarray, roots: np.ndarray, node_row: np.ndarray,
+           pnode: np.ndarray, probs: np.ndarray, match: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """depth, cumulative probability and accepted-path flag [S], breadth first from the roots (each node
+    is visited once, after its parent, so each product is taken in the per-node order)."""
+    depth = np.zeros(len(order), dtype=np.int64)
+    cum = probs.copy()  # depth 1 keeps its own probability
+    ok = match.copy()
+    level, d = children(order, start, count, roots), 1
+    while level.size:
+        depth[level] = d
+        if d > 1:
+            par = pnode[level]
+            cum[level] = probs[level] * cum[par]
+            ok[level] &= ok[par]
+        level, d = children(order, start, count, node_row[level]), d + 1
+    return depth, cum, ok
+
+
+def children(order: np.ndarray, start: np.ndarray, count: np.ndarray, rows: np.ndarray,
+             k: int | None = None) -> np.ndarray:
+    """The first (most probable) up to k (None: all) children of each batch row in `rows`, concatenated."""
+    a = start[rows]
+    cnt = count[rows] if k is None else np.minimum(count[rows], k)
+    ends = np.cumsum(cnt)
+    return order[np.repeat(a - ends + cnt, cnt) + np.arange(ends[-1] if len(ends) else 0)]
 
 
 @functools.cache

@@ -45,18 +45,9 @@ import numpy as np
 
 from moetune.step import StepConfig
 
+from .derive import prepare
 from .schema import TreeRecord
-
-
-@dataclass(frozen=True)
-class Subtree:
-    """The budget-independent part of an outcome (cached per record and config shape)."""
-
-    nodes: np.ndarray  # [n] selected node ids, ascending (parents before children)
-    accepted: int
-    tree_depth: int
-    unique_experts: tuple[int, ...]  # [L] over the root and the selected nodes
-    exact: bool
+from .select import Subtree, selection
 
 
 @dataclass(frozen=True)
@@ -78,60 +69,22 @@ class StepOutcome:
 
 
 def subtree(record: TreeRecord, config: StepConfig, max_depth: int | None = None) -> Subtree:
+    """`config`'s subtree of `record`: cut from the selection over the record's whole batch (select.py),
+    without nodes deeper than max_depth."""
     key = (config.drafter, config.depth, config.topk, config.num_draft_tokens, config.tree, max_depth)
     hit = record.subtrees.get(key)
     if hit is None:
-        nodes, exact = select(record, config)
-        depths = record.depth[nodes]
-        if max_depth is not None and len(nodes) and depths.max() > max_depth:
-            nodes, depths = nodes[depths <= max_depth], depths[depths <= max_depth]
-        rows = np.concatenate(([0], nodes + 1))  # [n+1] the root, then the selected nodes
-        unique = record.unique_experts(rows)
-        depth = int(depths.max()) if len(nodes) else 0
-        hit = Subtree(nodes, int(np.count_nonzero(record.on_path[nodes])), depth, unique, exact)
+        if record.batch is None:
+            prepare([record])
+        batch, i = record.batch
+        hit = selection(batch, config).subtree(i)
+        if max_depth is not None and hit.tree_depth > max_depth:
+            nodes = hit.nodes[record.depth[hit.nodes] <= max_depth]
+            depth = int(record.depth[nodes].max()) if len(nodes) else 0
+            hit = Subtree(nodes, int(np.count_nonzero(record.on_path[nodes])), depth,
+                          record.unique_experts(np.concatenate(([0], nodes + 1))), hit.exact)
         record.subtrees[key] = hit
     return hit
-
-
-def select(record: TreeRecord, config: StepConfig) -> tuple[np.ndarray, bool]:
-    """Node ids of the subtree `config` verifies, and whether the recording holds all of it."""
-    d = record.derived
-    order, start, r0 = d.child_order, d.child_start, d.row0  # children of tree row r: order[start[r0 + r]:...]
-    if config.tree is not None:
-        mapped: list[int] = []
-        seen: dict[int, int] = {}
-        for p in config.tree:
-            rank = seen.get(p, 0)
-            seen[p] = rank + 1
-            parent = -1 if p < 0 else mapped[p]
-            row = r0 + parent + 1 if p < 0 or parent >= 0 else None  # None: the mapped parent is missing
-            a = start[row] + rank if row is not None else 0
-            mapped.append(order[a] if row is not None and a < start[row + 1] else -1)
-        nodes = np.array(sorted(n for n in mapped if n >= 0), dtype=np.int64)
-        return nodes, len(nodes) == len(mapped)
-    k, lim = config.topk, record.limits
-    exact = lim is None or (config.depth <= lim.depth and k <= lim.topk)
-    if config.drafter == "ngram" and k > 1:
-        exact = False
-    model_drafter = config.drafter != "ngram"
-    a, b = start[r0], start[r0 + 1]
-    frontier = order[a:a + k if b - a > k else b]
-    created = list(frontier)
-    for level in range(1, config.depth):
-        cands = []
-        for node in frontier:
-            a, b = start[r0 + node + 1], start[r0 + node + 2]
-            if b - a < k and model_drafter and lim is not None and level < lim.depth:
-                exact = False  # the recording did not expand this node as far as this config does
-            cands.extend(order[a:a + k if b - a > k else b])
-        if not cands:
-            break
-        created.extend(cands)
-        frontier = sorted(cands, key=d.cum_rank.__getitem__)[:k] if len(cands) > k else cands
-    n = config.num_draft_tokens
-    if n is not None and len(created) > n:
-        created = sorted(created, key=d.cum_rank.__getitem__)[:n]
-    return np.array(sorted(created), dtype=np.int64), exact
 
 
 def outcome(record: TreeRecord, config: StepConfig, max_depth: int | None = None) -> StepOutcome:

@@ -141,25 +141,19 @@ def replay(traces: Trace | Sequence[Trace], policy: Policy, latency: LatencyMode
     requests = []
     overhead = latency.step_overhead
     for trace in traces:
-        batches = drafter_batches(trace)
         for req in trace.requests:
-            requests.append(replay_request(req, policy, latency, shape, target, overhead, configs, log, batches))
+            requests.append(replay_request(req, policy, latency, shape, target, overhead, configs, log, trace))
     return ReplayResult(getattr(policy, "name", type(policy).__name__), requests, list(configs),
                         np.array(log, dtype=float).reshape(-1, len(LOG_COLUMNS)), latency_target_ms)
 
 
-def drafter_batches(trace: Trace) -> dict[str, list]:
-    """Each drafter's trees in a trace: the first step that touches an underived tree derives all of that
-    drafter's trees in one batch (traces.derive), and drafters no step asks for are never derived."""
-    batches: dict[str, list] = {}
-    for req in trace.requests:
-        for pos in req.positions:
-            for name, tree in pos.trees.items():
-                batches.setdefault(name, []).append(tree)
-    return batches
+def drafter_trees(trace: Trace, drafter: str) -> list:
+    """One drafter's trees in a trace: the first step that touches an underived tree derives all of that
+    drafter's trees in one batch (traces.derive), and drafters no step asks for are never listed."""
+    return [t for req in trace.requests for pos in req.positions if (t := pos.trees.get(drafter)) is not None]
 
 
-def replay_request(req, policy, latency, shape, target, overhead, configs, log, batches) -> RequestResult:
+def replay_request(req, policy, latency, shape, target, overhead, configs, log, trace) -> RequestResult:
     positions, total = req.positions, len(req.positions)
     output = req.output
     res = RequestResult(req.request_id, req.kind, unique=np.zeros(shape.num_layers),
@@ -173,6 +167,7 @@ def replay_request(req, policy, latency, shape, target, overhead, configs, log, 
     res.control_s += clock() - t0
     limit = req.max_new_tokens or total  # the engine trims trees to the tokens still allowed
     p = step = 0
+    last, index = None, 0  # the previous step's config and its index (hashing a StepConfig costs ~1 us)
     while p < total:
         context = req.prompt_len + p
         t0 = clock()
@@ -184,7 +179,7 @@ def replay_request(req, policy, latency, shape, target, overhead, configs, log, 
             raise ValueError(f"policy {getattr(policy, 'name', policy)!r} asked for drafter {config.drafter!r}; "
                              f"this trace recorded {sorted(trees)}")
         if tree.batch is None and config.speculate:
-            prepare(batches[config.drafter])
+            prepare(drafter_trees(trace, config.drafter))
         o = outcome(tree, config, limit - p - 1)
         accepted = o.budget_accepted
         emitted = min(accepted + 1, total - p)
@@ -214,8 +209,9 @@ def replay_request(req, policy, latency, shape, target, overhead, configs, log, 
         kept.append(o.unique_kept)
         if target is not None and step_time <= target * emitted:
             res.on_target += emitted
-        log.append((req.request_id, step, p, configs.setdefault(config, len(configs)), emitted - 1, emitted,
-                    o.tree_size, step_time, agreed))
+        if config is not last:
+            last, index = config, configs.setdefault(config, len(configs))
+        log.append((req.request_id, step, p, index, emitted - 1, emitted, o.tree_size, step_time, agreed))
         p += emitted
         step += 1
     t0 = clock()

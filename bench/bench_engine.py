@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -122,7 +124,8 @@ def main(argv=None) -> dict:
                      "lossless": lossless[m], "tokens": tokens[m]})
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
               "torch_threads": torch.get_num_threads(), "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
-              "command": "python bench/bench_engine.py " + " ".join(argv or []), "rows": rows}
+              "command": "python bench/bench_engine.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "load_average_1min": round(os.getloadavg()[0], 2), "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"engine_{device.type}"
@@ -135,7 +138,8 @@ def main(argv=None) -> dict:
 
 def table(result: dict) -> str:
     lines = [f"Device: {result['device']}; {result['prompts']} held-out prompts x {result['max_new_tokens']} "
-             "new tokens, greedy.", "",
+             f"new tokens, greedy, {result['torch_threads']} torch thread(s).", "",
+             f"Reproduce: `{result['command'].strip()}`", "",
              "| method | tokens/s | vs plain | vs best HF assisted | mean accepted | lossless |",
              "|---|---|---|---|---|---|"]
     for r in result["rows"]:

@@ -1,6 +1,5 @@
 """Memory stays flat over long generations: caches hold the committed context and nothing more."""
 import pytest
-import torch
 from tiny import tiny_dense, tiny_moe
 
 from moetune.engine import generate as gen_mod
@@ -11,7 +10,6 @@ from moetune.step import StepConfig
 
 @pytest.mark.parametrize("config", [StepConfig(depth=4), StepConfig(depth=3, topk=2, num_draft_tokens=6)])
 def test_caches_track_the_context_over_a_long_generation(monkeypatch, config):
-    torch.set_num_threads(1)
     target, draft = tiny_moe("qwen3_moe"), tiny_dense()
     drafter = DraftModelDrafter(draft)
     caches = []

@@ -11,15 +11,6 @@ from moetune.step import StepConfig
 PROMPT = [5, 17, 33, 17, 33, 90, 4, 17, 33]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and this machine's cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def hf_greedy(model, prompt, n, eos=None):
     out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n, eos_token_id=eos,
                          pad_token_id=1)

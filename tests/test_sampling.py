@@ -3,7 +3,6 @@
 Each check is paired with a biased sampler (always accepting drafted tokens) that the same bound rejects,
 so the bounds are tight enough to mean something.
 """
-import pytest
 import torch
 from tiny import tiny_moe
 
@@ -15,15 +14,6 @@ from moetune.step import StepConfig
 
 V = 8
 TREE = (-1, -1, -1, 0, 3)  # three candidates below the root, a chain under the first
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and this machine's cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tv(samples: list[int], p: torch.Tensor) -> float:

@@ -142,8 +142,12 @@ def summarise(b: Batch, chosen: np.ndarray, exact: np.ndarray) -> Selection:
     bounds = np.concatenate(([0], np.cumsum(np.bincount(tree, minlength=trees))))
     accepted = np.bincount(tree[b.on_path[nodes]], minlength=trees)
     depth = np.zeros(trees, dtype=np.int64)
-    np.maximum.at(depth, tree, b.depth[nodes])
-    rows = np.sort(np.concatenate((b.row_off[:-1], b.node_row[nodes])))  # each tree's root first
+    some = bounds[1:] > bounds[:-1]  # reduceat needs non-empty segments (~2x faster than maximum.at)
+    depth[some] = np.maximum.reduceat(b.depth[nodes], bounds[:-1][some])
+    rows = np.zeros(int(b.row_off[-1]), dtype=bool)  # a mask, not a sort: each tree's root first
+    rows[b.row_off[:-1]] = True
+    rows[b.node_row[nodes]] = True
+    rows = np.flatnonzero(rows)
     routed = np.take(b.routed, rows, axis=0)  # [Q+T, L, K] (take: ~4x faster than indexing here)
     table = bit_table(int(routed.max(initial=0)) // 64 + 1)
     bits = np.take(table, routed[:, :, 0], axis=0)  # [Q+T, L, W]; OR-ing K takes is ~3x faster than

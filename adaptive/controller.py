@@ -14,8 +14,10 @@ one batched evaluation of expected emitted tokens. The global models queue obser
 in when the plan is recomputed, so observe is a few scalar updates.
 
 Latency-target mode: among configs predicted to meet the target time per output token, take the best
-fidelity (lossless whenever possible), then the best goodput. A target the seeded latency model proves
-unreachable raises InfeasibleTarget at setup; one found unreachable online is flagged in the decision.
+fidelity (lossless whenever possible), then the best goodput. A request behind its target aims lower to
+catch up, but goes lossy for it only when no lossless config meets the target with the usual margin. A
+target the seeded latency model proves unreachable raises InfeasibleTarget at setup; one found unreachable
+online is flagged in the decision.
 """
 from __future__ import annotations
 
@@ -135,14 +137,19 @@ class Controller:
         return float(max(np.min(t / (self.grid.depth + 1)), 0.0) * 1e3)
 
     def _calibration_options(self) -> list[int]:
-        """Diverse configs (flat option indices) that make the latency fit identifiable before it has data:
-        per drafter its deepest and shallowest first family and its widest family at half depth (per drafter,
-        not per family, so calibrating three drafters stays short)."""
+        """Configs (flat option indices) that make the latency fit identifiable before it has data: the
+        first drafter's deepest chain once (the verify fit's widest token range), then per drafter its
+        shallowest chain and its widest family at half depth, which separate the draft fit's (const, depth,
+        nodes). Why not every drafter's deepest chain: a calibration step is paid at full cost and emits
+        little, and the deepest chain of a slow drafter (self-speculation d8 on a CPU: 14 plain steps) cost
+        more than the rest of the warm-up together; draft costs are linear in depth and nodes, and every
+        later step refines the fit."""
         D, J, W = self.config.max_depth, self.J, len(self.grid.widths)
-        cands = [0]
+        cands = [0, D]
         for di in range(len(self.grid.drafters)):
             first, widest = 1 + di * W * D, 1 + (di * W + W - 1) * D
-            cands += [first + D - 1, first, widest + max(D // 2 - 1, 0)]
+            cands += [first, widest + max(D // 2 - 1, 0)]
+        cands = list(dict.fromkeys(cands))  # small grids (max_depth 1, one width): some coincide
         opts = [c * J for c in cands]
         budgeted = [D * J + j for j in range(1, J) if self._valid[D * J + j]]
         return opts + budgeted[-1:]
@@ -272,12 +279,18 @@ class Controller:
 
     def _decide_target(self, state: DecodeState, r: _Request, E, T, util, mean_E) -> Decision:
         c = self.config
-        target = c.latency_target_ms / 1e3 * (1 - c.target_margin)
+        nominal = target = c.latency_target_ms / 1e3 * (1 - c.target_margin)
         if r.emitted >= 8 and r.time / r.emitted > c.latency_target_ms / 1e3:
             target *= max(0.5, c.latency_target_ms / 1e3 / (r.time / r.emitted))
         # feasibility from the posterior mean (a target is a promise, not an experiment); the Thompson
         # draw only ranks goodput among the feasible options of the best fidelity
-        feasible = (T / mean_E <= target) & np.isfinite(util)
+        tpt = T / mean_E
+        feasible = (tpt <= target) & np.isfinite(util)
+        lossless = (tpt <= nominal) & (self._loss <= 0.0) & np.isfinite(util)
+        if lossless.any() and not (feasible & lossless).any():
+            # a request behind its target (slow early steps) tightens the target to catch up, but never
+            # by giving up fidelity: a lossless option that meets the target with the usual margin wins
+            feasible = lossless
         if not feasible.any():
             # unreachable as sampled: the fastest option within the default fidelity bound, flagged once
             # the request's own evidence (posterior mean, >= MIN_EVIDENCE steps) agrees

@@ -166,6 +166,9 @@ def replay_request(req, policy, latency, shape, target, overhead, configs, log, 
     policy.begin(req.request_id, req.prompt_len)
     res.control_s += clock() - t0
     limit = req.max_new_tokens or total  # the engine trims trees to the tokens still allowed
+    # A policy that keeps Policy's no-op observe (static ones) gets no StepStats: building its ~20 frozen
+    # fields was about a third of a step's own cost.
+    watches = type(policy).observe is not Policy.observe
     p = step = 0
     last, index = None, 0  # the previous step's config and its index (hashing a StepConfig costs ~1 us)
     while p < total:
@@ -189,14 +192,17 @@ def replay_request(req, policy, latency, shape, target, overhead, configs, log, 
             agreed = int(np.sum(np.asarray(o.budget_tokens[:emitted]) == output[p:p + emitted]))
         t_verify = float(latency.verify_time(o.tree_size + 1, sum(o.unique_kept), context))
         t_draft = float(latency.draft_time(config.drafter, o.tree_depth, o.tree_size)) if config.speculate else 0.0
-        stats = StepStats(step=step, config=config, accepted=emitted - 1, emitted=emitted, tree_size=o.tree_size,
-                          tree_depth=o.tree_depth, context_len=context, unique_experts=o.unique_experts,
-                          unique_experts_kept=o.unique_kept, router_mass_kept=o.mass_kept,
-                          tokens_substituted=o.substituted, t_draft=t_draft, t_verify=t_verify,
-                          t_accept=overhead, agreement=agreed / emitted if config.budgets is not None else None)
-        t0 = clock()
-        policy.observe(stats)
-        res.control_s += t_decide + clock() - t0
+        if watches:
+            stats = StepStats(step=step, config=config, accepted=emitted - 1, emitted=emitted,
+                              tree_size=o.tree_size, tree_depth=o.tree_depth, context_len=context,
+                              unique_experts=o.unique_experts, unique_experts_kept=o.unique_kept,
+                              router_mass_kept=o.mass_kept, tokens_substituted=o.substituted, t_draft=t_draft,
+                              t_verify=t_verify, t_accept=overhead,
+                              agreement=agreed / emitted if config.budgets is not None else None)
+            t0 = clock()
+            policy.observe(stats)
+            t_decide += clock() - t0
+        res.control_s += t_decide
         step_time = t_draft + t_verify + overhead
         res.tokens += emitted
         res.steps += 1

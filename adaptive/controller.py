@@ -35,6 +35,7 @@ from .experts import ExpertModel
 from .fidelity import FidelityModel
 from .latency import LatencyConfig, OnlineLatency
 from .plan import allocate
+from .yields import DraftYield, YieldConfig
 
 MIN_EVIDENCE = 8  # steps of a request before its target is declared infeasible online
 
@@ -93,6 +94,7 @@ class Controller:
         self.acceptance = AcceptanceModel(AcceptanceConfig(
             max_depth=c.max_depth, families=len(self.grid.families), prior_strength=c.prior_strength,
             request_decay=c.request_decay, global_decay=c.global_decay))
+        self.yields = DraftYield(YieldConfig(families=len(self.grid.families), request_decay=c.request_decay))
         self.latency = OnlineLatency(c.drafters, LatencyConfig(forgetting=c.latency_forgetting))
         max_tokens = int(self.grid.tokens.max())
         self.experts = ExpertModel(shape, max_tokens)
@@ -183,6 +185,10 @@ class Controller:
         t0 = np.maximum(th[0] + th[1] * n + th[2] * kept.ravel() + np.repeat(draft, J), 1e-6)
         self._t0 = np.where(self._valid, t0, np.inf)
         self._t1 = np.maximum(th[3] + th[4] * n, 0.0) / 1000.0
+        # verify time of an option's draft nodes (over plain's): what a step that drafts fewer saves
+        self._n0 = np.maximum(th[1] * (n - 1) + th[2] * (kept.ravel() - kept[0, 0]), 0.0)
+        self._n1 = np.maximum(th[4] * (n - 1), 0.0) / 1000.0
+        self._opt_family = np.repeat(g.family, J)
         self._since_plan = 0
 
     def _config(self, option: int) -> StepConfig:
@@ -206,10 +212,12 @@ class Controller:
     def begin(self, request_id: int, prompt_len: int = 0) -> None:
         self.requests[request_id] = _Request()
         self.acceptance.begin(request_id)
+        self.yields.begin(request_id)
 
     def end(self, request_id: int) -> None:
         self.requests.pop(request_id, None)
         self.acceptance.end(request_id)
+        self.yields.end(request_id)
 
     def _request(self, request_id: int) -> _Request:
         if request_id not in self.requests:
@@ -217,9 +225,11 @@ class Controller:
         return self.requests[request_id]
 
     # ---- decide -------------------------------------------------------------------------------------
-    def _times(self, context_len: int) -> np.ndarray:
-        """Predicted step seconds of every option (flat): verify(tokens, experts, context) + draft."""
-        return self._t0 + self._t1 * context_len
+    def _times(self, request_id: int, context_len: int) -> np.ndarray:
+        """Predicted step seconds of every option (flat): verify(tokens, experts, context) + draft, less
+        the verify time of the nodes this request's drafter is not expected to draft (adaptive/yields.py)."""
+        short = 1.0 - self.yields.fill(request_id)[self._opt_family]
+        return self._t0 + self._t1 * context_len - short * (self._n0 + self._n1 * context_len)
 
     def _emitted(self, p: np.ndarray, remaining: int) -> np.ndarray:
         """Expected emitted tokens of every option (S, C*J) for S stacked acceptance curves p (S, F, D)."""
@@ -245,7 +255,7 @@ class Controller:
         self.current = state.request_id
         if r.hold > 0:
             return self._hold(r)
-        T = self._times(state.context_len)
+        T = self._times(state.request_id, state.context_len)
         if not self.latency.seeded and self.steps < self._warmup:
             best = self._calibration[self.steps % len(self._calibration)]
             r.mean = self.acceptance.mean(state.request_id)
@@ -350,8 +360,11 @@ class Controller:
                 self.fidelity.observe_agreement(1.0 - np.asarray(stats.router_mass_kept, dtype=float),
                                                 stats.agreement)
         fam = self.grid.family_of(cfg)
-        if fam is not None and stats.tree_depth > 0:
-            depth = min(stats.tree_depth, self.config.max_depth)
+        if fam is not None:
+            # levels the drafter did not draft (an n-gram step without a match drafts none) count as not
+            # accepted, so expected emitted tokens include the drafter's yield; the step is priced by it
+            self.yields.observe(rid, fam, stats.tree_size, cfg.max_nodes)
+            depth = min(cfg.depth, self.config.max_depth)
             fail_weight = 1.0
             if loss > 0.0:
                 # the posterior mean of the last full decision: a few steps old, but no numpy work per step

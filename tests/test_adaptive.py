@@ -249,3 +249,42 @@ def test_infeasible_target_flagged_online_without_profile():
     out = run(c, Env(p=0.5), steps=60)
     flagged = [d for d, _ in out if d.infeasible]
     assert flagged and "infeasible" in next(d.message for d, _ in out if d.message)
+
+
+class NgramEnv:
+    """An n-gram drafter that matches every third step (then drafts the requested chain, all accepted)
+    and drafts nothing otherwise, next to a poor draft model; verification costs 1 ms per token."""
+
+    def __init__(self):
+        self.base, self.per_token, self.draft_step = 2e-3, 1e-3, 3e-4
+        self.rng = np.random.default_rng(0)
+
+    def step(self, i, config, ctx):
+        n = depth = acc = 0
+        if config.speculate and config.drafter == "ngram":
+            n = depth = acc = config.depth if i % 3 == 0 else 0
+        elif config.speculate:
+            n = depth = config.depth
+            while acc < depth and self.rng.random() < 0.3:
+                acc += 1
+        t_draft = self.draft_step * depth if config.drafter == "draft_model" else 0.0
+        return StepStats(i, config, acc, acc + 1, n, depth, ctx, t_draft=t_draft,
+                         t_verify=self.base + self.per_token * (n + 1))
+
+    def profile(self):
+        return LatencyModel(verify=(self.base, self.per_token, 0.0, 0.0, 0.0),
+                            draft={"draft_model": (0.0, self.draft_step, 0.0), "ngram": (0.0, 0.0, 0.0)})
+
+
+def test_ngram_that_often_drafts_nothing_is_priced_by_its_yield_and_chosen():
+    env = NgramEnv()
+    c = make(ControllerConfig(drafters=("draft_model", "ngram"), widths=(1,), budgets=False),
+             profile=env.profile())
+    late = run(c, env, steps=240)[-120:]
+    assert np.mean([s.config.drafter == "ngram" for _, s in late]) > 0.9
+    # predicted time per output token (empty steps cost a plain step, drafted levels count only when
+    # drafted) within 20% of what the chosen configs achieved; pricing every n-gram step at its full
+    # chain and skipping empty steps predicted far less
+    predicted = np.mean([d.ms_per_token for d, _ in late])
+    assert abs(predicted / ms_per_token(late) - 1.0) < 0.2
+    assert ms_per_token(late) < 0.7 * 1e3 * (env.base + env.per_token)  # well below plain decoding

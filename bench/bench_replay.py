@@ -7,6 +7,7 @@ Reproduce: .venv/bin/python bench/bench_replay.py [--requests 8 --tokens 256] [T
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import tempfile
@@ -28,13 +29,18 @@ ROOT = Path(__file__).resolve().parent.parent
 def decisions_per_second(path: Path, shape: ModelShape) -> list[dict]:
     """Cold: a freshly read trace (per-tree arrays derived inside the timed replay, traces.derive).
     Warm: the same trace objects after one other policy ran (derived arrays cached, this config's
-    subtree selection not). Reading (decompressing and validating) is timed separately, per position."""
+    subtree selection not). Reading (decompressing and validating) is timed separately, per position.
+
+    A full garbage collection runs before each timed replay: reading a trace leaves ~10^4 new container
+    objects, and the full collection they eventually trigger (~20 ms) otherwise landed in whichever
+    config's replay happened to be running, halving that row's figure by chance."""
     latency = LatencyModel.analytic(shape)
     rows = []
     for spec in STATICS:
         t0 = time.perf_counter()
         trace = read_trace(path)
         t_read = time.perf_counter() - t0
+        gc.collect()
         t0 = time.perf_counter()
         cold = replay(trace, make_policy(spec), latency)
         t_cold = time.perf_counter() - t0
@@ -43,6 +49,7 @@ def decisions_per_second(path: Path, shape: ModelShape) -> list[dict]:
             tree.subtrees.clear()
             if tree.batch is not None:
                 tree.batch[0].selections.clear()
+        gc.collect()
         t0 = time.perf_counter()
         warm = replay(trace, make_policy(spec), latency)
         t_warm = time.perf_counter() - t0

@@ -73,12 +73,13 @@ class Batch:
         s, t = len(self.cum), len(self.row_off) - 1
         id_bits, tree_bits = max(s.bit_length(), 1), max(t.bit_length(), 1)
         value_bits = 63 - id_bits - tree_bits  # cum in [0, 1] has 62 significant bits (sign and top exponent bit 0)
-        if value_bits >= 16 and np.all((self.cum >= 0) & (self.cum <= 1)):
+        if value_bits >= 16 and self.cum.min(initial=0.0) >= 0 and self.cum.max(initial=1.0) <= 1:  # NaN fails
             top = (self.cum + 0.0).view(np.int64) >> (62 - value_bits)  # + 0.0: -0.0 has the sign bit
             key = (self.tree_of << (63 - tree_bits)) | (((1 << value_bits) - 1 - top) << id_bits) | np.arange(s)
-            order = np.sort(key) & ((1 << id_bits) - 1)
-            same = self.tree_of[order[1:]] == self.tree_of[order[:-1]]
-            if not np.any(same & (self.cum[order[1:]] > self.cum[order[:-1]])):  # ties keep id order (key)
+            key.sort()
+            order = key & ((1 << id_bits) - 1)
+            tree, cum = key >> (63 - tree_bits), self.cum[order]  # the key's tree bits: no tree_of gather
+            if not np.any((tree[1:] == tree[:-1]) & (cum[1:] > cum[:-1])):  # ties keep id order (key)
                 return order
         return np.lexsort((-self.cum, self.tree_of))  # stable: ties by id
 
@@ -96,7 +97,12 @@ class Batch:
 
     @functools.cached_property
     def limit_table(self) -> np.ndarray:  # [T, 2] each tree's recorded (depth, topk); (0, 0): unknown
-        """Trees of one drafter share one TreeLimits object, so the table is built per distinct object."""
+        """Trees of one drafter share one TreeLimits object, so the table is built per distinct object
+        (one object, the usual case, needs no np.unique over the ids)."""
+        first = self.limits[0]
+        if all(lim is first for lim in self.limits):
+            return np.tile(np.array((first.depth, first.topk) if first else (0, 0), dtype=np.int64),
+                           (len(self.limits), 1))
         _, first, inverse = np.unique([id(lim) for lim in self.limits], return_index=True, return_inverse=True)
         distinct = [self.limits[i] for i in first]
         table = np.array([(lim.depth, lim.topk) if lim else (0, 0) for lim in distinct], dtype=np.int64)
@@ -116,12 +122,13 @@ def prepare(trees: Iterable) -> None:
     node_off = np.concatenate(([0], np.cumsum(n)))  # [T+1]
     row_off = node_off + np.arange(len(todo) + 1)  # [T+1]
     tree_of = np.repeat(np.arange(len(todo)), n)  # [S]
+    first = np.repeat(node_off[:-1], n)  # [S] first node of each node's tree (repeats are cheaper than gathers)
     parents = np.concatenate(parts).astype(np.int64)  # [S] local, -1 = root
-    prow = parents + 1 + row_off[tree_of]  # [S] batch row of each node's parent
-    pnode = np.where(parents >= 0, parents + node_off[tree_of], -1)  # [S] batch node of the parent, -1 root
+    prow = parents + first + tree_of + 1  # [S] batch row of each node's parent (row_off[tree] = first + tree)
+    pnode = np.where(parents >= 0, parents + first, -1)  # [S] batch node of the parent, -1 root
     tokens = np.concatenate([t.tokens for t in todo])  # [S]
     argmax = np.concatenate([t.argmax for t in todo])  # [R]
-    probs16 = np.concatenate([t.probs for t in todo]).astype(np.float16)  # [S]
+    probs16 = np.concatenate([t.probs for t in todo]).astype(np.float16, copy=False)  # [S]
     match = tokens == argmax[prow]
     key = (prow << 16) | (0xFFFF - probs16.view(np.uint16).astype(np.int64))  # [S]
     order = np.argsort(key, kind="stable")  # [S] stable: equal probabilities keep node id order
@@ -137,7 +144,8 @@ def prepare(trees: Iterable) -> None:
 
 def levels(pnode: np.ndarray, probs: np.ndarray, match: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """depth, cumulative probability and accepted-path flag [S], one depth level at a time (each node
-    after its parent, so each product is taken in the per-node order).
+    after its parent, so each product is taken in the per-node order). `probs` becomes the cumulative
+    probabilities (prepare passes a fresh float64 copy, so copying it again would only cost time).
 
     Depths come from pointer jumping (each pass doubles the ancestor distance covered: ~log2(depth)
     passes over S int16 values), then one stable sort groups the nodes by depth, so every level is a
@@ -153,7 +161,7 @@ def levels(pnode: np.ndarray, probs: np.ndarray, match: np.ndarray) -> tuple[np.
     depth = dist[:s].astype(np.int64)
     by_depth = np.argsort(dist[:s], kind="stable")
     ends = np.cumsum(np.bincount(depth))
-    cum = probs.copy()  # depth 1 keeps its own probability
+    cum = probs  # depth 1 keeps its own probability
     ok = match.copy()
     for d in range(2, len(ends)):
         level = by_depth[ends[d - 1]:ends[d]]

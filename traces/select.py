@@ -45,12 +45,13 @@ class Selection:
     bounds: list  # [T+1] tree i's nodes are nodes[bounds[i]:bounds[i + 1]]
     accepted: list  # [T] selected nodes on the accepted path
     depth: list  # [T] deepest selected node (0: none)
-    unique: list  # [T] tuples [L]: unique routed experts over the root and the selected nodes
+    unique: list  # [T] lists [L]: unique routed experts over the root and the selected nodes (a tuple
+    # only for the trees a step visits: a replay visits a fraction of the batch's trees)
     exact: list  # [T] the recording holds the whole subtree
 
     def subtree(self, i: int) -> Subtree:
         return Subtree(self.nodes[self.bounds[i]:self.bounds[i + 1]], self.accepted[i], self.depth[i],
-                       self.unique[i], self.exact[i])
+                       tuple(self.unique[i]), self.exact[i])
 
 
 def selection(batch: Batch, config: StepConfig) -> Selection:
@@ -157,5 +158,5 @@ def summarise(b: Batch, chosen: np.ndarray, exact: np.ndarray) -> Selection:
     unique = np.bitwise_count(per_tree).sum(axis=2, dtype=np.int64)  # [T, L]
     local = nodes - b.node_off[tree]
     local.flags.writeable = False  # shared by every tree's Subtree
-    return Selection(local, bounds.tolist(), accepted.tolist(), depth.tolist(), list(map(tuple, unique.tolist())),
+    return Selection(local, bounds.tolist(), accepted.tolist(), depth.tolist(), unique.tolist(),
                      exact.tolist())

@@ -1,7 +1,6 @@
 """Recording with the engine on tiny models: counterfactual replay of smaller configs (with and without
 expert budgets) reproduces what the engine does live with them, and the policy that ran while recording
 replays to its measured goodput."""
-import numpy as np
 import pytest
 
 from moetune.engine.drafters import NgramDrafter, SelfDrafter

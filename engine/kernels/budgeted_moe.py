@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import group_slots
+
 SMALL_T = 64  # up to this many tokens, the token-dense weight-streaming kernels
 BLOCK_M = 16  # large T: token rows per program (tl.dot needs >= 16)
 BLOCK_N = 64  # large T: output columns per program
@@ -203,21 +205,6 @@ def _down_kernel(inter_ptr, order_ptr, counts_ptr, offsets_ptr, selected_ptr, w_
     tl.store(y_ptr + slots[:, None] * H + cols[None, :], acc, mask=row_mask[:, None] & col_mask[None, :])
 
 
-def _group_slots(expert_ids: torch.Tensor,  # [T, K] int, -1 = dropped
-                 selected: torch.Tensor,  # [B]
-                 num_experts: int):
-    """reference.group_slots without its host sync (bincount sizes its output on the host):
-    (order [S] slots sorted by group, counts [B], offsets [B]); unselected slots sort to the end."""
-    B = selected.numel()
-    flat = expert_ids.reshape(-1).long()  # [S]
-    slot_of = torch.full((num_experts + 1,), B, dtype=torch.long, device=flat.device)
-    slot_of[selected.long()] = torch.arange(B, device=flat.device)
-    key = slot_of[torch.where(flat >= 0, flat, num_experts)]  # [S], B = not computed
-    order = torch.argsort(key, stable=True)  # [S]
-    counts = torch.zeros(B + 1, dtype=torch.long, device=flat.device).scatter_add_(0, key, torch.ones_like(key))[:B]
-    return order, counts, torch.cumsum(counts, 0) - counts
-
-
 def budgeted_moe(hidden: torch.Tensor,  # [T, H]
                  expert_ids: torch.Tensor,  # [T, K] int, -1 = dropped slot
                  weights: torch.Tensor,  # [T, K] routing weights
@@ -254,7 +241,7 @@ def budgeted_moe(hidden: torch.Tensor,  # [T, H]
             down.stride(0), down.stride(1), down.stride(2),
             PRECISION=precision, UPCAST=upcast, BT=bt, KP=kp, BN=SMALL_N_DOWN, BK=SMALL_K)
         return out
-    order, counts, offsets = _group_slots(expert_ids, selected, E)
+    order, counts, offsets = group_slots(expert_ids, selected, E)
     route = weights.reshape(-1)  # [S]
     inter = torch.empty(T * K, I, dtype=gate_up.dtype, device=hidden.device)  # [S, I], sorted slot order
     y = torch.zeros(T * K, H, dtype=torch.float32, device=hidden.device)  # [S, H], original slot order

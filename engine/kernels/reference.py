@@ -22,13 +22,14 @@ def group_slots(expert_ids: torch.Tensor, selected: torch.Tensor, num_experts: i
     counts [B] slots per selected expert, offsets [B] start of each run in `order`), S = T*K (slots of
     unselected experts sort to the end, past offsets[-1] + counts[-1]).
     """
+    B = selected.numel()
     flat = expert_ids.reshape(-1).long()  # [S]
-    slot_of = torch.full((num_experts + 1,), -1, dtype=torch.long, device=flat.device)
-    slot_of[selected.long()] = torch.arange(selected.numel(), device=flat.device)
-    group = slot_of[torch.where(flat >= 0, flat, num_experts)]  # [S], -1 = not computed
-    key = torch.where(group >= 0, group, selected.numel())
+    slot_of = torch.full((num_experts + 1,), B, dtype=torch.long, device=flat.device)
+    slot_of[selected.long()] = torch.arange(B, device=flat.device)
+    key = slot_of[torch.where(flat >= 0, flat, num_experts)]  # [S], B = not computed
     order = torch.argsort(key, stable=True)  # [S]
-    counts = torch.bincount(key, minlength=selected.numel() + 1)[: selected.numel()]  # [B]
+    # scatter_add rather than bincount: bincount sizes its output on the host, a sync the kernel avoids.
+    counts = torch.zeros(B + 1, dtype=torch.long, device=flat.device).scatter_add_(0, key, torch.ones_like(key))[:B]
     offsets = torch.cumsum(counts, 0) - counts  # [B]
     return order, counts, offsets
 

@@ -84,23 +84,13 @@ def chain_acceptance(target, draft, prompt_ids: list[torch.Tensor], n_tokens: in
 
 def routing(target, texts: list[torch.Tensor]) -> list[np.ndarray]:
     """Top-k expert ids per layer for every token of every text: a list (per text) of [L, T, K]."""
-    captured: list[list[torch.Tensor]] = []
+    from moetune.engine.routing import capture_routing
 
-    def hook(_module, _inp, out):
-        captured[-1].append(out[2].detach().cpu())
-
-    blocks = [layer.mlp for layer in target.model.layers]
-    handles = [b.gate.register_forward_hook(hook) for b in blocks]
     out = []
-    try:
-        for ids in texts:
-            captured.append([])
-            with torch.inference_mode():
-                target(input_ids=ids)
-            out.append(torch.stack(captured[-1]).numpy())
-    finally:
-        for h in handles:
-            h.remove()
+    for ids in texts:
+        with torch.inference_mode(), capture_routing(target) as r:
+            target(input_ids=ids)
+        out.append(torch.stack([lr.top_k_index for lr in r.layers]).cpu().numpy())
     return out
 
 

@@ -13,7 +13,7 @@ import torch
 
 from moetune.policies.base import Policy
 from moetune.policies.static import Static
-from moetune.step import PLAIN, DecodeState, StepConfig, StepStats
+from moetune.step import PLAIN, PROBE_DRAFTERS, DecodeState, Probe, StepConfig, StepStats
 
 from . import kv
 from .accept import accept_greedy, accept_sample
@@ -63,6 +63,21 @@ def _get_drafter(pool: dict[str, Proposer], name: str, target) -> Proposer:
             raise ValueError(f"the step asks for drafter {name!r} but none was given; pass a draft model "
                              f"or a dict of drafters to generate")
     return pool[name]
+
+
+def _probe_draft(pool: dict[str, Proposer], probe: StepConfig | None, cfg: StepConfig, ids: list[int],
+                 target, temperature: float) -> list[int] | None:
+    """The passive draft a policy asked for (Policy.probe), when it applies to this step: greedy decoding
+    (a probe is checked against the emitted tokens, which are the target's argmax only then) and a step
+    drafting with another drafter (its own step already tells)."""
+    if probe is None or temperature != 0 or (cfg.speculate and cfg.drafter == probe.drafter):
+        return None
+    if probe.drafter not in PROBE_DRAFTERS or probe.topk != 1 or probe.tree is not None:
+        raise ValueError(f"Policy.probe must be a chain (topk=1) of a model-free drafter {PROBE_DRAFTERS}; "
+                         f"got drafter={probe.drafter!r}, topk={probe.topk}")
+    drafter = _get_drafter(pool, probe.drafter, target)
+    found = drafter.continuations(ids, probe.depth, 1)
+    return found[0] if found else []
 
 
 def _prompt_ids(tokenizer, prompt) -> list[int]:
@@ -145,7 +160,9 @@ def _request(target, tokenizer, r, ids, pool, policy, max_new, temperature, top_
         c0 = time.perf_counter()
         cfg = policy.decide(DecodeState(r, len(steps), len(ids), generated, max_new - generated))
         t_decide = time.perf_counter() - c0
+        probe = getattr(policy, "probe", None)
         with timer.phase("draft"):
+            probed = _probe_draft(pool, probe, cfg, ids, target, temperature)
             if cfg.speculate:
                 tree = _fit(_get_drafter(pool, cfg.drafter, target).draft(ids, cfg), max_new - generated)
             else:
@@ -166,7 +183,8 @@ def _request(target, tokenizer, r, ids, pool, policy, max_new, temperature, top_
                 pool[cfg.drafter].commit(emitted)
             done = cut is not None or len(ids) - len(prompt) >= max_new
         stats = _stats(len(steps), cfg, acc.accepted, len(emitted), tree, len(ids) - len(emitted), ver,
-                       timer.read(), t_decide + t_observe, target.device)
+                       timer.read(), t_decide + t_observe, target.device,
+                       None if probed is None else Probe.check(probe.drafter, probe.depth, probed, emitted))
         steps.append(stats)
         c0 = time.perf_counter()
         policy.observe(stats)
@@ -179,7 +197,7 @@ def _request(target, tokenizer, r, ids, pool, policy, max_new, temperature, top_
     return GenerationResult(text, out, prompt, steps, t1 - t0, time.perf_counter() - t1)
 
 
-def _stats(step, cfg, accepted, emitted, tree, context_len, ver, times, t_control, device) -> StepStats:
+def _stats(step, cfg, accepted, emitted, tree, context_len, ver, times, t_control, device, probe) -> StepStats:
     """StepStats from one step; one host transfer for the per-layer routing numbers."""
     routing = ver.routing
     num_layers = len(routing.layers)
@@ -194,4 +212,4 @@ def _stats(step, cfg, accepted, emitted, tree, context_len, ver, times, t_contro
         tokens_substituted=tuple(report.tokens_substituted) if report is not None else (0,) * num_layers,
         t_draft=times.get("draft", 0.0), t_verify=times.get("verify", 0.0), t_accept=times.get("accept", 0.0),
         t_commit=times.get("commit", 0.0), t_control=t_control, agreement=ver.agreement, gpu=gpu_snapshot(device),
-        router_mass=tuple(per_layer[num_layers:]))
+        router_mass=tuple(per_layer[num_layers:]), probe=probe)

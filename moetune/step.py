@@ -97,6 +97,43 @@ class StepConfig:
 
 PLAIN = StepConfig(speculate=False)
 
+PROBE_DRAFTERS = ("ngram",)  # drafters cheap enough to run passively beside the step's own drafter
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A passive draft: what a model-free drafter would have proposed at this step, checked against the
+    tokens the step emitted, so a policy learns its acceptance without spending a step on it.
+
+    Why it is sound: under greedy decoding a drafted token is accepted iff it equals the target's output
+    there, and the step's emitted tokens are that output, so the probe's accepted length is the common
+    prefix of its draft and the emitted tokens. Only that many outputs are known, so a probe that matched
+    every emitted token and drafted more is `censored`: depths 1..accepted succeeded, the rest is unknown.
+    Otherwise depth accepted + 1 failed (a mismatch, or the drafter proposed nothing more), unless every
+    requested depth was accepted.
+    """
+
+    drafter: str
+    depth: int  # depth the probe asked for
+    drafted: int  # nodes it proposed (<= depth: a chain)
+    accepted: int  # common prefix of its draft and the emitted tokens
+    censored: bool  # accepted == emitted tokens < drafted: acceptance beyond is unknown
+
+    @classmethod
+    def check(cls, drafter: str, depth: int, drafted, emitted) -> "Probe":
+        """From the drafted chain and the tokens the step emitted (both token sequences)."""
+        a = 0
+        for d, e in zip(drafted, emitted):
+            if d != e:
+                break
+            a += 1
+        return cls(drafter, depth, len(drafted), a, a == len(emitted) < len(drafted))
+
+    @property
+    def observed_depth(self) -> int:
+        """Depths whose outcome is known: accepted ones, plus the first failure when one was seen."""
+        return self.accepted if self.censored or self.accepted >= self.depth else self.accepted + 1
+
 
 @dataclass(frozen=True)
 class StepStats:
@@ -122,6 +159,7 @@ class StepStats:
     # over the verified rows (root + nodes); None unless eval_agreement is set on a budgeted step
     gpu: dict | None = field(default=None, compare=False)  # pynvml snapshot when a GPU is present
     router_mass: tuple[float, ...] = ()  # per layer, mean over verified tokens of router prob on their top-k
+    probe: Probe | None = None  # the passive draft the policy asked for (Policy.probe), if it ran
 
     @property
     def step_time(self) -> float:

@@ -15,6 +15,9 @@ class Policy(ABC):
     """Base class. Subclasses implement `decide`; the rest is optional."""
 
     name: str = "policy"
+    # a passive draft to run beside every step whose drafter differs (a model-free drafter, chain only;
+    # moetune.step.Probe): the engine and replay report its outcome in StepStats.probe under greedy decoding
+    probe: StepConfig | None = None
 
     def setup(self, shape: ModelShape) -> None:
         """Called once with the target's MoE shape before the first request."""

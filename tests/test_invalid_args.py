@@ -10,7 +10,7 @@ from moetune.policies.moesd import MoESD, MoESDConfig
 from moetune.policies.moespec import MoESpec, MoESpecConfig
 from moetune.policies.registry import make_policy
 from moetune.policies.static import Static
-from moetune.step import DecodeState
+from moetune.step import PLAIN, DecodeState, StepConfig
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -96,6 +96,7 @@ def test_policies_reject_wrong_config_type(cls, name):
     (dict(idle_decay=1.5), "idle_decay"),
     (dict(global_decay=2.0), "global_decay"),
     (dict(latency_forgetting=0.5), "forgetting"),
+    (dict(probe="yes"), "probe must be True or False"),
 ])
 def test_controller_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -148,3 +149,14 @@ def test_registry(spec, match):
 def test_registry_rejects_non_string():
     with pytest.raises(ValueError, match="non-empty string"):
         make_policy(None)
+
+
+@pytest.mark.parametrize("probe", [StepConfig(drafter="draft_model", depth=3), StepConfig(drafter="ngram", topk=2)])
+def test_engine_rejects_a_probe_that_is_not_a_model_free_chain(probe):
+    from moetune.engine.generate import generate
+    from tiny import tiny_moe
+
+    policy = Static(PLAIN)
+    policy.probe = probe
+    with pytest.raises(ValueError, match="Policy.probe must be a chain"):
+        generate(tiny_moe("qwen3_moe", seed=0), None, [[1, 2, 3]], policy=policy, max_new_tokens=2)

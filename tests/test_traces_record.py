@@ -121,3 +121,33 @@ def test_budget_outcomes_match_live_engine(recorded, config, grid_exact):
         p += stats.emitted
     assert compared >= 3 and dropped >= 1
     assert (exact > 0) == grid_exact
+
+
+class Probing(Collect):
+    """Collect, asking for the passive n-gram probe (Policy.probe)."""
+
+    probe = StepConfig(drafter="ngram", depth=3)
+
+
+@pytest.mark.parametrize("config", [StepConfig(speculate=False), StepConfig(drafter="self", depth=2),
+                                    StepConfig(drafter="ngram", depth=2)])
+def test_probe_reports_what_an_ngram_step_would_accept_live_and_in_replay(recorded, config):
+    target, drafters, trace = recorded
+    live = Probing(config)
+    out = generate(target, None, [PROMPT], drafter=dict(drafters), policy=live, max_new_tokens=NEW)[0]
+    replayed = Probing(config)
+    replay(trace, replayed, fit_trace(trace))
+    assert [s.probe for s in replayed.seen] == [s.probe for s in live.seen]
+    if config.speculate and config.drafter == "ngram":  # its own steps already tell: no probe
+        assert all(s.probe is None for s in live.seen)
+        return
+    # ground truth from the whole greedy output: the n-gram chain at each step's position, checked only
+    # against the tokens the step emitted
+    ids, pos = PROMPT + out.token_ids, len(PROMPT)
+    for s in live.seen:
+        draft = (NgramDrafter().continuations(ids[:pos], 3, 1) or [[]])[0]
+        full = next((i for i, (d, t) in enumerate(zip(draft, ids[pos:])) if d != t), min(len(draft), len(ids) - pos))
+        assert (s.probe.drafted, s.probe.accepted) == (len(draft), min(full, s.emitted))
+        assert s.probe.censored == (full >= s.emitted and len(draft) > s.emitted)
+        pos += s.emitted
+    assert any(s.probe.accepted > 0 for s in live.seen)  # the prompt repeats itself: the probe matches

@@ -24,7 +24,7 @@ import numpy as np
 
 from moetune.policies.base import Policy
 from moetune.policies.registry import make_policy as registry_make
-from moetune.step import DecodeState, StepConfig, StepStats
+from moetune.step import DecodeState, Probe, StepConfig, StepStats
 
 from .derive import prepare
 from .latency import LatencyModel
@@ -193,12 +193,18 @@ def replay_request(req, policy, latency, shape, target, overhead, configs, log, 
         t_verify = float(latency.verify_time(o.tree_size + 1, sum(o.unique_kept), context))
         t_draft = float(latency.draft_time(config.drafter, o.tree_depth, o.tree_size)) if config.speculate else 0.0
         if watches:
+            probe = getattr(policy, "probe", None)
+            if probe is not None and (probe.drafter != config.drafter or not config.speculate):
+                probe = _probe(trace, trees.get(probe.drafter), probe, emitted)
+            else:
+                probe = None
             stats = StepStats(step=step, config=config, accepted=emitted - 1, emitted=emitted,
                               tree_size=o.tree_size, tree_depth=o.tree_depth, context_len=context,
                               unique_experts=o.unique_experts, unique_experts_kept=o.unique_kept,
                               router_mass_kept=o.mass_kept, tokens_substituted=o.substituted, t_draft=t_draft,
                               t_verify=t_verify, t_accept=overhead,
-                              agreement=agreed / emitted if config.budgets is not None else None)
+                              agreement=agreed / emitted if config.budgets is not None else None,
+                              probe=probe)
             t0 = clock()
             policy.observe(stats)
             t_decide += clock() - t0
@@ -226,6 +232,18 @@ def replay_request(req, policy, latency, shape, target, overhead, configs, log, 
     if unique:
         res.unique, res.unique_kept = np.sum(unique, axis=0, dtype=float), np.sum(kept, axis=0, dtype=float)
     return res
+
+
+def _probe(trace: Trace, tree, probe: StepConfig, emitted: int) -> Probe | None:
+    """The passive draft the policy asked for (Policy.probe), as the engine reports it: checked against the
+    `emitted` tokens only (acceptance past them is unknown live). None when the trace lacks the drafter."""
+    if tree is None:
+        return None
+    if tree.batch is None:
+        prepare(drafter_trees(trace, probe.drafter))
+    o = outcome(tree, probe)
+    accepted = min(o.accepted, emitted)
+    return Probe(probe.drafter, probe.depth, o.tree_size, accepted, accepted == emitted < o.tree_size)
 
 
 def make_policy(spec: str | Policy | Callable[[], Policy]) -> Policy:

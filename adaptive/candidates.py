@@ -22,10 +22,13 @@ def label(config: StepConfig) -> str:
     return f"{config.drafter} {shape}{budget}"
 
 
+CHAIN_ONLY = ("ngram",)  # its "tree" is a trie of several earlier continuations: rare, and traces hold its chain
+
+
 class CandidateGrid:
     """Plain decoding plus every (drafter, width, depth); width 1 is a chain, width w > 1 a top-w tree
-    capped at w * depth nodes. Family = (drafter, width): configs of one family share one per-depth
-    acceptance curve."""
+    capped at w * depth nodes (chains only for CHAIN_ONLY drafters). Family = (drafter, width): configs of
+    one family share one per-depth acceptance curve."""
 
     def __init__(self, drafters: tuple[str, ...], widths: tuple[int, ...], max_depth: int):
         self.drafters = drafters
@@ -34,7 +37,7 @@ class CandidateGrid:
         configs, family, depth, drafter = [PLAIN], [0], [0], [-1]
         self.families: list[tuple[str, int]] = []
         for di, d in enumerate(drafters):
-            for w in widths:
+            for w in ((1,) if d in CHAIN_ONLY else widths):
                 self.families.append((d, w))
                 for k in range(1, max_depth + 1):
                     configs.append(StepConfig(drafter=d, depth=k, topk=w, num_draft_tokens=None if w == 1 else w * k))
@@ -50,6 +53,10 @@ class CandidateGrid:
         # depth mask (C, D): depth i (0-based) counts toward expected acceptance iff i < depth[c]
         self.depth_mask = (np.arange(max_depth)[None, :] < self.depth[:, None]).astype(float)
         self._family_index = {f: i for i, f in enumerate(self.families)}
+
+    def first(self, family: int) -> int:
+        """Grid index of a family's depth-1 config (its depth-k config is first + k - 1)."""
+        return 1 + family * self.max_depth
 
     def __len__(self) -> int:
         return len(self.configs)
@@ -67,4 +74,4 @@ class CandidateGrid:
         f = self.family_of(config)
         if f is None or config.depth > self.max_depth:
             return None
-        return 1 + f * self.max_depth + config.depth - 1
+        return self.first(f) + config.depth - 1

@@ -38,6 +38,9 @@ class ControllerConfig:
     # calibration steps when no hardware profile seeds the latency model; None = one pass over the
     # calibration configs (a costly drafter, e.g. self-speculation on a CPU, is then tried only once)
     warmup_steps: int | None = None
+    # run the n-gram drafter passively beside other drafters' steps (moetune.step.Probe): its acceptance
+    # in this request is then known without spending steps on it (no effect unless "ngram" is a drafter)
+    probe: bool = True
     prior_strength: float = 4.0
     request_decay: float = 0.94  # per speculative step: forgetting of a request's acceptance evidence
     idle_decay: float = 0.98  # per plain step: slower, so speculation is re-tried now and then
@@ -75,6 +78,8 @@ class ControllerConfig:
             raise ValueError(f"ControllerConfig.ucb_c must be >= 0, got {self.ucb_c}")
         if self.hysteresis < 0:
             raise ValueError(f"ControllerConfig.hysteresis must be >= 0, got {self.hysteresis}")
+        if not isinstance(self.probe, bool):
+            raise ValueError(f"ControllerConfig.probe must be True or False, got {self.probe!r}")
         for name in ("min_dwell", "warmup_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"ControllerConfig.{name} must be >= 0, got {getattr(self, name)}")

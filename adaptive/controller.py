@@ -111,6 +111,9 @@ class Controller:
         self._config_cache: dict = {}
         self._token_counts, self._token_index = np.unique(self.grid.tokens, return_inverse=True)
         self._draft_features = self._drafting_rows()
+        # the passive n-gram draft (moetune.step.Probe): the deepest n-gram chain, observed every step
+        self.probe = StepConfig(drafter="ngram", depth=c.max_depth) if c.probe and "ngram" in c.drafters else None
+        self._probe_family = None if self.probe is None else self.grid.family_of(self.probe)
         self._plan()
         self._calibration = self._calibration_options()
         self._warmup = len(self._calibration) if c.warmup_steps is None else c.warmup_steps
@@ -146,11 +149,11 @@ class Controller:
         little, and the deepest chain of a slow drafter (self-speculation d8 on a CPU: 14 plain steps) cost
         more than the rest of the warm-up together; draft costs are linear in depth and nodes, and every
         later step refines the fit."""
-        D, J, W = self.config.max_depth, self.J, len(self.grid.widths)
+        g, D, J = self.grid, self.config.max_depth, self.J
         cands = [0, D]
-        for di in range(len(self.grid.drafters)):
-            first, widest = 1 + di * W * D, 1 + (di * W + W - 1) * D
-            cands += [first, widest + max(D // 2 - 1, 0)]
+        for d in g.drafters:
+            fams = sorted((f for f, (name, _) in enumerate(g.families) if name == d), key=lambda f: g.families[f][1])
+            cands += [g.first(fams[0]), g.first(fams[-1]) + max(D // 2 - 1, 0)]
         cands = list(dict.fromkeys(cands))  # small grids (max_depth 1, one width): some coincide
         opts = [c * J for c in cands]
         budgeted = [D * J + j for j in range(1, J) if self._valid[D * J + j]]
@@ -378,6 +381,12 @@ class Controller:
                 m = math.exp(-self.fidelity.lam * loss)
                 fail_weight = (1.0 - q) / max(1.0 - q * m, 1e-9)
             self.acceptance.observe(rid, fam, stats.accepted, depth, fail_weight)
+        probe = stats.probe
+        if probe is not None and self._probe_family is not None and probe.drafter == self.probe.drafter:
+            self.yields.observe(rid, self._probe_family, probe.drafted, probe.depth, decay=False)
+            self.acceptance.observe(rid, self._probe_family, probe.accepted, probe.observed_depth)
+            if probe.accepted > stats.accepted:
+                r.hold = 0  # the probe would have done better: decide afresh next step instead of holding
         tokens = stats.tree_size + 1
         if per_layer:
             self.experts.observe(tokens, stats.unique_experts, stats.unique_experts_kept, stats.router_mass_kept)

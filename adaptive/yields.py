@@ -55,15 +55,17 @@ class DraftYield:
     def end(self, request_id: int) -> None:
         self._requests.pop(request_id, None)
 
-    def observe(self, request_id: int, family: int, produced: int, requested: int) -> None:
-        """A step of `family` asked for `requested` nodes and the drafter produced `produced`."""
+    def observe(self, request_id: int, family: int, produced: int, requested: int, decay: bool = True) -> None:
+        """A step of `family` asked for `requested` nodes and the drafter produced `produced`. decay=False
+        for a second observation within one step (a passive probe): the request's evidence ages per step."""
         if request_id not in self._requests:
             self.begin(request_id)
         c, y = self.config, min(produced / max(requested, 1), 1.0)
         rows = self._requests[request_id]
-        for row in rows:
-            row[0] *= c.request_decay
-            row[1] *= c.request_decay
+        if decay:
+            for row in rows:
+                row[0] *= c.request_decay
+                row[1] *= c.request_decay
         rows[family][0] += y
         rows[family][1] += 1.0
         g = self._global[family]

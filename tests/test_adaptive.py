@@ -9,7 +9,7 @@ from moetune.adaptive.controller import Controller, ControllerConfig, Infeasible
 from moetune.adaptive.experts import ExpertModel, iid_unique
 from moetune.adaptive.fidelity import FidelityModel
 from moetune.adaptive.latency import RLS, OnlineLatency
-from moetune.step import DecodeState, ModelShape, StepStats
+from moetune.step import DecodeState, ModelShape, Probe, StepStats
 from moetune.traces.latency import LatencyModel
 
 SHAPE = ModelShape(num_layers=6, num_experts=32, top_k=4)
@@ -288,3 +288,49 @@ def test_ngram_that_often_drafts_nothing_is_priced_by_its_yield_and_chosen():
     predicted = np.mean([d.ms_per_token for d, _ in late])
     assert abs(predicted / ms_per_token(late) - 1.0) < 0.2
     assert ms_per_token(late) < 0.7 * 1e3 * (env.base + env.per_token)  # well below plain decoding
+
+
+class ProbeEnv(NgramEnv):
+    """NgramEnv's costs, with an n-gram drafter that either always drafts the requested chain, all
+    accepted (`match`), or never drafts; steps of other drafters report the passive n-gram probe."""
+
+    match = False
+
+    def step(self, i, config, ctx, probe=None):
+        if config.speculate and config.drafter == "ngram":
+            n = acc = config.depth if self.match else 0
+            return StepStats(i, config, acc, acc + 1, n, n, ctx, t_verify=self.base + self.per_token * (n + 1))
+        s = super().step(i, config, ctx)
+        if probe is None:
+            return s
+        drafted = probe.depth if self.match else 0
+        seen = min(drafted, s.emitted)
+        return replace(s, probe=Probe("ngram", probe.depth, drafted, seen, seen == s.emitted < drafted))
+
+
+def steps_until_ngram(probe: bool) -> int:
+    """A request where n-gram drafting is perfect, after one where it never drafted: steps until the
+    controller first chooses it."""
+    env = ProbeEnv()
+    c = make(ControllerConfig(drafters=("draft_model", "ngram"), widths=(1,), budgets=False, probe=probe),
+             profile=env.profile())
+    assert (c.probe is not None) == probe
+    for rid, match in ((0, False), (1, True)):
+        env.match = match
+        c.begin(rid)
+        ctx = 32
+        for i in range(80):
+            d = c.decide(DecodeState(rid, i, ctx, ctx - 32, 10_000))
+            if match and d.config.drafter == "ngram" and d.config.speculate:
+                return i
+            s = env.step(i, d.config, ctx, c.probe)
+            c.observe(s)
+            ctx += s.emitted
+        c.end(rid)
+    return 80
+
+
+def test_ngram_probe_finds_a_matching_request_within_a_few_steps():
+    with_probe, without = steps_until_ngram(True), steps_until_ngram(False)
+    assert with_probe <= 6
+    assert without > 2 * with_probe

@@ -108,6 +108,10 @@ class Controller:
         self.steps = 0
         self._since_plan = 0
         self._powers = np.arange(1, c.max_depth + 1, dtype=float)
+        F = len(self.grid.families)
+        self._curve_buffer = np.zeros((2, F, c.max_depth))
+        # 64 decisions' random numbers at a time: [i, 0] normals, [i, 1] uniforms (see _gamma)
+        self._draws, self._draw_next = np.zeros((64, 2, 2, F, c.max_depth)), 64
         self._config_cache: dict = {}
         self._token_counts, self._token_index = np.unique(self.grid.tokens, return_inverse=True)
         self._draft_features = self._drafting_rows()
@@ -172,7 +176,13 @@ class Controller:
         valid[0, 1:] = False  # plain decoding has nothing to budget
         self._w = self.fidelity.w.tolist()  # per-layer sensitivity, for observe's loss of a budgeted step
         factor = self.fidelity.acceptance_factor(loss)
-        self._mpow = (factor[:, :, None] ** self._powers) * g.depth_mask[:, None, :]  # (C, J, D)
+        mpow = (factor[:, :, None] ** self._powers) * g.depth_mask[:, None, :]  # (C, J, D)
+        # expected emitted tokens of every option = 1 + _M @ cumprod(p).ravel(): each option's depth weights
+        # sit in its family's block of (F * D) columns, so a decision is one matrix product
+        F, D = len(g.families), self.config.max_depth
+        M = np.zeros((C, J, F, D))
+        M[np.arange(C)[:, None], np.arange(J)[None, :], g.family[:, None]] = mpow
+        self._M = M.reshape(C * J, F * D)
         self._loss = loss.ravel()
         self._valid = valid.ravel()
         self._lossy = np.where(self._loss > self.config.max_agreement_loss, -np.inf, 0.0)
@@ -180,18 +190,24 @@ class Controller:
         draft = np.zeros(C)
         for d, sel, features in self._draft_features:
             draft[sel] = self.latency.predict_draft(d, features)
-        # step seconds of every option = _t0 + _t1 * context_len (verify features with the context folded out)
+        # step seconds of every option = t0 + t1 * context_len (verify features with the context folded out)
         th = self.latency.verify.theta
         n = np.repeat(g.tokens.astype(float), J)
         # an invalid option (a budget level that removes nothing new) takes forever: zero goodput, never chosen
         # (clamped: a step takes some time, and a longer context never makes it faster)
         t0 = np.maximum(th[0] + th[1] * n + th[2] * kept.ravel() + np.repeat(draft, J), 1e-6)
-        self._t0 = np.where(self._valid, t0, np.inf)
-        self._t1 = np.maximum(th[3] + th[4] * n, 0.0) / 1000.0
+        t1 = np.maximum(th[3] + th[4] * n, 0.0) / 1000.0
         # verify time of an option's draft nodes (over plain's): what a step that drafts fewer saves
-        self._n0 = np.maximum(th[1] * (n - 1) + th[2] * (kept.ravel() - kept[0, 0]), 0.0)
-        self._n1 = np.maximum(th[4] * (n - 1), 0.0) / 1000.0
-        self._opt_family = np.repeat(g.family, J)
+        n0 = np.maximum(th[1] * (n - 1) + th[2] * (kept.ravel() - kept[0, 0]), 0.0)
+        n1 = np.maximum(th[4] * (n - 1), 0.0) / 1000.0
+        # times = _X @ [1, ctx, short_1..F, short_1..F * ctx] (short_f: the share of family f's requested
+        # nodes this request is not expected to draft), one matrix-vector product per decision
+        fam = np.repeat(g.family, J)
+        X = np.zeros((C * J, 2 + 2 * F))
+        X[:, 0], X[:, 1] = np.where(self._valid, t0, np.inf), t1
+        X[np.arange(C * J), 2 + fam] = -n0
+        X[np.arange(C * J), 2 + F + fam] = -n1
+        self._X = X
         self._since_plan = 0
 
     def _config(self, option: int) -> StepConfig:
@@ -231,26 +247,50 @@ class Controller:
     def _times(self, request_id: int, context_len: int) -> np.ndarray:
         """Predicted step seconds of every option (flat): verify(tokens, experts, context) + draft, less
         the verify time of the nodes this request's drafter is not expected to draft (adaptive/yields.py)."""
-        short = 1.0 - self.yields.fill(request_id)[self._opt_family]
-        return self._t0 + self._t1 * context_len - short * (self._n0 + self._n1 * context_len)
+        short = [1.0 - y for y in self.yields.fill(request_id)]
+        return self._X.dot([1.0, context_len, *short, *(x * context_len for x in short)])
 
     def _emitted(self, p: np.ndarray, remaining: int) -> np.ndarray:
-        """Expected emitted tokens of every option (S, C*J) for S stacked acceptance curves p (S, F, D)."""
-        P = np.cumprod(p, axis=-1)[:, self.grid.family].transpose(1, 2, 0)  # (C, D, S)
-        e = 1.0 + np.matmul(self._mpow, P)  # (C, J, S)
-        return np.minimum(e.reshape(-1, len(p)).T, max(remaining, 1))
+        """Expected emitted tokens of every option (C*J, S) for S stacked acceptance curves p (S, F, D)."""
+        e = self._M @ np.cumprod(p, axis=-1).reshape(len(p), -1).T
+        return np.minimum(e + 1.0, max(remaining, 1))
 
     def _curves(self, r: _Request, request_id: int) -> np.ndarray:
-        """(ranking curve, posterior mean) of per-depth acceptance: the ranking curve is a Thompson draw,
-        an upper confidence bound or the mean itself, by config.exploration. The mean is kept for observe."""
+        """(ranking curve, posterior mean) of per-depth acceptance (2, F, D): the ranking curve is a
+        Thompson draw, an upper confidence bound or the mean itself, by config.exploration. The mean is
+        kept for observe."""
         c = self.config
-        a, b = self.acceptance.posterior(request_id)
-        mean = r.mean = a / (a + b)
+        ab = self.acceptance.posterior_stacked(request_id)  # (2, F, D): alpha, beta
+        n = ab[0] + ab[1]
+        mean = r.mean = ab[0] / n
+        out = self._curve_buffer
+        out[1] = mean
         if c.exploration == "thompson":
-            return np.stack([self.rng.beta(a, b), mean])
-        if c.exploration == "greedy":
-            return np.stack([mean, mean])
-        return np.stack([np.minimum(mean + c.ucb_c * np.sqrt(mean * (1 - mean) / (a + b + 1)), 1.0), mean])
+            g = self._gamma(ab)
+            np.divide(g[0], g[0] + g[1], out=out[0])
+        elif c.exploration == "greedy":
+            out[0] = mean
+        else:
+            np.minimum(mean + c.ucb_c * np.sqrt(mean * (1.0 - mean) / (n + 1.0)), 1.0, out=out[0])
+        return out
+
+    def _gamma(self, k: np.ndarray) -> np.ndarray:
+        """Gamma(k) draws (k > 0, any shape <= (2, F, D)) from normals and uniforms drawn in blocks, so a
+        Thompson draw Beta(a, b) = Ga / (Ga + Gb) is arithmetic only.
+
+        Why: live on a CPU a decision runs right after a forward pass has evicted the caches, and there
+        any numpy random call cost ~100 us (rng.beta, standard_gamma; arithmetic ~2 us), while decide +
+        observe must stay within 2% of a step. How: Gamma(k + 1) by the Wilson-Hilferty cube of a normal
+        (close for shapes >= 1), times U ** (1 / k), which is exactly Gamma(k) for an independent uniform
+        U; so weak posteriors keep Beta's U shape (a Gaussian draw explored them far less)."""
+        if self._draw_next == len(self._draws):
+            self._draws, self._draw_next = self.rng.random(self._draws.shape), 0
+            self._draws[:, 0] = self.rng.standard_normal(self._draws[:, 0].shape)
+        z, u = self._draws[self._draw_next]
+        self._draw_next += 1
+        h = 1.0 / (9.0 * (k + 1.0))
+        cube = np.maximum(1.0 - h + z * np.sqrt(h), 0.0) ** 3
+        return (k + 1.0) * cube * u ** (1.0 / k)
 
     def decide(self, state: DecodeState) -> Decision:
         c = self.config
@@ -262,9 +302,10 @@ class Controller:
         if not self.latency.seeded and self.steps < self._warmup:
             best = self._calibration[self.steps % len(self._calibration)]
             r.mean = self.acceptance.mean(state.request_id)
-            E = self._emitted(r.mean[None], state.remaining)[0]
+            E = self._emitted(r.mean[None], state.remaining)[:, 0]
             return self._commit(r, best, E, T, switched=best != r.option)
-        E, mean_E = self._emitted(self._curves(r, state.request_id), state.remaining)
+        e = self._emitted(self._curves(r, state.request_id), state.remaining)
+        E, mean_E = e[:, 0], e[:, 1]
         util = E / T
         if c.latency_target_ms is None:
             mean = mean_E / T
@@ -284,7 +325,7 @@ class Controller:
             else:
                 r.interval = min(2 * r.interval, c.decide_every_max) if choice == cur else c.decide_every
                 r.hold = r.interval - 1
-            return self._commit(r, choice, E, T, switched=not keep and best != cur)
+            return self._commit(r, choice, mean_E, T, switched=not keep and best != cur)
         d = self._decide_target(state, r, E, T, util, mean_E)
         r.interval = c.decide_every if d.switched else min(2 * r.interval, c.decide_every_max)
         r.hold = r.interval - 1
@@ -306,9 +347,10 @@ class Controller:
             feasible = lossless
         if not feasible.any():
             # unreachable as sampled: the fastest option within the default fidelity bound, flagged once
-            # the request's own evidence (posterior mean, >= MIN_EVIDENCE steps) agrees
+            # the request's own evidence (posterior mean, >= MIN_EVIDENCE steps) and its time so far agree
             best = int(np.argmax(util + self._lossy))
-            infeasible = r.steps >= MIN_EVIDENCE and (T[best] / mean_E[best]) > c.latency_target_ms / 1e3
+            infeasible = r.steps >= MIN_EVIDENCE and (T[best] / mean_E[best]) > c.latency_target_ms / 1e3 \
+                and r.time > r.emitted * c.latency_target_ms / 1e3  # ... and the request is not meeting it
             msg = ""
             if infeasible and not r.notes:
                 msg = (f"latency target {c.latency_target_ms:g} ms/token is infeasible for this request: "
@@ -316,7 +358,7 @@ class Controller:
                        f"({label(self._config(best))}); running at the fastest configuration")
                 r.notes.append(msg)
             r.infeasible = infeasible
-            return self._commit(r, best, E, T, switched=best != r.option, infeasible=infeasible, message=msg)
+            return self._commit(r, best, mean_E, T, switched=best != r.option, infeasible=infeasible, message=msg)
         loss = np.where(feasible, self._loss, np.inf)
         cand = loss <= loss.min() + 1e-12
         best = int(np.argmax(np.where(cand, util, -np.inf)))
@@ -324,7 +366,7 @@ class Controller:
         keep = cur >= 0 and feasible[cur] and self._loss[cur] <= self._loss[best] + 1e-12 and (
             r.dwell < c.min_dwell or util[cur] * (1 + c.hysteresis) >= util[best])
         r.infeasible = False
-        return self._commit(r, cur if keep else best, E, T, switched=not keep and best != cur)
+        return self._commit(r, cur if keep else best, mean_E, T, switched=not keep and best != cur)
 
     def _commit(self, r: _Request, option: int, E, T, switched: bool, infeasible: bool = False,
                 message: str = "") -> Decision:

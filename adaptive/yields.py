@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 
 
 @dataclass(frozen=True)
@@ -72,10 +71,9 @@ class DraftYield:
         g[0] = g[0] * c.global_decay + y
         g[1] = g[1] * c.global_decay + 1.0
 
-    def fill(self, request_id: int) -> np.ndarray:
-        """(families,) expected yield of this request: its decayed mean, the shared mean as a prior."""
+    def fill(self, request_id: int) -> list[float]:
+        """Per family, the expected yield of this request: its decayed mean, the shared mean as a prior."""
         if request_id not in self._requests:
             self.begin(request_id)
         k = self.config.prior_strength
-        return np.array([(s + k * gs / gn) / (n + k) for (s, n), (gs, gn) in zip(self._requests[request_id],
-                                                                                 self._global)])
+        return [(s + k * gs / gn) / (n + k) for (s, n), (gs, gn) in zip(self._requests[request_id], self._global)]

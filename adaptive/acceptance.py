@@ -120,11 +120,6 @@ class AcceptanceModel:
         a, b = self.posterior(request_id)
         return a / (a + b)
 
-    def sample(self, request_id: int, rng: np.random.Generator) -> np.ndarray:
-        """One Thompson draw of every per-depth acceptance probability."""
-        a, b = self.posterior(request_id)
-        return rng.beta(a, b)
-
     def decay(self, request_id: int, factor: float | None = None) -> None:
         """Forget a little of this request's evidence (once per step; `factor` overrides request_decay)."""
         r = self._request(request_id)

@@ -94,8 +94,7 @@ class AcceptanceModel:
             np.add.at(self.global_f, family, fail)
         mu = (self.global_s + c.base_alpha) / (self.global_s + self.global_f + c.base_alpha + c.base_beta)
         self._mu = mu
-        self._floor_a, self._floor_b = c.floor_strength * mu, c.floor_strength * (1.0 - mu)
-        self._floor = np.stack([self._floor_a, self._floor_b])
+        self._floor = c.floor_strength * np.stack([mu, 1.0 - mu])  # (2, families, max_depth)
 
     def prior_mean(self) -> np.ndarray:
         self.refresh()
@@ -105,8 +104,8 @@ class AcceptanceModel:
         """Beta parameters (alpha, beta) for this request: a small fixed share of the shared prior plus
         its own decayed counts. While speculation is off the counts decay, the posterior widens toward
         the shared prior, and Thompson sampling tries speculating again."""
-        s, f, scale = self._request(request_id)
-        return self._floor_a + np.array(s) * scale, self._floor_b + np.array(f) * scale
+        a, b = self.posterior_stacked(request_id)
+        return a, b
 
     def posterior_stacked(self, request_id: int) -> np.ndarray:
         """posterior() as one (2, families, max_depth) array: fewer array operations per decision."""

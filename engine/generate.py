@@ -13,7 +13,7 @@ import torch
 
 from moetune.policies.base import Policy
 from moetune.policies.static import Static
-from moetune.step import PLAIN, PROBE_DRAFTERS, DecodeState, Probe, StepConfig, StepStats
+from moetune.step import PLAIN, PROBE_DRAFTERS, DecodeState, Lookahead, Probe, StepConfig, StepStats
 
 from . import kv
 from .accept import accept_greedy, accept_sample
@@ -65,19 +65,27 @@ def _get_drafter(pool: dict[str, Proposer], name: str, target) -> Proposer:
     return pool[name]
 
 
-def _probe_draft(pool: dict[str, Proposer], probe: StepConfig | None, cfg: StepConfig, ids: list[int],
-                 target, temperature: float) -> list[int] | None:
-    """The passive draft a policy asked for (Policy.probe), when it applies to this step: greedy decoding
-    (a probe is checked against the emitted tokens, which are the target's argmax only then) and a step
-    drafting with another drafter (its own step already tells)."""
-    if probe is None or temperature != 0 or (cfg.speculate and cfg.drafter == probe.drafter):
-        return None
+def _lookahead(pool: dict[str, Proposer], probe: StepConfig | None, ids: list[int],
+               target) -> tuple[Lookahead | None, list[int]]:
+    """What the policy's probe drafter (Policy.probe) drafts at this step, before the policy decides:
+    the Lookahead it sees, and the chain itself (checked against the emitted tokens afterwards)."""
+    if probe is None:
+        return None, []
     if probe.drafter not in PROBE_DRAFTERS or probe.topk != 1 or probe.tree is not None:
         raise ValueError(f"Policy.probe must be a chain (topk=1) of a model-free drafter {PROBE_DRAFTERS}; "
                          f"got drafter={probe.drafter!r}, topk={probe.topk}")
-    drafter = _get_drafter(pool, probe.drafter, target)
-    found = drafter.continuations(ids, probe.depth, 1)
-    return found[0] if found else []
+    order, chain = _get_drafter(pool, probe.drafter, target).lookahead(ids, probe.depth)
+    return Lookahead(probe.drafter, order, len(chain)), chain
+
+
+def _probe(probe: StepConfig | None, cfg: StepConfig, chain: list[int], emitted: list[int],
+           temperature: float) -> Probe | None:
+    """The probe's chain checked against the emitted tokens, when that tells something: greedy decoding
+    (the emitted tokens are the target's argmax only then) and a step drafting with another drafter
+    (its own step already tells)."""
+    if probe is None or temperature != 0 or (cfg.speculate and cfg.drafter == probe.drafter):
+        return None
+    return Probe.check(probe.drafter, probe.depth, chain, emitted)
 
 
 def _prompt_ids(tokenizer, prompt) -> list[int]:
@@ -158,11 +166,11 @@ def _request(target, tokenizer, r, ids, pool, policy, max_new, temperature, top_
     while not done:
         generated = len(ids) - len(prompt)
         c0 = time.perf_counter()
-        cfg = policy.decide(DecodeState(r, len(steps), len(ids), generated, max_new - generated))
-        t_decide = time.perf_counter() - c0
         probe = getattr(policy, "probe", None)
+        look, probed = _lookahead(pool, probe, ids, target)
+        cfg = policy.decide(DecodeState(r, len(steps), len(ids), generated, max_new - generated, look))
+        t_decide = time.perf_counter() - c0
         with timer.phase("draft"):
-            probed = _probe_draft(pool, probe, cfg, ids, target, temperature)
             if cfg.speculate:
                 tree = _fit(_get_drafter(pool, cfg.drafter, target).draft(ids, cfg), max_new - generated)
             else:
@@ -184,7 +192,7 @@ def _request(target, tokenizer, r, ids, pool, policy, max_new, temperature, top_
             done = cut is not None or len(ids) - len(prompt) >= max_new
         stats = _stats(len(steps), cfg, acc.accepted, len(emitted), tree, len(ids) - len(emitted), ver,
                        timer.read(), t_decide + t_observe, target.device,
-                       None if probed is None else Probe.check(probe.drafter, probe.depth, probed, emitted))
+                       _probe(probe, cfg, probed, emitted, temperature))
         steps.append(stats)
         c0 = time.perf_counter()
         policy.observe(stats)

@@ -167,6 +167,17 @@ class StepStats:
 
 
 @dataclass(frozen=True)
+class Lookahead:
+    """What the policy's probe drafter (Policy.probe) would draft at this step, known before the policy
+    decides: a model-free lookup costs microseconds. For the n-gram drafter, `order` is the length of
+    the n-gram it matched (0: none, so it drafts nothing); acceptance depends strongly on it."""
+
+    drafter: str
+    order: int
+    drafted: int  # tokens its chain holds (<= the probe's depth)
+
+
+@dataclass(frozen=True)
 class DecodeState:
     """What a policy may look at when it decides the next step of one request."""
 
@@ -175,3 +186,4 @@ class DecodeState:
     context_len: int  # committed tokens (prompt + generated)
     generated: int  # tokens generated so far
     remaining: int  # max_new_tokens - generated
+    lookahead: Lookahead | None = None  # only for a policy with a probe (live, and replay of traces with prompt ids)

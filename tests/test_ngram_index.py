@@ -4,6 +4,7 @@ import random
 import pytest
 
 from moetune.engine.drafters import NgramDrafter
+from moetune.ngram import NgramIndex
 from moetune.step import StepConfig
 
 
@@ -188,3 +189,30 @@ def test_constructor_validation():
     for max_n, min_n in ((0, 1), (2, 3), (3, 0)):
         with pytest.raises(ValueError, match="min_n"):
             NgramDrafter(max_n=max_n, min_n=min_n)
+
+
+def reference_order(context, max_n, min_n):
+    """The longest n whose n-gram ending the context occurs earlier with a token after it (0: none)."""
+    end = len(context)
+    for n in range(min(max_n, end - 1), min_n - 1, -1):
+        if any(context[s:s + n] == context[end - n:] for s in range(end - n)):
+            return n
+    return 0
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_lookahead_is_the_count_one_draft_and_its_order(seed):
+    rng = random.Random(500 + seed)
+    max_n, min_n, vocab = rng.randint(2, 6), rng.randint(1, 2), rng.randint(3, 10)
+    full = [rng.randrange(vocab) for _ in range(200)]
+    index = NgramIndex(max_n=max_n, min_n=min_n)  # torch-free: what replay uses
+    index.prefill(full[:3])
+    orders = set()
+    for k in range(3, len(full) + 1, 7):
+        length = rng.randint(1, 8)
+        order, chain = index.lookahead(full[:k], length)
+        expected = reference_continuations(full[:k], length, 1, max_n, min_n)
+        assert chain == (expected[0] if expected else [])
+        assert order == reference_order(full[:k], max_n, min_n)
+        orders.add(order)
+    assert len(orders) > 1  # several orders (or none) were seen, not one case over and over

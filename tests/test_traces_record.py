@@ -14,6 +14,7 @@ from moetune.traces.record import record_request
 from moetune.traces.replay import replay
 from moetune.traces.schema import TraceMeta, TreeLimits
 from moetune.engine.loader import moe_shape
+from moetune.ngram import NgramIndex
 from moetune.traces.writer import TraceWriter
 from tiny import tiny_moe
 
@@ -124,9 +125,13 @@ def test_budget_outcomes_match_live_engine(recorded, config, grid_exact):
 
 
 class Probing(Collect):
-    """Collect, asking for the passive n-gram probe (Policy.probe)."""
+    """Collect, asking for the passive n-gram probe (Policy.probe); keeps the lookaheads it was shown."""
 
     probe = StepConfig(drafter="ngram", depth=3)
+
+    def decide(self, state):
+        self.looks = getattr(self, "looks", []) + [state.lookahead]
+        return super().decide(state)
 
 
 @pytest.mark.parametrize("config", [StepConfig(speculate=False), StepConfig(drafter="self", depth=2),
@@ -151,3 +156,31 @@ def test_probe_reports_what_an_ngram_step_would_accept_live_and_in_replay(record
         assert s.probe.censored == (full >= s.emitted and len(draft) > s.emitted)
         pos += s.emitted
     assert any(s.probe.accepted > 0 for s in live.seen)  # the prompt repeats itself: the probe matches
+
+
+@pytest.mark.parametrize("config", [StepConfig(speculate=False), StepConfig(drafter="self", depth=2),
+                                    StepConfig(drafter="ngram", depth=2)])
+def test_lookahead_is_shown_before_each_decision_live_and_in_replay(recorded, config):
+    target, drafters, trace = recorded
+    req = trace.requests[0]
+    assert req.prompt_ids.tolist() == PROMPT  # recorded, so replay can run the lookup over the context
+    live = Probing(config)
+    out = generate(target, None, [PROMPT], drafter=dict(drafters), policy=live, max_new_tokens=NEW)[0]
+    replayed = Probing(config)
+    replay(trace, replayed, fit_trace(trace))
+    assert replayed.looks == live.looks
+    # ground truth: a fresh brute-force-checked index over each step's context
+    ids, pos = PROMPT + out.token_ids, len(PROMPT)
+    for look, s in zip(live.looks, live.seen):
+        order, chain = NgramIndex().lookahead(ids[:pos], 3)
+        assert (look.drafter, look.order, look.drafted) == ("ngram", order, len(chain))
+        pos += s.emitted
+    assert {look.order for look in live.looks} >= {0, 1} or len({look.order for look in live.looks}) > 1
+    # a trace without prompt ids (recorded before they were kept) replays with no lookahead
+    req.prompt_ids, saved = None, req.prompt_ids
+    try:
+        blind = Probing(config)
+        replay(trace, blind, fit_trace(trace))
+    finally:
+        req.prompt_ids = saved
+    assert all(look is None for look in blind.looks) and len(blind.looks) == len(live.looks)

@@ -128,11 +128,15 @@ def read_trace(path: str | Path, strict: bool = False) -> Trace:
                 elif kind == KIND_REQUEST:
                     if requests and not requests[-1].complete:
                         raise ValueError(f"request {requests[-1].request_id} was never ended")
+                    prompt_ids = arrays.pop("prompt_ids", None)
                     live = live_from(info["live"], arrays, meta.shape.num_layers) if "live" in info else None
+                    if prompt_ids is not None and prompt_ids.shape != (int(info["prompt_len"]),):
+                        raise ValueError(f"prompt_ids has shape {prompt_ids.shape}, expected ({info['prompt_len']},)")
                     requests.append(RequestTrace(request_id=int(info["request_id"]),
                                                  prompt_len=int(info["prompt_len"]), kind=info["kind"],
                                                  prompt=info["prompt"], live=live,
-                                                 max_new_tokens=int(info.get("max_new_tokens", 0))))
+                                                 max_new_tokens=int(info.get("max_new_tokens", 0)),
+                                                 prompt_ids=prompt_ids))
                 elif kind in (KIND_POSITION, KIND_END):
                     req = requests[-1] if requests and not requests[-1].complete else None
                     if req is None or int(info["request_id"]) != req.request_id:

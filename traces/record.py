@@ -103,7 +103,7 @@ def record_request(writer: TraceWriter, target, drafters: dict[str, Proposer], l
                     max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)[0]
     run = live_run(live.steps, getattr(policy, "name", type(policy).__name__))
     output = live.token_ids
-    writer.begin_request(request_id, len(prompt_ids), kind, prompt, run, max_new_tokens)
+    writer.begin_request(request_id, len(prompt_ids), kind, prompt, run, max_new_tokens, prompt_ids)
     device = target.device
     cache = kv.new_cache(target)
     prefill(target, cache, prompt_ids)

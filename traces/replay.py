@@ -24,7 +24,8 @@ import numpy as np
 
 from moetune.policies.base import Policy
 from moetune.policies.registry import make_policy as registry_make
-from moetune.step import DecodeState, Probe, StepConfig, StepStats
+from moetune.ngram import NgramIndex
+from moetune.step import DecodeState, Lookahead, Probe, StepConfig, StepStats
 
 from .derive import prepare
 from .latency import LatencyModel
@@ -169,12 +170,23 @@ def replay_request(req, policy, latency, shape, target, overhead, configs, log, 
     # A policy that keeps Policy's no-op observe (static ones) gets no StepStats: building its ~20 frozen
     # fields was about a third of a step's own cost.
     watches = type(policy).observe is not Policy.observe
+    look, lookup, probe_cfg = None, None, getattr(policy, "probe", None)
+    if probe_cfg is not None and req.prompt_ids is not None and probe_cfg.drafter in trace.meta.drafters:
+        # the probe drafter's lookahead, as the engine computes it before each decision, capped at the
+        # depth the trace recorded for it (no replayed step of it can draft deeper)
+        lookup, cap = NgramIndex(), trace.meta.drafters[probe_cfg.drafter].depth
+        context_ids = req.prompt_ids.tolist()
+        lookup.prefill(context_ids)
+        output_ids = output.tolist()
     p = step = 0
     last, index = None, 0  # the previous step's config and its index (hashing a StepConfig costs ~1 us)
     while p < total:
         context = req.prompt_len + p
         t0 = clock()
-        config = policy.decide(DecodeState(req.request_id, step, context, p, limit - p))
+        if lookup is not None:
+            order, chain = lookup.lookahead(context_ids, probe_cfg.depth)
+            look = Lookahead(probe_cfg.drafter, order, min(len(chain), cap))
+        config = policy.decide(DecodeState(req.request_id, step, context, p, limit - p, look))
         t_decide = clock() - t0
         trees = positions[p].trees
         tree = trees.get(config.drafter) if config.speculate else next(iter(trees.values()))
@@ -224,6 +236,8 @@ def replay_request(req, policy, latency, shape, target, overhead, configs, log, 
         if config is not last:
             last, index = config, configs.setdefault(config, len(configs))
         log.append((req.request_id, step, p, index, emitted - 1, emitted, o.tree_size, step_time, agreed))
+        if lookup is not None:
+            context_ids += output_ids[p:p + emitted]
         p += emitted
         step += 1
     t0 = clock()

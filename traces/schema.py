@@ -192,6 +192,7 @@ class RequestTrace:
     live: LiveRun | None = None
     max_new_tokens: int = 0  # the recording's limit (0: unknown; replay then takes the recorded length)
     complete: bool = False  # the writer closed this request (False: the run stopped inside it)
+    prompt_ids: np.ndarray | None = None  # [prompt_len] int32 when recorded (replay's model-free lookups)
 
     @property
     def output(self) -> np.ndarray:  # [P] int32, the greedy output (as far as recorded)

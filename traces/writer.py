@@ -60,16 +60,21 @@ class TraceWriter:
         self.bytes_written += len(data)
 
     def begin_request(self, request_id: int, prompt_len: int, kind: str = "", prompt: str = "",
-                      live: LiveRun | None = None, max_new_tokens: int = 0) -> None:
-        """Start a request. `live` (what ran while recording) goes first so the self-check needs no tail."""
+                      live: LiveRun | None = None, max_new_tokens: int = 0, prompt_ids=None) -> None:
+        """Start a request. `live` (what ran while recording) goes first so the self-check needs no tail.
+        `prompt_ids` (optional, prompt_len token ids) let replay run model-free lookups over the context."""
         if self._request is not None:
             raise ValueError(f"request {self._request} is still open; call end_request first")
         info = dict(request_id=int(request_id), prompt_len=int(prompt_len), kind=kind, prompt=prompt,
                     max_new_tokens=int(max_new_tokens))
         arrays = {}
+        if prompt_ids is not None:
+            if len(prompt_ids) != prompt_len:
+                raise ValueError(f"prompt_ids has {len(prompt_ids)} tokens but prompt_len is {prompt_len}")
+            arrays["prompt_ids"] = np.asarray(prompt_ids, dtype=np.int32)
         if live is not None:
             info["live"] = dict(policy=live.policy, configs=[config_to_dict(c) for c in live.configs])
-            arrays = dict(config_index=live.config_index.astype(np.int32), position=live.position.astype(np.int32),
+            arrays.update(config_index=live.config_index.astype(np.int32), position=live.position.astype(np.int32),
                           accepted=live.accepted.astype(np.int32), emitted=live.emitted.astype(np.int32),
                           tree_size=live.tree_size.astype(np.int32),
                           unique_experts=live.unique_experts.astype(np.int16),
@@ -112,7 +117,7 @@ def write_trace(trace: Trace, path: str | Path) -> int:
     """Write a whole in-memory trace (e.g. a synthetic one); returns the bytes written."""
     with TraceWriter(path, trace.meta) as w:
         for r in trace.requests:
-            w.begin_request(r.request_id, r.prompt_len, r.kind, r.prompt, r.live, r.max_new_tokens)
+            w.begin_request(r.request_id, r.prompt_len, r.kind, r.prompt, r.live, r.max_new_tokens, r.prompt_ids)
             for pos in r.positions:
                 w.position(pos.token, pos.trees)
             if r.complete:

@@ -1,85 +1,27 @@
 """Prompt lookup (n-gram) drafting: no model, the context predicts itself.
 
-The longest recent n-gram (max_n down to min_n) ending the context is searched for earlier in the
-context; what followed it is proposed. With topk > 1 up to topk distinct continuations (most recent
-match first) are merged into a trie, so shared prefixes are verified once.
-
-The lookup runs every decode step (also as a passive probe while another drafter drafts), so it
-uses an index instead of rescanning the context: for each n in [min_n, max_n] a dict from n-gram
-tuple to its start positions (ascending), an n-gram at s being indexed once a token follows it
-(s + n < len(context)), which leaves out the suffix itself. The index syncs lazily with the context
-it is given. Assumption: within one request the context only grows, so a context at least as long
-as the indexed one that agrees on its first and last indexed token extends it, and only the new
-tokens are indexed; anything else rebuilds. `prefill` (a new request) always rebuilds, since two
-requests can pass that check. Results are identical to a brute-force scan of the context.
-
-Cost (L = len(context), m = max_n - min_n + 1): memory L * m positions; sync m tuple builds per new
-token; lookup at most m dict probes, then a walk over the matched n-gram's occurrences, most recent
-first, until `count` distinct continuations are found (one step for count == 1; all occurrences
-only when fewer than `count` distinct ones exist).
+The lookup itself (the longest recent n-gram ending the context, what followed it) lives in the
+torch-free moetune.ngram.NgramIndex, shared with trace replay; this drafter turns its continuations
+into a tree. With topk > 1 up to topk distinct continuations (most recent match first) are merged
+into a trie, so shared prefixes are verified once.
 """
 from __future__ import annotations
 
 import torch
 
+from moetune.ngram import NgramIndex
 from moetune.step import StepConfig
 
 from ..tree import DraftTree
 from .base import Proposer
 
 
-class NgramDrafter(Proposer):
+class NgramDrafter(NgramIndex, Proposer):
     name = "ngram"
 
     def __init__(self, max_n: int = 4, min_n: int = 1, device: torch.device | str = "cpu"):
-        if not 1 <= min_n <= max_n:
-            raise ValueError(f"NgramDrafter needs 1 <= min_n <= max_n, got min_n={min_n}, max_n={max_n}")
-        self.max_n, self.min_n, self.device = max_n, min_n, torch.device(device)
-        self._reset()
-
-    def _reset(self) -> None:
-        self._index: dict[int, dict[tuple[int, ...], list[int]]] = {
-            n: {} for n in range(self.min_n, self.max_n + 1)}
-        self._len = 0  # length of the indexed context; _first/_last are its first and last token
-        self._first = self._last = None
-
-    def _sync(self, context: list[int]) -> None:
-        """Index the tokens of `context` not indexed yet (rebuild unless it extends the indexed one)."""
-        end, old = len(context), self._len
-        if old and not (end >= old and context[0] == self._first and context[old - 1] == self._last):
-            self._reset()
-            old = 0
-        if end == old:
-            return
-        for n, grams in self._index.items():
-            for s in range(max(0, old - n), end - n):
-                key = tuple(context[s:s + n])
-                starts = grams.get(key)
-                if starts is None:
-                    grams[key] = [s]
-                else:
-                    starts.append(s)
-        self._len, self._first, self._last = end, context[0], context[-1]
-
-    def prefill(self, prompt_ids: list[int]) -> None:
-        self._reset()
-        self._sync(list(prompt_ids))
-
-    def continuations(self, context: list[int], length: int, count: int) -> list[list[int]]:
-        """Up to `count` distinct continuations of at most `length` tokens, longest n-gram match first."""
-        self._sync(context)
-        found: list[list[int]] = []
-        end = len(context)
-        for n in range(min(self.max_n, end - 1), self.min_n - 1, -1):
-            for start in reversed(self._index[n].get(tuple(context[end - n:]), ())):
-                cont = context[start + n:start + n + length]
-                if cont and cont not in found:
-                    found.append(cont)
-                    if len(found) == count:
-                        return found
-            if found:
-                return found
-        return found
+        super().__init__(max_n, min_n)
+        self.device = torch.device(device)
 
     def draft(self, context_ids: list[int], config: StepConfig) -> DraftTree:
         conts = self.continuations(context_ids, config.depth, config.topk)

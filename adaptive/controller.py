@@ -38,6 +38,7 @@ from .plan import allocate
 from .yields import DraftYield, YieldConfig
 
 MIN_EVIDENCE = 8  # steps of a request before its target is declared infeasible online
+NGRAM_ORDERS = 4  # n-gram match orders with their own acceptance curves (the drafter's max_n; longer share)
 
 
 class InfeasibleTarget(ValueError):
@@ -70,6 +71,8 @@ class _Request:
     last: Decision | None = None  # the last full decision, held for decide_every - 1 steps
     mean: np.ndarray | None = None  # posterior mean acceptance (families, depths) at the last full decision
     hold: int = 0  # steps the last decision is still held
+    order: int | None = None  # the lookahead's n-gram order at this step (None: no lookahead)
+    held_order: int | None = None  # ... at the last full decision (a different order ends a hold)
     interval: int = 1  # steps between full decisions now (decide_every .. decide_every_max)
 
 
@@ -91,8 +94,18 @@ class Controller:
         c = self.config
         self.shape = shape
         self.grid = CandidateGrid(c.drafters, c.widths, c.max_depth)
+        F = len(self.grid.families)
+        # the passive n-gram draft (moetune.step.Probe): the deepest n-gram chain, observed every step
+        self.probe = StepConfig(drafter="ngram", depth=c.max_depth) if c.probe and "ngram" in c.drafters else None
+        self._probe_family = None if self.probe is None else self.grid.family_of(self.probe)
+        # with a lookahead (moetune.step.Lookahead) n-gram acceptance is learned per match order: rows
+        # F .. F + NGRAM_ORDERS - 1; _rows[o] maps the grid's families to rows when the order is o
+        self._orders = NGRAM_ORDERS if self.probe is not None else 0
+        self._rows = np.tile(np.arange(F), (self._orders + 1, 1))
+        if self._orders:
+            self._rows[1:, self._probe_family] = F + np.arange(self._orders)
         self.acceptance = AcceptanceModel(AcceptanceConfig(
-            max_depth=c.max_depth, families=len(self.grid.families), prior_strength=c.prior_strength,
+            max_depth=c.max_depth, families=F + self._orders, prior_strength=c.prior_strength,
             request_decay=c.request_decay, global_decay=c.global_decay))
         self.yields = DraftYield(YieldConfig(families=len(self.grid.families), request_decay=c.request_decay))
         self.latency = OnlineLatency(c.drafters, LatencyConfig(forgetting=c.latency_forgetting))
@@ -115,10 +128,8 @@ class Controller:
         self._config_cache: dict = {}
         self._token_counts, self._token_index = np.unique(self.grid.tokens, return_inverse=True)
         self._draft_features = self._drafting_rows()
-        # the passive n-gram draft (moetune.step.Probe): the deepest n-gram chain, observed every step
-        self.probe = StepConfig(drafter="ngram", depth=c.max_depth) if c.probe and "ngram" in c.drafters else None
-        self._probe_family = None if self.probe is None else self.grid.family_of(self.probe)
         self._plan()
+        self._look_masks = self._lookahead_masks()
         self._calibration = self._calibration_options()
         self._warmup = len(self._calibration) if c.warmup_steps is None else c.warmup_steps
         if c.latency_target_ms is not None and self.latency.seeded:
@@ -137,6 +148,16 @@ class Controller:
             sel = g.drafter == di
             out.append((d, sel, np.stack([np.ones(int(sel.sum())), g.depth[sel], g.nodes[sel]], axis=1).astype(float)))
         return out
+
+    def _lookahead_masks(self) -> np.ndarray:
+        """(D + 1, options): +inf added to the step time of n-gram options deeper than the m tokens the
+        lookahead holds (they draft the same m tokens as depth m; m = 0: no n-gram option drafts)."""
+        g, D = self.grid, self.config.max_depth
+        masks = np.zeros((D + 1, len(g) * self.J))
+        if self._probe_family is not None:
+            depth = np.repeat(np.where(g.family == self._probe_family, g.depth, 0), self.J)
+            masks[depth[None, :] > np.arange(D + 1)[:, None]] = np.inf
+        return masks
 
     def lower_bound_ms(self) -> float:
         """Fastest time per output token the latency model allows: all drafts accepted, minimal experts."""
@@ -244,11 +265,18 @@ class Controller:
         return self.requests[request_id]
 
     # ---- decide -------------------------------------------------------------------------------------
-    def _times(self, request_id: int, context_len: int) -> np.ndarray:
+    def _times(self, request_id: int, context_len: int, order: int | None, drafted: int) -> np.ndarray:
         """Predicted step seconds of every option (flat): verify(tokens, experts, context) + draft, less
-        the verify time of the nodes this request's drafter is not expected to draft (adaptive/yields.py)."""
+        the verify time of the nodes this request's drafter is not expected to draft (adaptive/yields.py).
+        With a lookahead the n-gram drafter's nodes are known: options deeper than its chain are masked
+        and the rest draft in full."""
         short = [1.0 - y for y in self.yields.fill(request_id)]
-        return self._X.dot([1.0, context_len, *short, *(x * context_len for x in short)])
+        if order is None:
+            return self._X.dot([1.0, context_len, *short, *(x * context_len for x in short)])
+        short[self._probe_family] = 0.0
+        T = self._X.dot([1.0, context_len, *short, *(x * context_len for x in short)])
+        T += self._look_masks[min(drafted, self.config.max_depth) if order else 0]
+        return T
 
     def _emitted(self, p: np.ndarray, remaining: int) -> np.ndarray:
         """Expected emitted tokens of every option (C*J, S) for S stacked acceptance curves p (S, F, D)."""
@@ -260,7 +288,9 @@ class Controller:
         Thompson draw, an upper confidence bound or the mean itself, by config.exploration. The mean is
         kept for observe."""
         c = self.config
-        ab = self.acceptance.posterior_stacked(request_id)  # (2, F, D): alpha, beta
+        ab = self.acceptance.posterior_stacked(request_id)  # (2, F + orders, D): alpha, beta
+        if self._orders:
+            ab = ab[:, self._rows[r.order or 0]]  # (2, F, D): the n-gram family's row for this order
         n = ab[0] + ab[1]
         mean = r.mean = ab[0] / n
         out = self._curve_buffer
@@ -296,12 +326,15 @@ class Controller:
         c = self.config
         r = self._request(state.request_id)
         self.current = state.request_id
-        if r.hold > 0:
+        look = state.lookahead
+        r.order = None if look is None or not self._orders else min(look.order, self._orders) if look.drafted else 0
+        if r.hold > 0 and r.order == r.held_order:
             return self._hold(r)
-        T = self._times(state.request_id, state.context_len)
+        r.held_order = r.order
+        T = self._times(state.request_id, state.context_len, r.order, 0 if look is None else look.drafted)
         if not self.latency.seeded and self.steps < self._warmup:
             best = self._calibration[self.steps % len(self._calibration)]
-            r.mean = self.acceptance.mean(state.request_id)
+            r.mean = self.acceptance.mean(state.request_id)[self._rows[r.order or 0]]
             E = self._emitted(r.mean[None], state.remaining)[:, 0]
             return self._commit(r, best, E, T, switched=best != r.option)
         e = self._emitted(self._curves(r, state.request_id), state.remaining)
@@ -405,11 +438,24 @@ class Controller:
                 self.fidelity.observe_agreement(1.0 - np.asarray(stats.router_mass_kept, dtype=float),
                                                 stats.agreement)
         fam = self.grid.family_of(cfg)
-        if fam is not None:
-            # levels the drafter did not draft (an n-gram step without a match drafts none) count as not
-            # accepted, so expected emitted tokens include the drafter's yield; the step is priced by it
-            self.yields.observe(rid, fam, stats.tree_size, cfg.max_nodes)
+        # with a lookahead, n-gram acceptance is per match order and conditional on the drafted levels
+        # (the chain's length was known when deciding); without one, levels the drafter did not draft
+        # count as not accepted, so expected emitted tokens include the drafter's yield, priced by it
+        ordered = r.order is not None and fam == self._probe_family
+        probe = stats.probe
+        if probe is not None and (cfg.budgets is not None or self.probe is None or probe.drafter != self.probe.drafter
+                                  or (r.order is None and fam == self._probe_family)):
+            # checked against budgeted outputs, or not ours, or (without a lookahead) an n-gram step whose
+            # own outcome, yield included, already tells
+            probe = None
+        # an n-gram step's own outcome, unless the probe saw it and more (the level past an all-accepted chain)
+        row = (self._rows[r.order][fam] if r.order and probe is None else None) if ordered else fam
+        if row is not None:
             depth = min(cfg.depth, self.config.max_depth)
+            if ordered:
+                depth = min(depth, stats.tree_size)
+            else:
+                self.yields.observe(rid, fam, stats.tree_size, cfg.max_nodes)
             fail_weight = 1.0
             if loss > 0.0:
                 # the posterior mean of the last full decision: a few steps old, but no numpy work per step
@@ -422,11 +468,14 @@ class Controller:
                 q = mean[min(stats.accepted, depth - 1)]
                 m = math.exp(-self.fidelity.lam * loss)
                 fail_weight = (1.0 - q) / max(1.0 - q * m, 1e-9)
-            self.acceptance.observe(rid, fam, stats.accepted, depth, fail_weight)
-        probe = stats.probe
-        if probe is not None and self._probe_family is not None and probe.drafter == self.probe.drafter:
-            self.yields.observe(rid, self._probe_family, probe.drafted, probe.depth, decay=False)
-            self.acceptance.observe(rid, self._probe_family, probe.accepted, probe.observed_depth)
+            self.acceptance.observe(rid, row, stats.accepted, depth, fail_weight)
+        if probe is not None:
+            if r.order is None:
+                self.yields.observe(rid, self._probe_family, probe.drafted, probe.depth, decay=False)
+                self.acceptance.observe(rid, self._probe_family, probe.accepted, probe.observed_depth)
+            elif r.order:  # conditional on the drafted levels: running out of chain is not a failure
+                seen = probe.accepted if probe.censored else min(probe.drafted, probe.depth)
+                self.acceptance.observe(rid, self._rows[r.order][self._probe_family], probe.accepted, seen)
             if probe.accepted > stats.accepted:
                 r.hold = 0  # the probe would have done better: decide afresh next step instead of holding
         tokens = stats.tree_size + 1

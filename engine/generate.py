@@ -78,12 +78,11 @@ def _lookahead(pool: dict[str, Proposer], probe: StepConfig | None, ids: list[in
     return Lookahead(probe.drafter, order, len(chain)), chain
 
 
-def _probe(probe: StepConfig | None, cfg: StepConfig, chain: list[int], emitted: list[int],
-           temperature: float) -> Probe | None:
-    """The probe's chain checked against the emitted tokens, when that tells something: greedy decoding
-    (the emitted tokens are the target's argmax only then) and a step drafting with another drafter
-    (its own step already tells)."""
-    if probe is None or temperature != 0 or (cfg.speculate and cfg.drafter == probe.drafter):
+def _probe(probe: StepConfig | None, chain: list[int], emitted: list[int], temperature: float) -> Probe | None:
+    """The probe's chain checked against the emitted tokens under greedy decoding (the emitted tokens are
+    the target's argmax only then). Also on the probe drafter's own steps: a chain shallower than the
+    probe's that was accepted whole learns one level more from the bonus token."""
+    if probe is None or temperature != 0:
         return None
     return Probe.check(probe.drafter, probe.depth, chain, emitted)
 
@@ -192,7 +191,7 @@ def _request(target, tokenizer, r, ids, pool, policy, max_new, temperature, top_
             done = cut is not None or len(ids) - len(prompt) >= max_new
         stats = _stats(len(steps), cfg, acc.accepted, len(emitted), tree, len(ids) - len(emitted), ver,
                        timer.read(), t_decide + t_observe, target.device,
-                       _probe(probe, cfg, probed, emitted, temperature))
+                       _probe(probe, probed, emitted, temperature))
         steps.append(stats)
         c0 = time.perf_counter()
         policy.observe(stats)

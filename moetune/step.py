@@ -103,7 +103,8 @@ PROBE_DRAFTERS = ("ngram",)  # drafters cheap enough to run passively beside the
 @dataclass(frozen=True)
 class Probe:
     """A passive draft: what a model-free drafter would have proposed at this step, checked against the
-    tokens the step emitted, so a policy learns its acceptance without spending a step on it.
+    tokens the step emitted, so a policy learns its acceptance without spending a step on it (and, on
+    that drafter's own steps, one level beyond a shallower chain that was accepted whole).
 
     Why it is sound: under greedy decoding a drafted token is accepted iff it equals the target's output
     there, and the step's emitted tokens are that output, so the probe's accepted length is the common

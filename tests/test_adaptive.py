@@ -9,7 +9,7 @@ from moetune.adaptive.controller import Controller, ControllerConfig, Infeasible
 from moetune.adaptive.experts import ExpertModel, iid_unique
 from moetune.adaptive.fidelity import FidelityModel
 from moetune.adaptive.latency import RLS, OnlineLatency
-from moetune.step import DecodeState, ModelShape, Probe, StepStats
+from moetune.step import DecodeState, Lookahead, ModelShape, Probe, StepStats
 from moetune.traces.latency import LatencyModel
 
 SHAPE = ModelShape(num_layers=6, num_experts=32, top_k=4)
@@ -354,3 +354,55 @@ def test_thompson_draws_follow_the_beta_posterior():
         x, y = g[:, 0] / g.sum(axis=1), exact.beta(a, b, 4000)
         assert abs(x.mean() - y.mean()) < 0.03 and abs(x.std() - y.std()) < 0.03
         assert np.allclose(np.quantile(x, [0.1, 0.5, 0.9]), np.quantile(y, [0.1, 0.5, 0.9]), atol=0.05)
+
+
+class LookaheadEnv(NgramEnv):
+    """Each step the n-gram lookahead has order 4 (its chain is the target's output: all accepted) or
+    order 1 (its first token is wrong), at random; a good draft model accepts each level with p = 0.8.
+    Every step reports the passive n-gram probe, as greedy decoding does."""
+
+    def __init__(self, depth):
+        super().__init__()
+        self.depth, self.draft_step = depth, 1e-4
+
+    def lookahead(self):
+        return Lookahead("ngram", 4 if self.rng.random() < 0.5 else 1, self.depth)
+
+    def step(self, i, config, ctx, look, probe):
+        n = acc = config.depth if config.speculate else 0
+        if config.speculate and config.drafter == "ngram":
+            acc = n if look.order == 4 else 0
+        elif config.speculate:
+            acc = next((j for j in range(n) if self.rng.random() >= 0.8), n)
+        full = self.depth if look.order == 4 else 0  # the probe chain's correct prefix
+        seen = min(full, acc + 1)
+        return StepStats(i, config, acc, acc + 1, n, n, ctx,
+                         t_draft=self.draft_step * n if config.drafter == "draft_model" else 0.0,
+                         t_verify=self.base + self.per_token * (n + 1),
+                         probe=Probe("ngram", probe.depth, self.depth, seen, seen == acc + 1 < self.depth))
+
+
+def lookahead_run(shown: bool, steps=300):
+    env = LookaheadEnv(depth=8)
+    c = make(ControllerConfig(drafters=("draft_model", "ngram"), widths=(1,), budgets=False), profile=env.profile())
+    c.begin(0)
+    out, ctx = [], 32
+    for i in range(steps):
+        look = env.lookahead()
+        d = c.decide(DecodeState(0, i, ctx, ctx - 32, 10_000, look if shown else None))
+        s = env.step(i, d.config, ctx, look, c.probe)
+        c.observe(s)
+        out.append((look.order, d, s))
+        ctx += s.emitted
+    return out[steps // 2:]
+
+
+def test_lookahead_order_picks_the_drafter_step_by_step():
+    late = lookahead_run(shown=True)
+    high = [s.config for o, _, s in late if o == 4]
+    low = [s.config for o, _, s in late if o == 1]
+    assert np.mean([c.drafter == "ngram" and c.depth >= 6 for c in high]) > 0.9  # deep n-gram chains
+    assert np.mean([c.speculate and c.drafter == "draft_model" for c in low]) > 0.8
+    # blind to the order, n-gram is a coin flip: the same machine decodes clearly slower
+    blind = lookahead_run(shown=False)
+    assert ms_per_token([(d, s) for _, d, s in late]) < 0.85 * ms_per_token([(d, s) for _, d, s in blind])

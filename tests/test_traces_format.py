@@ -38,6 +38,7 @@ def test_round_trip(tmp_path):
                    np.array([2, 1], np.int32), np.array([3, 2], np.int32), np.array([3, 3], np.int32),
                    np.ones((2, 2), np.int16), np.full((2, 5), 1e-3))
     trace.requests[0].live = live
+    trace.requests[0].prompt_ids = np.arange(trace.requests[0].prompt_len, dtype=np.int32) + 7
     size = write_trace(trace, tmp_path / "t.trace")
     assert size == (tmp_path / "t.trace").stat().st_size
     back = read_trace(tmp_path / "t.trace", strict=True)
@@ -47,6 +48,15 @@ def test_round_trip(tmp_path):
     got = back.requests[0].live
     assert got.configs == [StepConfig(depth=3)] and np.array_equal(got.times, live.times)
     assert got.goodput == pytest.approx(5 / 0.01)
+    assert np.array_equal(back.requests[0].prompt_ids, trace.requests[0].prompt_ids)
+    assert back.requests[1].prompt_ids is None  # optional: traces without prompt ids still read
+
+
+def test_prompt_ids_must_match_the_prompt_length(tmp_path):
+    trace = small_trace()
+    trace.requests[0].prompt_ids = np.zeros(trace.requests[0].prompt_len + 1, dtype=np.int32)
+    with pytest.raises(ValueError, match="prompt_ids has .* tokens but prompt_len is"):
+        write_trace(trace, tmp_path / "t.trace")
 
 
 def test_killed_run_reads_up_to_last_complete_position(tmp_path):

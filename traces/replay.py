@@ -205,11 +205,7 @@ def replay_request(req, policy, latency, shape, target, overhead, configs, log, 
         t_verify = float(latency.verify_time(o.tree_size + 1, sum(o.unique_kept), context))
         t_draft = float(latency.draft_time(config.drafter, o.tree_depth, o.tree_size)) if config.speculate else 0.0
         if watches:
-            probe = getattr(policy, "probe", None)
-            if probe is not None and (probe.drafter != config.drafter or not config.speculate):
-                probe = _probe(trace, trees.get(probe.drafter), probe, emitted)
-            else:
-                probe = None
+            probe = None if probe_cfg is None else _probe(trace, trees.get(probe_cfg.drafter), probe_cfg, emitted)
             stats = StepStats(step=step, config=config, accepted=emitted - 1, emitted=emitted,
                               tree_size=o.tree_size, tree_depth=o.tree_depth, context_len=context,
                               unique_experts=o.unique_experts, unique_experts_kept=o.unique_kept,

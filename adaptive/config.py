@@ -34,7 +34,7 @@ class ControllerConfig:
     min_dwell: int = 1  # steps a choice is kept before it may change (unless it became infeasible)
     decide_every: int = 3  # full decisions every this many steps of a request; the choice is held between
     decide_every_max: int = 12  # ... and up to this many while full decisions keep confirming the choice
-    refresh_every: int = 32  # steps between plan recomputations
+    refresh_every: int = 64  # steps between plan recomputations (each costs ~1 ms live on a CPU)
     # calibration steps when no hardware profile seeds the latency model; None = one pass over the
     # calibration configs (a costly drafter, e.g. self-speculation on a CPU, is then tried only once)
     warmup_steps: int | None = None

@@ -59,21 +59,29 @@ class Decision:
 
 
 @dataclass
-class _Request:
+class _Slot:
+    """A request's choice in one situation (one lookahead order): choices differ by order, and each is
+    held and revised on its own, so steps alternating between orders do not force full decisions."""
+
     option: int = -1  # flat index into (candidates x levels)
     dwell: int = 0
-    loss: float = 0.0  # predicted agreement loss of the last decision
+    last: Decision | None = None  # the last full decision, held for interval - 1 steps
+    hold: int = 0  # steps the last decision is still held
+    interval: int = 1  # steps between full decisions now (decide_every .. decide_every_max)
+
+
+@dataclass
+class _Request:
+    slots: dict = field(default_factory=dict)  # lookahead order (None: no lookahead) -> _Slot
+    slot: _Slot = field(default_factory=_Slot)  # this step's
+    order: int | None = None  # the lookahead's n-gram order at this step (None: no lookahead)
+    loss: float = 0.0  # predicted agreement loss of this step's decision
     time: float = 0.0
     emitted: int = 0
     steps: int = 0
     infeasible: bool = False
     notes: list = field(default_factory=list)
-    last: Decision | None = None  # the last full decision, held for decide_every - 1 steps
     mean: np.ndarray | None = None  # posterior mean acceptance (families, depths) at the last full decision
-    hold: int = 0  # steps the last decision is still held
-    order: int | None = None  # the lookahead's n-gram order at this step (None: no lookahead)
-    held_order: int | None = None  # ... at the last full decision (a different order ends a hold)
-    interval: int = 1  # steps between full decisions now (decide_every .. decide_every_max)
 
 
 class Controller:
@@ -117,6 +125,7 @@ class Controller:
         levels = [x for x in c.loss_levels if c.latency_target_ms is not None or x <= c.max_agreement_loss]
         self.levels = np.array(levels if c.budgets else [])
         self.requests: dict[int, _Request] = {}
+        self._handed: dict = {}  # the last ended request's slots: a new request's first choices
         self.current: int | None = None
         self.steps = 0
         self._since_plan = 0
@@ -250,12 +259,20 @@ class Controller:
 
     # ---- per request --------------------------------------------------------------------------------
     def begin(self, request_id: int, prompt_len: int = 0) -> None:
-        self.requests[request_id] = _Request()
+        """A new request; its first choice per lookahead order is the last ended request's, held for
+        decide_every - 1 steps (a full decision per order at every request start cost ~17% of steps
+        live), then decided afresh from its own posterior."""
+        hold = self.config.decide_every - 1
+        self.requests[request_id] = _Request(slots={
+            o: _Slot(s.option, 0, s.last, hold, self.config.decide_every)
+            for o, s in self._handed.items() if s.last is not None and hold > 0})
         self.acceptance.begin(request_id)
         self.yields.begin(request_id)
 
     def end(self, request_id: int) -> None:
-        self.requests.pop(request_id, None)
+        r = self.requests.pop(request_id, None)
+        if r is not None:
+            self._handed = r.slots
         self.acceptance.end(request_id)
         self.yields.end(request_id)
 
@@ -328,15 +345,15 @@ class Controller:
         self.current = state.request_id
         look = state.lookahead
         r.order = None if look is None or not self._orders else min(look.order, self._orders) if look.drafted else 0
-        if r.hold > 0 and r.order == r.held_order:
-            return self._hold(r)
-        r.held_order = r.order
+        slot = r.slot = r.slots.get(r.order) or r.slots.setdefault(r.order, _Slot())
+        if slot.hold > 0:
+            return self._hold(r, slot)
         T = self._times(state.request_id, state.context_len, r.order, 0 if look is None else look.drafted)
         if not self.latency.seeded and self.steps < self._warmup:
             best = self._calibration[self.steps % len(self._calibration)]
             r.mean = self.acceptance.mean(state.request_id)[self._rows[r.order or 0]]
             E = self._emitted(r.mean[None], state.remaining)[:, 0]
-            return self._commit(r, best, E, T, switched=best != r.option)
+            return self._commit(r, best, E, T, switched=best != slot.option)
         e = self._emitted(self._curves(r, state.request_id), state.remaining)
         E, mean_E = e[:, 0], e[:, 1]
         util = E / T
@@ -347,21 +364,21 @@ class Controller:
                 # explore only among options whose expected goodput is within explore_slack of the best,
                 # so a lucky draw cannot buy a step far worse than the known best (bounded regret)
                 util = util * (mean >= (1.0 - c.explore_slack) * top)
-            best, cur = int(np.argmax(util)), r.option
+            best, cur = int(np.argmax(util)), slot.option
             keep = cur >= 0 and self._valid[cur] and (
-                r.dwell < c.min_dwell or util[cur] * (1 + c.hysteresis) >= util[best])
+                slot.dwell < c.min_dwell or util[cur] * (1 + c.hysteresis) >= util[best])
             choice = cur if keep else best
             # hold a choice the posterior mean also ranks first, longer each time a full decision confirms
             # it (up to decide_every_max); an exploratory draw is tried for one step
             if mean[choice] < top * (1 - c.hysteresis):
-                r.interval, r.hold = c.decide_every, 0
+                slot.interval, slot.hold = c.decide_every, 0
             else:
-                r.interval = min(2 * r.interval, c.decide_every_max) if choice == cur else c.decide_every
-                r.hold = r.interval - 1
+                slot.interval = min(2 * slot.interval, c.decide_every_max) if choice == cur else c.decide_every
+                slot.hold = slot.interval - 1
             return self._commit(r, choice, mean_E, T, switched=not keep and best != cur)
         d = self._decide_target(state, r, E, T, util, mean_E)
-        r.interval = c.decide_every if d.switched else min(2 * r.interval, c.decide_every_max)
-        r.hold = r.interval - 1
+        slot.interval = c.decide_every if d.switched else min(2 * slot.interval, c.decide_every_max)
+        slot.hold = slot.interval - 1
         return d
 
     def _decide_target(self, state: DecodeState, r: _Request, E, T, util, mean_E) -> Decision:
@@ -391,33 +408,36 @@ class Controller:
                        f"({label(self._config(best))}); running at the fastest configuration")
                 r.notes.append(msg)
             r.infeasible = infeasible
-            return self._commit(r, best, mean_E, T, switched=best != r.option, infeasible=infeasible, message=msg)
+            return self._commit(r, best, mean_E, T, switched=best != r.slot.option, infeasible=infeasible,
+                                message=msg)
         loss = np.where(feasible, self._loss, np.inf)
         cand = loss <= loss.min() + 1e-12
         best = int(np.argmax(np.where(cand, util, -np.inf)))
-        cur = r.option
+        cur, dwell = r.slot.option, r.slot.dwell
         keep = cur >= 0 and feasible[cur] and self._loss[cur] <= self._loss[best] + 1e-12 and (
-            r.dwell < c.min_dwell or util[cur] * (1 + c.hysteresis) >= util[best])
+            dwell < c.min_dwell or util[cur] * (1 + c.hysteresis) >= util[best])
         r.infeasible = False
         return self._commit(r, cur if keep else best, mean_E, T, switched=not keep and best != cur)
 
     def _commit(self, r: _Request, option: int, E, T, switched: bool, infeasible: bool = False,
                 message: str = "") -> Decision:
-        r.dwell = 1 if switched else r.dwell + 1
-        r.option = option
+        slot = r.slot
+        slot.dwell = 1 if switched else slot.dwell + 1
+        slot.option = option
         r.loss = float(self._loss[option])
         e, t = float(E[option]), float(T[option])
-        r.last = Decision(self._config(option), e / t, t / e * 1e3, r.loss, switched, infeasible, message)
-        return r.last
+        slot.last = Decision(self._config(option), e / t, t / e * 1e3, r.loss, switched, infeasible, message)
+        return slot.last
 
-    def _hold(self, r: _Request) -> Decision:
-        """The last full decision again (no switch, no new message): decide_every > 1 spreads the cost of
-        one full decision over several steps."""
-        r.hold -= 1
-        r.dwell += 1
-        d = r.last
+    def _hold(self, r: _Request, slot: _Slot) -> Decision:
+        """The slot's last full decision again (no switch, no new message): decide_every > 1 spreads the
+        cost of one full decision over several steps."""
+        slot.hold -= 1
+        slot.dwell += 1
+        d = slot.last
         if d.switched or d.message:
-            d = r.last = Decision(d.config, d.goodput, d.ms_per_token, d.agreement_loss, False, d.infeasible)
+            d = slot.last = Decision(d.config, d.goodput, d.ms_per_token, d.agreement_loss, False, d.infeasible)
+        r.loss = d.agreement_loss
         return d
 
     # ---- observe ------------------------------------------------------------------------------------
@@ -476,8 +496,10 @@ class Controller:
             elif r.order:  # conditional on the drafted levels: running out of chain is not a failure
                 seen = probe.accepted if probe.censored else min(probe.drafted, probe.depth)
                 self.acceptance.observe(rid, self._rows[r.order][self._probe_family], probe.accepted, seen)
-            if probe.accepted > stats.accepted:
-                r.hold = 0  # the probe would have done better: decide afresh next step instead of holding
+            if probe.accepted >= stats.accepted + 2:
+                # the probe would have done clearly better: decide afresh next step instead of holding
+                # (by one token it beats every whole-accepted n-gram chain; those wait for the hold to end)
+                r.slot.hold = 0
         tokens = stats.tree_size + 1
         if per_layer:
             self.experts.observe(tokens, stats.unique_experts, stats.unique_experts_kept, stats.router_mass_kept)

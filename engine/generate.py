@@ -164,11 +164,13 @@ def _request(target, tokenizer, r, ids, pool, policy, max_new, temperature, top_
     done = False
     while not done:
         generated = len(ids) - len(prompt)
+        # the lookahead is the probe drafter's own lookup (what it drafts when chosen): timed as draft work
         c0 = time.perf_counter()
         probe = getattr(policy, "probe", None)
         look, probed = _lookahead(pool, probe, ids, target)
+        c1 = time.perf_counter()
         cfg = policy.decide(DecodeState(r, len(steps), len(ids), generated, max_new - generated, look))
-        t_decide = time.perf_counter() - c0
+        t_look, t_decide = c1 - c0, time.perf_counter() - c1
         with timer.phase("draft"):
             if cfg.speculate:
                 tree = _fit(_get_drafter(pool, cfg.drafter, target).draft(ids, cfg), max_new - generated)
@@ -189,8 +191,10 @@ def _request(target, tokenizer, r, ids, pool, policy, max_new, temperature, top_
             if cfg.speculate:
                 pool[cfg.drafter].commit(emitted)
             done = cut is not None or len(ids) - len(prompt) >= max_new
+        times = timer.read()
+        times["draft"] = times.get("draft", 0.0) + t_look
         stats = _stats(len(steps), cfg, acc.accepted, len(emitted), tree, len(ids) - len(emitted), ver,
-                       timer.read(), t_decide + t_observe, target.device,
+                       times, t_decide + t_observe, target.device,
                        _probe(probe, probed, emitted, temperature))
         steps.append(stats)
         c0 = time.perf_counter()

@@ -324,6 +324,7 @@ def steps_until_ngram(probe: bool) -> int:
     assert (c.probe is not None) == probe
     for rid, match in ((0, False), (1, True)):
         env.match = match
+        c._handed.clear()  # request 0's last choices (handed to request 1 first) are not what this measures
         c.begin(rid)
         ctx = 32
         for i in range(80):
@@ -406,3 +407,14 @@ def test_lookahead_order_picks_the_drafter_step_by_step():
     # blind to the order, n-gram is a coin flip: the same machine decodes clearly slower
     blind = lookahead_run(shown=False)
     assert ms_per_token([(d, s) for _, d, s in late]) < 0.85 * ms_per_token([(d, s) for _, d, s in blind])
+
+
+def test_new_request_starts_with_the_last_requests_choices_then_decides_afresh():
+    env = Env(p=0.9)
+    c = make(ControllerConfig(budgets=False, decide_every=3), profile=env.profile())
+    first = run(c, env, steps=60, request_id=0)
+    c.end(0)
+    handed = first[-1][0].config
+    out = run(c, Env(p=0.0, seed=1), steps=40, request_id=1)
+    assert [d.config for d, _ in out[:2]] == [handed, handed] and handed.speculate
+    assert not any(d.config.speculate for d, _ in out[-10:])  # its own evidence (nothing accepted) wins

@@ -182,10 +182,10 @@ def replay_request(req, policy, latency, shape, target, overhead, configs, log, 
     last, index = None, 0  # the previous step's config and its index (hashing a StepConfig costs ~1 us)
     while p < total:
         context = req.prompt_len + p
-        t0 = clock()
-        if lookup is not None:
+        if lookup is not None:  # the drafter's work (timed as draft live), not the policy's
             order, chain = lookup.lookahead(context_ids, probe_cfg.depth)
             look = Lookahead(probe_cfg.drafter, order, min(len(chain), cap))
+        t0 = clock()
         config = policy.decide(DecodeState(req.request_id, step, context, p, limit - p, look))
         t_decide = clock() - t0
         trees = positions[p].trees

@@ -7,7 +7,7 @@ evenly over them. Each policy instance serves all prompts in turn, as a server w
 mode: the adaptive controller with targets from 0.5x to 2x plain's measured ms/token, interleaved the same
 way. Writes bench/results/live.{json,md} and latency_targets.{json,md}.
 
-    .venv/bin/python bench/bench_live.py --prompts 12 --max-new-tokens 64 --threads 1
+    .venv/bin/python bench/bench_live.py --prompts 24 --max-new-tokens 64 --threads 1
 
 Why these numbers: speedup is tokens/s over plain's tokens/s in this run; fidelity is token agreement with
 plain greedy output (position by position; 1.0 = lossless); control share = decide + observe wall time
@@ -117,7 +117,7 @@ def markdown(live: dict, targets: dict, command: str) -> tuple[str, str]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--prompts", type=int, default=12, help="held-out prompts (kinds in turn); default 12")
+    p.add_argument("--prompts", type=int, default=24, help="held-out prompts (kinds in turn); default 24, all of them")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--targets", default="/".join(map(str, TARGETS)), help="multiples of plain's ms/token, a/b/c")

@@ -8,7 +8,8 @@ Writes bench/results/policies.json and policies.md.
 
 Why these numbers: "best static in hindsight" is the single config a person would have picked after
 sweeping on this very workload; the per-request oracle picks the best static config per request
-(unreachable online). Recovery = steps after a phase change until adaptive's rolling goodput (8 steps)
+(unreachable online). "lossless" is what `auto` runs (no expert budgets); "profile-seeded" starts from a
+hardware latency profile (here the replay's own latency model) instead of calibration steps. Recovery = steps after a phase change until adaptive's rolling goodput (8 steps)
 reaches 90% of the best static's goodput in the new phase. Overhead = measured decide + observe wall time.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 
@@ -80,6 +82,9 @@ def bench(name: str, traces, latency: LatencyModel, change: int | None) -> dict:
     config = ControllerConfig(max_depth=max_depth, drafters=tuple(limits))
     results["adaptive"] = replay(traces, Adaptive(config), latency)
     results["adaptive+profile"] = replay(traces, Adaptive(config, profile=latency), latency)
+    lossless = replace(config, max_agreement_loss=0.0)  # what `auto` runs: no expert budgets
+    results["lossless"] = replay(traces, Adaptive(lossless), latency)
+    results["lossless+profile"] = replay(traces, Adaptive(lossless, profile=latency), latency)
     best_static = max(static_names, key=lambda s: results[s].summary()["goodput_tok_s"])
     best_moespec = max((s for s in specs if s.startswith("moespec")), key=lambda s: results[s].summary()["goodput_tok_s"])
     n_req = len(results["plain"].requests)
@@ -88,8 +93,10 @@ def bench(name: str, traces, latency: LatencyModel, change: int | None) -> dict:
     oracle = tokens / oracle_time
     for label, spec in [("plain", "plain"), (f"best static in hindsight ({best_static})", best_static),
                         (f"MoE-Spec best B ({best_moespec})", best_moespec), ("Cascade-style", "cascade"),
-                        ("MoESD-style", "moesd"), ("adaptive (no profile)", "adaptive"),
-                        ("adaptive (profile-seeded)", "adaptive+profile")]:
+                        ("MoESD-style", "moesd"), ("adaptive, budgets allowed (no profile)", "adaptive"),
+                        ("adaptive, budgets allowed (profile-seeded)", "adaptive+profile"),
+                        ("adaptive, lossless (no profile)", "lossless"),
+                        ("adaptive, lossless (profile-seeded)", "lossless+profile")]:
         s = results[spec].summary()
         rows.append(dict(policy=label, goodput_tok_s=round(s["goodput_tok_s"], 1), speedup=round(s["speedup"], 3),
                          vs_oracle=round(s["goodput_tok_s"] / oracle, 3), fidelity=round(s["fidelity"], 4),
@@ -104,7 +111,8 @@ def bench(name: str, traces, latency: LatencyModel, change: int | None) -> dict:
         after = {sp: sum(r[5] / r[7] for r in results[sp].log if r[2] >= change) for sp in static_names}
         ref = results[max(static_names, key=lambda sp: after[sp])]
         out["recovery_steps"] = {k: recovery(results[k], ref, change)
-                                 for k in ("adaptive", "adaptive+profile", "cascade", "moesd")}
+                                 for k in ("adaptive", "adaptive+profile", "lossless", "lossless+profile", "cascade",
+                                           "moesd")}
     return out
 
 

@@ -13,6 +13,11 @@ times of every option are one small matrix-vector product; the Thompson draw and
 one batched evaluation of expected emitted tokens. The global models queue observations and fold them
 in when the plan is recomputed, so observe is a few scalar updates.
 
+Lookahead (moetune.step.Lookahead): before each step the controller sees the n-gram match order and
+chain length. N-gram acceptance is learned per order (rows past the grid's families), and choices are
+kept per order in slots, each held and revised on its own: after a long match a deep n-gram chain, after
+a short one the draft model or plain decoding.
+
 Latency-target mode: among configs predicted to meet the target time per output token, take the best
 fidelity (lossless whenever possible), then the best goodput. A request behind its target aims lower to
 catch up, but goes lossy for it only when no lossless config meets the target with the usual margin. A
@@ -288,11 +293,11 @@ class Controller:
         With a lookahead the n-gram drafter's nodes are known: options deeper than its chain are masked
         and the rest draft in full."""
         short = [1.0 - y for y in self.yields.fill(request_id)]
-        if order is None:
-            return self._X.dot([1.0, context_len, *short, *(x * context_len for x in short)])
-        short[self._probe_family] = 0.0
+        if order is not None:
+            short[self._probe_family] = 0.0
         T = self._X.dot([1.0, context_len, *short, *(x * context_len for x in short)])
-        T += self._look_masks[min(drafted, self.config.max_depth) if order else 0]
+        if order is not None:
+            T += self._look_masks[min(drafted, self.config.max_depth) if order else 0]
         return T
 
     def _emitted(self, p: np.ndarray, remaining: int) -> np.ndarray:
@@ -345,7 +350,10 @@ class Controller:
         self.current = state.request_id
         look = state.lookahead
         r.order = None if look is None or not self._orders else min(look.order, self._orders) if look.drafted else 0
-        slot = r.slot = r.slots.get(r.order) or r.slots.setdefault(r.order, _Slot())
+        slot = r.slots.get(r.order)
+        if slot is None:
+            slot = r.slots[r.order] = _Slot()
+        r.slot = slot
         if slot.hold > 0:
             return self._hold(r, slot)
         T = self._times(state.request_id, state.context_len, r.order, 0 if look is None else look.drafted)

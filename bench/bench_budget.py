@@ -94,7 +94,7 @@ def latency(model, args, budgets) -> list[dict]:
     gen = torch.Generator().manual_seed(1)
     vocab = model.config.vocab_size
     cache = kv.new_cache(model)
-    model(input_ids=torch.randint(2, vocab, (1, args.context), generator=gen).to(device), past_key_values=cache)
+    model(input_ids=torch.randint(2, vocab, (1, args.context), generator=gen).to(device), cache=cache)
     rows = []
     for T in args.tokens:
         ids = torch.randint(2, vocab, (1, T), generator=gen).to(device)
@@ -104,10 +104,10 @@ def latency(model, args, budgets) -> list[dict]:
             def run():
                 nonlocal report
                 if B is None:
-                    model(input_ids=ids, past_key_values=cache, use_cache=True)
+                    model(input_ids=ids, cache=cache, use_cache=True)
                 else:
                     with moe_budget.apply_budget(model, moe_budget.BudgetPlan(B)) as report:
-                        model(input_ids=ids, past_key_values=cache, use_cache=True)
+                        model(input_ids=ids, cache=cache, use_cache=True)
                 kv.crop(cache, args.context)
 
             times = []
@@ -145,18 +145,18 @@ def window_agreement(target, sequences, plan, width: int) -> float:
     scores = []
     for context, output in sequences:
         cache = kv.new_cache(target)
-        target(input_ids=torch.tensor([context], device=target.device), past_key_values=cache)
+        target(input_ids=torch.tensor([context], device=target.device), cache=cache)
         past = len(context)
         for start in range(0, len(output) - width + 1, width):
             window = torch.tensor([output[start:start + width]], device=target.device)
 
             def run():
-                logits = target(input_ids=window, past_key_values=cache, use_cache=True).logits[0]
+                logits = target(input_ids=window, cache=cache, use_cache=True).logits[0]
                 kv.crop(cache, past)
                 return logits
 
             scores.append(moe_budget.evaluate_agreement(target, plan, run)[2])
-            target(input_ids=window, past_key_values=cache, use_cache=True)
+            target(input_ids=window, cache=cache, use_cache=True)
             past += width
     return statistics.mean(scores) if scores else float("nan")
 

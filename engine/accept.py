@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .tree import DraftTree, ancestors, children, depths, path_to
+from .tree import DraftTree, ancestors, children, depths, is_chain, path_to
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,10 @@ def accept_greedy(tree: DraftTree, logits: torch.Tensor) -> Acceptance:  # logit
     n = len(tree)
     if n == 0:
         return Acceptance((), (int(target[0]),))
+    if is_chain(tree.parents):  # node i's parent row is i: the accepted path is the agreeing prefix
+        host = torch.cat([target, tree.tokens.to(target.device)]).tolist()
+        a = next((i for i in range(n) if host[n + 1 + i] != host[i]), n)
+        return Acceptance(tuple(range(a)), tuple(host[n + 1:n + 1 + a]) + (host[a],))
     parent_rows = torch.tensor(tree.parents, device=target.device) + 1
     match = tree.tokens.to(target.device) == target[parent_rows]  # [N]
     host = torch.cat([target, match.long()]).cpu()

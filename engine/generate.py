@@ -109,20 +109,22 @@ def _fit(tree: DraftTree, remaining: int) -> DraftTree:
 def prefill(target, cache, ids: list[int]) -> None:
     """Fill the target cache with every prompt token but the last (the first root)."""
     if len(ids) > 1:
-        target.model(input_ids=torch.tensor([ids[:-1]], device=target.device), past_key_values=cache,
+        target.model(input_ids=torch.tensor([ids[:-1]], device=target.device), cache=cache,
                      use_cache=True)
 
 
 def generate(target, tokenizer, prompts, drafter=None, policy: Policy | None = None,
              config: StepConfig | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, eos_token_id: int | list[int] | None = None,
-             on_step=None) -> list[GenerationResult]:
+             on_step=None, routing: bool | None = None) -> list[GenerationResult]:
     """Speculative decoding of each prompt in turn; greedy (temperature 0) output equals plain greedy.
 
     prompts: a string, a list of strings, or a list of token-id lists. drafter: a Proposer, a draft
     model, or a dict name -> Proposer ("draft_model", "ngram", "self"); n-gram and self drafters are
     built when a step first asks for them. policy or config (not both) chooses each step; with neither,
     a draft chain of 4 when a drafter is given, plain decoding otherwise. on_step(request_index, stats).
+    routing: capture per-layer routing into StepStats (unique experts, router mass); None: as the policy
+    asks (Policy.wants_routing), so plain and static decoding skip it.
     """
     if policy is not None and config is not None:
         raise ValueError("pass either a policy or a fixed config, not both")
@@ -139,16 +141,18 @@ def generate(target, tokenizer, prompts, drafter=None, policy: Policy | None = N
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     pool = _drafters(target, drafter)
     policy.setup(moe_shape(target))
+    routing = getattr(policy, "wants_routing", True) if routing is None else routing
     generator = torch.Generator().manual_seed(seed)
     results = []
     for r, prompt in enumerate(prompts):
         res = _request(target, tokenizer, r, _prompt_ids(tokenizer, prompt), pool, policy, max_new_tokens,
-                       temperature, top_p, generator, eos, on_step)
+                       temperature, top_p, generator, eos, on_step, routing)
         results.append(res)
     return results
 
 
-def _request(target, tokenizer, r, ids, pool, policy, max_new, temperature, top_p, generator, eos, on_step):
+def _request(target, tokenizer, r, ids, pool, policy, max_new, temperature, top_p, generator, eos, on_step,
+             routing):
     prompt = list(ids)
     ids = list(ids)
     t0 = time.perf_counter()
@@ -177,7 +181,7 @@ def _request(target, tokenizer, r, ids, pool, policy, max_new, temperature, top_
             else:
                 tree = DraftTree.empty(target.device)
         with timer.phase("verify"):
-            ver = verify(target, cache, ids[-1], tree, cfg)
+            ver = verify(target, cache, ids[-1], tree, cfg, routing)
         with timer.phase("accept"):
             acc = (accept_greedy(tree, ver.logits) if temperature == 0 else
                    accept_sample(tree, ver.logits, temperature, top_p, generator))
@@ -209,10 +213,12 @@ def _request(target, tokenizer, r, ids, pool, policy, max_new, temperature, top_
 
 
 def _stats(step, cfg, accepted, emitted, tree, context_len, ver, times, t_control, device, probe) -> StepStats:
-    """StepStats from one step; one host transfer for the per-layer routing numbers."""
+    """StepStats from one step; one host transfer for the per-layer routing numbers (none when the step
+    did not capture routing: its per-layer fields stay empty)."""
     routing = ver.routing
-    num_layers = len(routing.layers)
-    per_layer = torch.cat([routing.unique_experts().float(), routing.router_mass()]).tolist()
+    num_layers = len(routing.layers) if routing is not None else 0
+    per_layer = (torch.cat([routing.unique_experts().float(), routing.router_mass()]).tolist()
+                 if num_layers else [])
     unique = tuple(int(u) for u in per_layer[:num_layers])
     report = ver.budget_report
     return StepStats(

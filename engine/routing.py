@@ -1,12 +1,15 @@
 """Capture what every MoE router decided during one forward, without changing the model.
 
 Hooks sit on each sparse block's `.gate` module (the top-k router) only for the duration of a `with`
-block, so they see the unbudgeted routing even when a budget later restricts the experts computed.
+block, so they see the unbudgeted routing even when a budget later restricts the experts computed. A hook
+only keeps references to the router's outputs; the softmax over all experts is computed when asked for,
+because most steps only need the unique-expert counts.
 
 Shape legend: T tokens in the forward, E experts, K top-k, L MoE layers.
 """
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -19,7 +22,12 @@ from .loader import moe_blocks
 class LayerRouting:
     top_k_index: torch.Tensor  # [T, K] long
     top_k_weights: torch.Tensor  # [T, K] the weights the experts would be mixed with
-    router_probs: torch.Tensor  # [T, E] float32 softmax over all experts
+    router_logits: torch.Tensor  # [T, E] the router's raw scores
+
+    @property
+    def router_probs(self) -> torch.Tensor:
+        """[T, E] float32 softmax over all experts."""
+        return torch.softmax(self.router_logits.float(), dim=-1)
 
 
 @dataclass
@@ -31,35 +39,37 @@ class Routing:
 
     def unique_experts(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """[L] number of distinct experts any of the (selected) tokens is routed to, per layer."""
-        hit = torch.zeros(len(self.layers), self.num_experts, dtype=torch.bool, device=self._device())
-        for l, lr in enumerate(self.layers):
-            idx = lr.top_k_index if rows is None else lr.top_k_index[rows]
-            hit[l, idx.reshape(-1)] = True
-        return hit.sum(dim=1)
+        index = torch.stack([lr.top_k_index if rows is None else lr.top_k_index[rows]
+                             for lr in self.layers])  # [L, T, K]
+        hit = torch.zeros(len(self.layers), self.num_experts, dtype=torch.bool, device=index.device)
+        return hit.scatter_(1, index.flatten(1), True).sum(dim=1)
 
     def router_mass(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """[L] mean over tokens of the router probability on their top-k experts (how peaked routing is)."""
-        out = []
-        for lr in self.layers:
-            probs, idx = (lr.router_probs, lr.top_k_index) if rows is None else (lr.router_probs[rows],
-                                                                                lr.top_k_index[rows])
-            out.append(probs.gather(1, idx).sum(dim=1).mean())
-        return torch.stack(out) if out else torch.zeros(0)
+        if not self.layers:
+            return torch.zeros(0)
+        index = torch.stack([lr.top_k_index for lr in self.layers])  # [L, T, K]
+        probs = torch.softmax(torch.stack([lr.router_logits for lr in self.layers]).float(), dim=-1)  # [L, T, E]
+        if rows is not None:
+            index, probs = index[:, rows], probs[:, rows]
+        return probs.gather(2, index).sum(dim=2).mean(dim=1)
 
-    def _device(self):
-        return self.layers[0].top_k_index.device if self.layers else "cpu"
+
+_BLOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its MoE blocks (found once)
 
 
 @contextmanager
 def capture_routing(model):
     """Yield a `Routing` that fills in as `model` runs; hooks are removed on exit, even on error."""
-    blocks = moe_blocks(model)
+    blocks = _BLOCKS.get(model)
+    if blocks is None:
+        blocks = _BLOCKS[model] = moe_blocks(model)
     routing = Routing(num_experts=int(blocks[0].experts.gate_up_proj.shape[0]), layers=[None] * len(blocks))
 
     def hook_for(l):
         def hook(module, args, output):
             logits, weights, index = output
-            routing.layers[l] = LayerRouting(index, weights, torch.softmax(logits.float(), dim=-1))
+            routing.layers[l] = LayerRouting(index, weights, logits)
         return hook
 
     handles = [b.gate.register_forward_hook(hook_for(l)) for l, b in enumerate(blocks)]

@@ -49,6 +49,11 @@ def chain(n: int) -> tuple[int, ...]:
     return tuple(range(-1, n - 1))
 
 
+def is_chain(parents: tuple[int, ...]) -> bool:
+    """Whether the tree is a chain (each node the child of the one before): causal attention verifies it."""
+    return all(p == i - 1 for i, p in enumerate(parents))
+
+
 @lru_cache(maxsize=512)
 def depths(parents: tuple[int, ...]) -> tuple[int, ...]:
     """Depth of every node (children of the root have depth 1)."""

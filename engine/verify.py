@@ -1,10 +1,13 @@
-"""Verify a draft tree: one target forward over [root, nodes] after the KV cache, with a tree mask.
+"""Verify a draft tree: one target forward over [root, nodes] after the KV cache.
 
-The mask and position ids travel as forward arguments (transformers 5.x returns a 4D mask as-is), the
-routers are observed through scoped hooks, and an expert budget, when the step asks for one, is applied
-by moetune.engine.moe_budget inside the same scoped forward. In evaluation mode (StepConfig.eval_agreement
-on a budgeted step) the same tree is first verified unbudgeted, the cache is cropped back, and the argmax
-agreement of the two passes is reported; the budgeted pass then sees exactly the cache it would have seen.
+A chain (or plain decoding) attends causally, so it takes HF's own causal path: no mask and no position
+ids, exactly what HF's decoders run. A branching tree passes its 4D mask and position ids as forward
+arguments (transformers 5.x returns a 4D mask as-is). The routers are observed through scoped hooks only
+when the caller needs routing (a policy that learns from it, a trace writer, a budget), and an expert
+budget, when the step asks for one, is applied by moetune.engine.moe_budget inside the same scoped
+forward. In evaluation mode (StepConfig.eval_agreement on a budgeted step) the same tree is first
+verified unbudgeted, the cache is cropped back, and the argmax agreement of the two passes is reported;
+the budgeted pass then sees exactly the cache it would have seen.
 
 Shape legend: N drafted nodes, C cached tokens, V vocabulary, L MoE layers.
 """
@@ -19,13 +22,13 @@ from moetune.step import StepConfig
 
 from .kv import cache_len, crop
 from .routing import Routing, capture_routing
-from .tree import DraftTree, attention_mask, path_weights, position_ids
+from .tree import DraftTree, attention_mask, is_chain, path_weights, position_ids
 
 
 @dataclass
 class Verification:
     logits: torch.Tensor  # [N+1, V] target logits at the root and every node
-    routing: Routing  # unbudgeted routing of the N+1 verified tokens
+    routing: Routing | None  # unbudgeted routing of the N+1 verified tokens (None: not captured)
     past_len: int  # C, cache length before verification
     budget_report: object | None = None  # moe_budget's report when the step was budgeted
     agreement: float | None = None  # eval mode: argmax agreement with the unbudgeted pass over the N+1 rows
@@ -40,24 +43,35 @@ def _budget(model, tree: DraftTree, config: StepConfig):
     return moe_budget.apply_budget(model, plan)
 
 
-@torch.no_grad()
-def verify(model, cache, root: int, tree: DraftTree, config: StepConfig) -> Verification:
-    """Run the target on the tree; the cache grows by N+1 entries (see kv.commit to keep the accepted ones)."""
+def forward_args(model, cache, root: int, tree: DraftTree) -> dict:
+    """The target forward's arguments: causal for a chain, the tree's mask and positions otherwise."""
     device = model.device
-    past = cache_len(cache)
     root_t = torch.tensor([root], dtype=torch.long, device=device)
-    input_ids = torch.cat([root_t, tree.tokens.to(device)])[None]  # [1, N+1]
-    mask = attention_mask(tree.parents, past, model.dtype, device)  # [1, 1, N+1, C+N+1]
-    pos = position_ids(tree.parents, past, device)  # [1, N+1]
-    args = dict(input_ids=input_ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+    input_ids = (torch.cat([root_t, tree.tokens.to(device)]) if len(tree) else root_t)[None]  # [1, N+1]
+    args = dict(input_ids=input_ids, cache=cache, use_cache=True)
+    if not is_chain(tree.parents):
+        past = cache_len(cache)
+        args["attention_mask"] = attention_mask(tree.parents, past, model.dtype, device)  # [1, 1, N+1, C+N+1]
+        args["position_ids"] = position_ids(tree.parents, past, device)  # [1, N+1]
+    return args
+
+
+@torch.no_grad()
+def verify(model, cache, root: int, tree: DraftTree, config: StepConfig, routing: bool = True) -> Verification:
+    """Run the target on the tree; the cache grows by N+1 entries (see kv.commit to keep the accepted ones).
+
+    routing=False skips routing capture unless the step is budgeted (a budget needs it for its report)."""
+    past = cache_len(cache)
+    args = forward_args(model, cache, root, tree)
     unbudgeted = None
     if config.budgets is not None and config.eval_agreement:
         unbudgeted = model(**args).logits[0]  # [N+1, V]
         crop(cache, past)
-    with capture_routing(model) as routing, _budget(model, tree, config) as report:
+    capture = capture_routing(model) if routing or config.budgets is not None else nullcontext()
+    with capture as captured, _budget(model, tree, config) as report:
         out = model(**args)
     agreement = None
     if unbudgeted is not None:
         from .moe_budget import argmax_agreement
         agreement = argmax_agreement(out.logits[0], unbudgeted)
-    return Verification(out.logits[0], routing, past, report, agreement)
+    return Verification(out.logits[0], captured, past, report, agreement)

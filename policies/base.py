@@ -18,6 +18,9 @@ class Policy(ABC):
     # a passive draft to run beside every step whose drafter differs (a model-free drafter, chain only;
     # moetune.step.Probe): the engine and replay report its outcome in StepStats.probe under greedy decoding
     probe: StepConfig | None = None
+    # whether `observe` needs per-layer routing in StepStats (unique experts, router mass); capturing it
+    # costs every step a hook per layer and a host transfer, so policies that ignore it say False
+    wants_routing: bool = True
 
     def setup(self, shape: ModelShape) -> None:
         """Called once with the target's MoE shape before the first request."""

@@ -9,6 +9,8 @@ from .base import Policy
 class Static(Policy):
     """Always the same StepConfig (a chain, a tree, a fixed MoE-Spec budget, or plain decoding)."""
 
+    wants_routing = False  # it learns nothing; a budgeted step still reports its routing
+
     def __init__(self, config: StepConfig, name: str | None = None):
         if not isinstance(config, StepConfig):
             raise ValueError(f"Static needs a StepConfig, got {type(config).__name__}")

@@ -38,7 +38,8 @@ def test_greedy_matches_hf(target, case):
     kind, config = CASES[case]
     drafter = {None: None, "same": DraftModelDrafter(target), "random": DraftModelDrafter(tiny_dense()),
                "ngram": NgramDrafter(), "self": SelfDrafter(target, layers=1)}[kind]
-    res = generate(target, None, [PROMPT], drafter=drafter, config=config, max_new_tokens=23, eos_token_id=-1)[0]
+    res = generate(target, None, [PROMPT], drafter=drafter, config=config, max_new_tokens=23, eos_token_id=-1,
+                   routing=True)[0]
     assert res.token_ids == hf_greedy(target, PROMPT, 23)
     assert sum(s.emitted for s in res.steps) == 23
     if kind == "same":
@@ -47,6 +48,14 @@ def test_greedy_matches_hf(target, case):
         assert res.mean_accepted < 0.5
     step = res.steps[-1]
     assert len(step.unique_experts) == 2 and all(1 <= u <= 8 for u in step.unique_experts)
+
+
+def test_static_steps_skip_routing(target):
+    """A static policy learns nothing from routing, so its steps capture none (and stay lossless)."""
+    res = generate(target, None, [PROMPT], drafter=NgramDrafter(), config=StepConfig(drafter="ngram", depth=4),
+                   max_new_tokens=23, eos_token_id=-1)[0]
+    assert res.token_ids == hf_greedy(target, PROMPT, 23)
+    assert all(s.unique_experts == () and s.router_mass == () for s in res.steps)
 
 
 def test_eos_and_max_tokens_mid_tree(target):

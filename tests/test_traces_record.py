@@ -23,7 +23,9 @@ NEW = 24
 
 
 class Collect(Static):
-    """A static policy that keeps what it observes."""
+    """A static policy that keeps what it observes, routing included."""
+
+    wants_routing = True
 
     def __init__(self, config):
         super().__init__(config)

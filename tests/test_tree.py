@@ -43,10 +43,10 @@ def test_tree_attention_equals_chain_attention(family):
     root = 7
     cache = kv.new_cache(model)
     with torch.no_grad():
-        model(input_ids=prefix, past_key_values=cache, use_cache=True)
+        model(input_ids=prefix, cache=cache, use_cache=True)
         ids = torch.cat([torch.tensor([root]), tokens])[None]
         tree_logits = model(input_ids=ids, attention_mask=attention_mask(TREE, 5, torch.float32, "cpu"),
-                            position_ids=position_ids(TREE, 5, "cpu"), past_key_values=cache,
+                            position_ids=position_ids(TREE, 5, "cpu"), cache=cache,
                             use_cache=True).logits[0]
         for node in range(len(TREE)):
             seq = torch.cat([prefix[0], torch.tensor([root]), tokens[path_to(TREE, node)]])[None]

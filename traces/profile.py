@@ -119,11 +119,11 @@ def measure(model, grid: ProfileGrid, seed: int = 0, log=None) -> list[dict]:
     rows = []
     for c in grid.contexts:
         cache = kv.new_cache(model)
-        model(input_ids=torch.randint(2, vocab, (1, c), generator=gen).to(device), past_key_values=cache,
+        model(input_ids=torch.randint(2, vocab, (1, c), generator=gen).to(device), cache=cache,
               use_cache=True)
         for _ in range(3):  # warm up allocator and kernels at this context length
             model(input_ids=torch.randint(2, vocab, (1, max(grid.tokens)), generator=gen).to(device),
-                  past_key_values=cache, use_cache=True)
+                  cache=cache, use_cache=True)
             kv.crop(cache, c)
         for t, u, cc in grid.points(shape.top_k, shape.num_experts):
             if cc != c:
@@ -134,7 +134,7 @@ def measure(model, grid: ProfileGrid, seed: int = 0, log=None) -> list[dict]:
                 for r in range(grid.repeats + 1):  # the first run warms up
                     _sync(device)
                     t0 = time.perf_counter()
-                    model(input_ids=ids, past_key_values=cache, use_cache=True)
+                    model(input_ids=ids, cache=cache, use_cache=True)
                     _sync(device)
                     if r:
                         times.append(time.perf_counter() - t0)

@@ -100,7 +100,7 @@ def record_request(writer: TraceWriter, target, drafters: dict[str, Proposer], l
     shape = moe_shape(target)
     m = router_top or writer.meta.router_top  # the header's M unless told otherwise
     live = generate(target, None, [prompt_ids], drafter=dict(drafters), policy=policy,
-                    max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)[0]
+                    max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, routing=True)[0]
     run = live_run(live.steps, getattr(policy, "name", type(policy).__name__))
     output = live.token_ids
     writer.begin_request(request_id, len(prompt_ids), kind, prompt, run, max_new_tokens, prompt_ids)
@@ -150,7 +150,7 @@ def record_request(writer: TraceWriter, target, drafters: dict[str, Proposer], l
         writer.position(token, trees)
         # Commit the token: the cache gains the root, the next root is `token`.
         root = torch.tensor([[context[-1]]], device=device)
-        target.model(input_ids=root, past_key_values=cache, use_cache=True)
+        target.model(input_ids=root, cache=cache, use_cache=True)
         context.append(int(token))
     writer.end_request("eos" if len(output) < max_new_tokens else "max_new_tokens")
     return RecordedRequest(len(output), run.goodput, mismatches // max(len(drafters), 1),

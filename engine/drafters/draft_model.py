@@ -32,7 +32,7 @@ class DraftModelDrafter(Proposer):
     def _forward(self, ids: torch.Tensor,  # [1, T]
                  pos: torch.Tensor,  # [1, T]
                  mask: torch.Tensor | None) -> torch.Tensor:  # [T, V]
-        return self.model(input_ids=ids, position_ids=pos, attention_mask=mask, past_key_values=self.cache,
+        return self.model(input_ids=ids, position_ids=pos, attention_mask=mask, cache=self.cache,
                           use_cache=True).logits[0]
 
     def prefill(self, prompt_ids: list[int]) -> None:

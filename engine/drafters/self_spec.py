@@ -63,7 +63,7 @@ class SelfDrafter(DraftModelDrafter):
         h = inner.embed_tokens(ids)
         rope = inner.rotary_emb(h, position_ids=pos)
         for layer in inner.layers[:self.layers]:
-            h = layer(h, attention_mask=mask, position_ids=pos, past_key_values=self.cache, use_cache=True,
+            h = layer(h, attention_mask=mask, position_ids=pos, cache=self.cache, use_cache=True,
                       position_embeddings=rope)
             h = h[0] if isinstance(h, tuple) else h
         return self.model.lm_head(inner.norm(h))[0]

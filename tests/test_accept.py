@@ -1,0 +1,33 @@
+"""Greedy acceptance equals a brute-force reference on random trees and chains (the chain fast path too)."""
+import random
+
+import torch
+
+from moetune.engine.accept import accept_greedy
+from moetune.engine.tree import DraftTree, chain, depths, path_to
+
+
+def reference(parents, tokens, target):
+    """Deepest node whose whole path agrees with the target's argmax at each parent (first such on ties)."""
+    best, best_depth = None, 0
+    for i, d in enumerate(depths(parents)):
+        path = path_to(parents, i)
+        if d > best_depth and all(tokens[j] == target[parents[j] + 1] for j in path):
+            best, best_depth = i, d
+    if best is None:
+        return (), (target[0],)
+    path = path_to(parents, best)
+    return tuple(path), tuple(tokens[j] for j in path) + (target[best + 1],)
+
+
+def test_greedy_acceptance_matches_reference():
+    rng = random.Random(0)
+    for trial in range(300):
+        n = rng.randint(0, 9)
+        parents = chain(n) if trial % 2 else tuple(rng.randint(-1, i - 1) for i in range(n))
+        target = [rng.randint(0, 3) for _ in range(n + 1)]  # argmax per row, small vocab for agreements
+        tokens = [rng.randint(0, 3) for _ in range(n)]
+        logits = torch.nn.functional.one_hot(torch.tensor(target), 4).float()  # [N+1, V]
+        tree = DraftTree(parents, torch.tensor(tokens, dtype=torch.long), torch.ones(n))
+        acc = accept_greedy(tree, logits)
+        assert (acc.path, acc.tokens) == reference(parents, tokens, target), (parents, tokens, target)

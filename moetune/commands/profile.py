@@ -24,6 +24,7 @@ def add_arguments(p) -> None:
     p.add_argument("--contexts", default="64,512", help="context lengths (comma list)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="profile.json", help="where to write the profile JSON")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -35,10 +36,8 @@ def _ints(text: str, what: str) -> tuple:
 
 
 def main(args) -> int:
-    import torch
-
-    from moetune.engine.loader import load_target, moe_shape, resolve_device, resolve_dtype
-    from moetune.traces.profile import ProfileGrid, fit_profile, hardware, measure, model_from_config
+    from moetune.outputs import output_lock
+    from moetune.traces.profile import ProfileGrid
 
     try:
         fractions = tuple(float(x) for x in args.unique.split(","))
@@ -46,13 +45,25 @@ def main(args) -> int:
         raise ValueError(f"--unique must be a comma list of fractions, got {args.unique!r}") from None
     grid = ProfileGrid(tokens=_ints(args.tokens, "tokens"), unique_fractions=fractions,
                        contexts=_ints(args.contexts, "contexts"), repeats=args.repeats)
+    if args.layers and not args.config:
+        raise ValueError("--layers applies only with --config")
+    with output_lock([args.out], args.force):
+        return _profile(args, grid)
+
+
+def _profile(args, grid) -> int:
+    """Measure and fit under the output lock main holds; the JSON replaces --out only once complete."""
+    import torch
+
+    from moetune.engine.loader import load_target, moe_shape, resolve_device, resolve_dtype
+    from moetune.outputs import atomic_output
+    from moetune.traces.profile import fit_profile, hardware, measure, model_from_config
+
     device = resolve_device(args.device)
     if args.config:
         model, full = model_from_config(args.config, args.layers, str(device), resolve_dtype(args.dtype, device))
         name = Path(args.config).stem
     else:
-        if args.layers:
-            raise ValueError("--layers applies only with --config")
         model, _ = load_target(args.target, str(device), args.dtype)
         full, name = None, Path(args.target).name
     torch.manual_seed(0)
@@ -63,8 +74,8 @@ def main(args) -> int:
     out = dict(model=json.loads(latency.to_json()), measurements=rows, name=name, shape=shape.__dict__,
                layers_measured=shape.num_layers, hardware=hardware(device), seconds=time.perf_counter() - t0,
                command="moetune " + " ".join(sys.argv[1:]))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
+    with atomic_output(args.out) as tmp:
+        tmp.write_text(json.dumps(out, indent=1))
     err = latency.error
     print(f"{name}: {len(rows)} measurements in {out['seconds']:.1f}s; fit error {100 * err['mape']:.1f}% "
           f"(cross-validated {100 * err.get('cv_mape', float('nan')):.1f}%); wrote {args.out}")

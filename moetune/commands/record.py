@@ -26,63 +26,105 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="trace file to write, or a folder (one file per kind)")
+    p.add_argument("--out", required=True, help="trace file to write, or a folder (one file per kind); written "
+                                                "as NAME.partial.trace and renamed when complete")
+    p.add_argument("--force", action="store_true", help="overwrite existing trace files")
 
 
 def main(args) -> int:
-    import torch
+    from moetune.outputs import output_lock
 
-    from moetune.engine.drafters import DraftModelDrafter, NgramDrafter, SelfDrafter
-    from moetune.engine.loader import load_draft, load_target, moe_shape
-    from moetune.traces.profile import hardware
-    from moetune.traces.record import record_request
+    groups, limits, grid, files = _plan(args)
+    with output_lock(files.values(), args.force):
+        return _record(args, groups, limits, grid, files)
+
+
+def _plan(args) -> tuple[dict, dict, tuple, dict]:
+    """Everything checkable without models, so a bad command line fails before any output is touched:
+    prompts per kind, tree limits per drafter, the budget grid (empty: E/4, E/2, 3E/4 once E is known)
+    and the output file per kind (key None: one file for all kinds)."""
+    from moetune.step import DRAFTERS
     from moetune.traces.replay import make_policy
-    from moetune.traces.schema import TraceMeta, TreeLimits
-    from moetune.traces.writer import TraceWriter
+    from moetune.traces.schema import TreeLimits
 
+    make_policy(args.policy)
+    for flag, value in (("--per-kind", args.per_kind), ("--max-new-tokens", args.max_new_tokens),
+                        ("--router-top", 1 if args.router_top is None else args.router_top)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    names = [d for d in args.drafters.split(",") if d]
+    for name in names or [args.drafters]:
+        if name not in DRAFTERS:
+            raise ValueError(f"--drafters: unknown drafter {name!r}; use {', '.join(DRAFTERS)}")
+    limits = {name: TreeLimits(depth=args.depth, topk=1 if name == "ngram" else args.topk) for name in names}
+    try:
+        grid = tuple(int(b) for b in args.grid.split(",")) if args.grid else ()
+    except ValueError:
+        raise ValueError(f"--grid must be a comma list of expert budgets, got {args.grid!r}") from None
+    if any(b < 1 for b in grid) or list(grid) != sorted(set(grid)):
+        raise ValueError(f"--grid budgets must be >= 1 and strictly increasing, got {args.grid!r}")
+    groups = _prompt_groups(args)
+    out = Path(args.out)
+    files = {k: out / f"{k}.trace" for k in groups} if out.suffix != ".trace" else {None: out}
+    return groups, limits, grid, files
+
+
+def _prompt_groups(args) -> dict[str, list]:
+    """kind -> its first --per-kind prompts; every kind asked for must have some."""
     try:
         prompts = json.loads(Path(args.prompts).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"cannot read prompts {args.prompts}: {e}") from None
     kinds = [k for k in args.kinds.split(",") if k]
+    if not kinds:
+        raise ValueError(f"--kinds must name at least one prompt kind, got {args.kinds!r}")
+    groups = {k: [p for p in prompts if p.get("kind") == k][:args.per_kind] for k in kinds}
+    missing = [k for k, items in groups.items() if not items]
+    if missing:
+        found = sorted({str(p.get("kind")) for p in prompts})
+        raise ValueError(f"--kinds: no prompts of kind {missing[0]!r} in {args.prompts}; found {', '.join(found)}")
+    return groups
+
+
+def _record(args, groups: dict, limits: dict, grid: tuple, files: dict) -> int:
+    import torch
+
+    from moetune.engine.drafters import DraftModelDrafter, NgramDrafter, SelfDrafter
+    from moetune.engine.loader import load_draft, load_target, moe_shape
+    from moetune.outputs import atomic_output
+    from moetune.traces.profile import hardware
+    from moetune.traces.record import record_request
+    from moetune.traces.replay import make_policy
+    from moetune.traces.schema import TraceMeta
+    from moetune.traces.writer import TraceWriter
+
     torch.manual_seed(args.seed)
     target, tokenizer = load_target(args.target, args.device, args.dtype)
     shape = moe_shape(target)
-    names = [d for d in args.drafters.split(",") if d]
-    pool, limits = {}, {}
-    for name in names:
+    pool = {}
+    for name in limits:
         if name == "draft_model":
             pool[name] = DraftModelDrafter(load_draft(args.draft, tokenizer, args.device, args.dtype)[0])
         elif name == "ngram":
             pool[name] = NgramDrafter(device=target.device)
-        elif name == "self":
-            pool[name] = SelfDrafter(target)
         else:
-            raise ValueError(f"--drafters: unknown drafter {name!r}; use draft_model, ngram, self")
-        limits[name] = TreeLimits(depth=args.depth, topk=1 if name == "ngram" else args.topk)
+            pool[name] = SelfDrafter(target)
     e = shape.num_experts
-    grid = tuple(int(b) for b in args.grid.split(",")) if args.grid else tuple(sorted({e // 4, e // 2, 3 * e // 4}))
+    grid = grid or tuple(sorted({e // 4, e // 2, 3 * e // 4}))
     meta = TraceMeta(shape=shape, drafters=limits, router_top=args.router_top or shape.top_k, budget_grid=grid,
                      target=str(args.target), draft=str(args.draft), hardware=hardware(target.device),
                      moetune_version=__version__, seed=args.seed)
-    out = Path(args.out)
-    groups = {k: [p for p in prompts if p.get("kind") == k][:args.per_kind] for k in kinds}
-    if not any(groups.values()):
-        raise ValueError(f"no prompts of kinds {kinds} in {args.prompts}")
-    files = {k: out / f"{k}.trace" for k in groups} if out.suffix != ".trace" else {None: out}
     rid = 0
     for key, path in files.items():
-        with TraceWriter(path, meta) as w:
-            for kind, items in groups.items():
-                if key is not None and kind != key:
-                    continue
-                for item in items:
-                    ids = tokenizer(item["text"], add_special_tokens=False)["input_ids"]
-                    res = record_request(w, target, pool, limits, make_policy(args.policy), rid, ids, kind,
-                                         item["text"], args.max_new_tokens, grid, args.router_top)
-                    print(f"{path}: request {rid} ({kind}): {res.positions} positions, live "
-                          f"{res.live_goodput:.1f} tok/s, {res.mismatches} root mismatches, {res.seconds:.1f}s")
-                    rid += 1
-        size = path.stat().st_size
-        print(f"wrote {path}: {size} bytes")
+        items = [(kind, item) for kind, its in groups.items() if key in (None, kind) for item in its]
+        with atomic_output(path, keep_partial=True, label="moetune record") as tmp, TraceWriter(tmp, meta) as w:
+            print(f"{path}: writing {tmp} until the recording completes")
+            for kind, item in items:
+                ids = tokenizer(item["text"], add_special_tokens=False)["input_ids"]
+                res = record_request(w, target, pool, limits, make_policy(args.policy), rid, ids, kind,
+                                     item["text"], args.max_new_tokens, grid, args.router_top)
+                print(f"{path}: request {rid} ({kind}): {res.positions} positions, live "
+                      f"{res.live_goodput:.1f} tok/s, {res.mismatches} root mismatches, {res.seconds:.1f}s")
+                rid += 1
+        print(f"wrote {path}: {path.stat().st_size} bytes")
     return 0

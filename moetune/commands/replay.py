@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
+
+PLOTS = ("goodput_vs_fidelity.png", "budgets_over_time.png", "acceptance_over_time.png")
 
 
 def add_arguments(p) -> None:
@@ -13,8 +16,11 @@ def add_arguments(p) -> None:
                                      "the first trace's own timings")
     p.add_argument("--latency-target-ms", type=float, help="report the share of tokens meeting this time per token")
     p.add_argument("--out", help="folder for replay.json and PNG plots")
+    p.add_argument("--force", action="store_true", help="overwrite replay.json and plots already in --out")
     p.add_argument("--workers", type=int, default=1, help="worker processes (one job per policy and trace)")
     p.add_argument("--per-request", action="store_true", help="also print one row per request")
+    p.add_argument("--strict", action="store_true",
+                   help="fail (exit 2) on a trace that stops early (a killed run) instead of replaying what it holds")
 
 
 def latency_for(args, first):
@@ -44,16 +50,53 @@ def table(rows: list[dict], cols: list[str]) -> str:
     return "\n".join(lines)
 
 
-def main(args) -> int:
-    from moetune.traces import plots
+def report_traces(args, first) -> None:
+    """Read every trace before replaying any, so damage (and with --strict, a killed run's file) fails
+    first; a trace that stops early, or holds nothing to replay, is reported once on stderr."""
     from moetune.traces.reader import read_trace
-    from moetune.traces.replay import make_policy, replay_many
+
+    for i, path in enumerate(args.traces):
+        trace = first if i == 0 else read_trace(path, strict=args.strict)
+        if trace.truncated:
+            print(f"moetune replay: warning: {path}: stopped early: {trace.truncated}; replaying what was read "
+                  "(--strict fails instead)", file=sys.stderr)
+        if not trace.num_tokens:
+            print(f"moetune replay: warning: {path}: no recorded positions to replay", file=sys.stderr)
+
+
+def main(args) -> int:
+    from moetune.outputs import output_lock
+    from moetune.traces.replay import make_policy
 
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
     for spec in args.policy:
         make_policy(spec)  # fail early on a bad spec
-    first = read_trace(args.traces[0])
+    outputs = [Path(args.out) / name for name in PLOTS + ("replay.json",)] if args.out else []
+    with output_lock(outputs, args.force):
+        return _replay(args)
+
+
+def _save(path: Path, draw) -> Path | None:
+    """Draw one plot into a temporary file renamed into place; a plot this run does not make (None) also
+    removes an older one, so the folder never mixes two runs."""
+    from moetune.outputs import atomic_output
+
+    with atomic_output(path) as tmp:
+        made = draw(tmp) is not None
+    if not made:
+        path.unlink(missing_ok=True)
+    return path if made else None
+
+
+def _replay(args) -> int:
+    from moetune.outputs import atomic_output
+    from moetune.traces import plots
+    from moetune.traces.reader import read_trace
+    from moetune.traces.replay import replay_many
+
+    first = read_trace(args.traces[0], strict=args.strict)
+    report_traces(args, first)
     latency = latency_for(args, first)
     results = replay_many(args.traces, args.policy, latency, args.latency_target_ms, args.workers)
     cols = ["policy", "requests", "tokens", "goodput_tok_s", "speedup", "mean_accepted", "fidelity", "attainment",
@@ -65,15 +108,15 @@ def main(args) -> int:
                         speedup=q.speedup, mean_accepted=q.mean_accepted, fidelity=q.fidelity,
                         attainment=q.attainment if args.latency_target_ms else None)
                    for r in results for q in r.requests]
-    if args.per_request:
+    if args.per_request and per_request:
         print(table(per_request, list(per_request[0])))
     if args.out:
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        made = [plots.goodput_vs_fidelity(results, out / "goodput_vs_fidelity.png"),
-                plots.budgets_over_time(results, out / "budgets_over_time.png", first.shape.num_layers),
-                plots.acceptance_over_time(results, out / "acceptance_over_time.png")]
-        (out / "replay.json").write_text(json.dumps(dict(latency=json.loads(latency.to_json()), overall=summaries,
-                                                         per_request=per_request, traces=args.traces), indent=1))
+        made = [_save(out / PLOTS[0], lambda p: plots.goodput_vs_fidelity(results, p)),
+                _save(out / PLOTS[1], lambda p: plots.budgets_over_time(results, p, first.shape.num_layers)),
+                _save(out / PLOTS[2], lambda p: plots.acceptance_over_time(results, p))]
+        with atomic_output(out / "replay.json") as tmp:
+            tmp.write_text(json.dumps(dict(latency=json.loads(latency.to_json()), overall=summaries,
+                                           per_request=per_request, traces=args.traces), indent=1))
         print(f"wrote {out / 'replay.json'} and {', '.join(str(m) for m in made if m)}")
     return 0

@@ -14,7 +14,9 @@ output[p]; a node at depth j on the accepted path predicts output[p + j - 1].
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+import re
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
@@ -23,6 +25,17 @@ from moetune.step import DRAFTERS, SELECTIONS, SUBSTITUTIONS, ModelShape, StepCo
 from .derive import Derived, prepare, routed_bits
 
 SCHEMA_VERSION = 1
+
+# Bounds checked on read before anything is sized from a trace (today's largest MoE models have ~100 MoE
+# layers, 384 experts and top-8 routing; recorded trees have ~100 nodes, parents are stored as int16).
+MAX_LAYERS = 1024
+MAX_EXPERTS = 4096
+MAX_TREE_DEPTH = 256
+MAX_TREE_TOPK = 64
+MAX_NODES = 2**15 - 1
+MAX_MODEL_DIM = 2**20  # hidden_size, expert_intermediate_size
+MAX_SECONDS = 1e6  # one recorded timing
+INT32_MAX = 2**31 - 1
 
 
 class TraceError(ValueError):
@@ -241,14 +254,48 @@ def meta_to_dict(meta: TraceMeta) -> dict:
 
 
 def meta_from_dict(d: dict) -> TraceMeta:
-    """Inverse of meta_to_dict; raises ValueError (or KeyError/TypeError) on a malformed header."""
-    return TraceMeta(shape=ModelShape(**d["shape"]),
-                     drafters={k: TreeLimits(**v) for k, v in d["drafters"].items()},
-                     router_top=int(d["router_top"]), budget_grid=tuple(int(b) for b in d["budget_grid"]),
-                     selection=d["selection"], substitution=d["substitution"], target=d.get("target", ""),
-                     draft=d.get("draft", ""), hardware=dict(d.get("hardware", {})),
-                     moetune_version=d.get("moetune_version", ""), seed=int(d.get("seed", 0)),
-                     synthetic=d.get("synthetic", ""), version=int(d["version"]))
+    """Inverse of meta_to_dict, checking every field's type and range before anything is sized from it;
+    raises ValueError naming the field."""
+    f = Fields(d, "meta")
+    check_version(f.get("version"))
+    s = f.obj("shape")
+    e = s.integer("num_experts", 1, MAX_EXPERTS)
+    shape = ModelShape(num_layers=s.integer("num_layers", 1, MAX_LAYERS), num_experts=e,
+                       top_k=s.integer("top_k", 1, e), hidden_size=s.integer("hidden_size", 0, MAX_MODEL_DIM, 0),
+                       expert_intermediate_size=s.integer("expert_intermediate_size", 0, MAX_MODEL_DIM, 0),
+                       shared_expert=s.flag("shared_expert", False))
+    drafters = f.obj("drafters")
+    if not drafters.d or any(k not in DRAFTERS for k in drafters.d):
+        raise ValueError(f"meta.drafters: expected drafters from {DRAFTERS}, got {show(list(drafters.d))}")
+    limits = {k: TreeLimits(depth=drafters.obj(k).integer("depth", 1, MAX_TREE_DEPTH),
+                            topk=drafters.obj(k).integer("topk", 1, MAX_TREE_TOPK)) for k in drafters.d}
+    grid = tuple(check_int(b, "meta.budget_grid", 1, e) for b in f.items("budget_grid", []))
+    hardware = f.obj("hardware", {})
+    for k, v in hardware.d.items():
+        if not isinstance(v, (str, int, float, bool, type(None))):
+            raise ValueError(f"{hardware.name(k)}: expected a plain value, got {show(v)}")
+    return TraceMeta(shape=shape, drafters=limits, router_top=f.integer("router_top", shape.top_k, e),
+                     budget_grid=grid, selection=f.text("selection"), substitution=f.text("substitution"),
+                     target=f.text("target", ""), draft=f.text("draft", ""), hardware=dict(hardware.d),
+                     moetune_version=f.text("moetune_version", ""), seed=f.integer("seed", -2**63, 2**64 - 1, 0),
+                     synthetic=f.text("synthetic", ""))
+
+
+def check_version(v) -> None:
+    """A trace's schema version must be this reader's; a newer one (including a minor version such as
+    "1.1", which int() would read as 1) needs a newer moetune."""
+    text = str(v) if type(v) in (int, float, str) else ""
+    if not re.fullmatch(r"-?\d+(\.\d+)*", text):
+        raise ValueError(f"meta.version: expected a version number, got {show(v)}")
+    parts = tuple(int(x) for x in text.split("."))
+    while len(parts) > 1 and parts[-1] == 0:
+        parts = parts[:-1]
+    if parts > (SCHEMA_VERSION,):
+        raise ValueError(f"meta.version: trace schema version {text} is newer than this moetune reads "
+                         f"(version {SCHEMA_VERSION}); upgrade moetune")
+    if parts != (SCHEMA_VERSION,):
+        raise ValueError(f"meta.version: trace schema version {text} is not supported (this moetune reads "
+                         f"version {SCHEMA_VERSION}); re-record the trace")
 
 
 def config_to_dict(config: StepConfig) -> dict:
@@ -256,5 +303,98 @@ def config_to_dict(config: StepConfig) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()}
 
 
-def config_from_dict(d: dict) -> StepConfig:
-    return StepConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
+def config_from_dict(d: dict, where: str = "config", shape: ModelShape | None = None) -> StepConfig:
+    """Inverse of config_to_dict, checking each field's type and range (ValueError naming the field);
+    `shape` bounds budgets by the model's expert count."""
+    f = Fields(d, where)
+    known = {fl.name for fl in fields(StepConfig)}
+    if set(f.d) - known:
+        raise ValueError(f"{where}: unknown fields {show(sorted(set(f.d) - known))}")
+    e = shape.num_experts if shape else MAX_EXPERTS
+    kw = {k: f.flag(k) for k in ("speculate", "eval_agreement") if k in f.d}
+    kw.update({k: f.text(k) for k in ("drafter", "selection", "substitution") if k in f.d})
+    kw.update({k: f.integer(k, 1, hi) for k, hi in (("depth", MAX_TREE_DEPTH), ("topk", MAX_TREE_TOPK)) if k in f.d})
+    if f.get("num_draft_tokens", None) is not None:
+        kw["num_draft_tokens"] = f.integer("num_draft_tokens", 1, MAX_NODES)
+    for k, lo, hi in (("tree", -1, MAX_NODES), ("budgets", 1, e)):
+        if f.get(k, None) is not None:
+            if len(f.items(k)) > MAX_NODES:
+                raise ValueError(f"{f.name(k)}: {len(f.items(k))} entries, more than {MAX_NODES}")
+            kw[k] = tuple(check_int(v, f.name(k), lo, hi) for v in f.items(k))
+    try:
+        return StepConfig(**kw)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+
+
+def show(v) -> str:
+    """A short one-line repr of a bad value for an error message."""
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+def check_int(v, name: str, lo: int = 0, hi: int = INT32_MAX) -> int:
+    """v as an int in [lo, hi]; bools, floats (1.0 included) and strings are rejected."""
+    if type(v) is not int:
+        raise ValueError(f"{name}: expected an integer, got {show(v)}")
+    if not lo <= v <= hi:
+        raise ValueError(f"{name}: {v} is out of range [{lo}, {hi}]")
+    return v
+
+
+def check_real(v, name: str, lo: float = 0.0, hi: float = MAX_SECONDS) -> float:
+    """v as a finite float in [lo, hi] (ints accepted, bools, NaN and infinities not)."""
+    if type(v) not in (int, float) or not math.isfinite(v):
+        raise ValueError(f"{name}: expected a finite number, got {show(v)}")
+    if not lo <= v <= hi:
+        raise ValueError(f"{name}: {v} is out of range [{lo}, {hi}]")
+    return float(v)
+
+
+_REQUIRED = object()
+
+
+class Fields:
+    """Typed, range-checked access to one JSON object of a record; every error names the field's path."""
+
+    def __init__(self, d, where: str):
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}: expected an object, got {show(d)}")
+        self.d, self.where = d, where
+
+    def name(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def get(self, key: str, default=_REQUIRED):
+        if key in self.d:
+            return self.d[key]
+        if default is _REQUIRED:
+            raise ValueError(f"{self.name(key)}: missing")
+        return default
+
+    def integer(self, key: str, lo: int = 0, hi: int = INT32_MAX, default=_REQUIRED) -> int:
+        return check_int(self.get(key, default), self.name(key), lo, hi)
+
+    def real(self, key: str, lo: float = 0.0, hi: float = MAX_SECONDS) -> float:
+        return check_real(self.get(key), self.name(key), lo, hi)
+
+    def text(self, key: str, default=_REQUIRED) -> str:
+        v = self.get(key, default)
+        if not isinstance(v, str):
+            raise ValueError(f"{self.name(key)}: expected a string, got {show(v)}")
+        return v
+
+    def flag(self, key: str, default=_REQUIRED) -> bool:
+        v = self.get(key, default)
+        if not isinstance(v, bool):
+            raise ValueError(f"{self.name(key)}: expected true or false, got {show(v)}")
+        return v
+
+    def obj(self, key: str, default=_REQUIRED) -> "Fields":
+        return Fields(self.get(key, default), self.name(key))
+
+    def items(self, key: str, default=_REQUIRED) -> list:
+        v = self.get(key, default)
+        if not isinstance(v, list):
+            raise ValueError(f"{self.name(key)}: expected a list, got {show(v)}")
+        return v

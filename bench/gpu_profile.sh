@@ -6,7 +6,7 @@ set -euo pipefail
 out="${1:?usage: bench/gpu_profile.sh OUT_DIR}"
 mkdir -p "$out"
 py="${PYTHON:-python}"
-common=(--device cuda --dtype bfloat16 --tokens 1,2,4,8,16,32,64 --unique 0,0.25,0.5,1 --contexts 128,1024 --repeats 5 --quiet)
+common=(--device cuda --dtype bfloat16 --tokens 1,2,4,8,16,32,64 --unique 0,0.25,0.5,1 --contexts 128,1024 --repeats 5 --quiet --force)
 "$py" -m moetune.cli profile "${common[@]}" --out "$out/embedded.json"
 "$py" -m moetune.cli profile "${common[@]}" --config traces/configs/olmoe-1b-7b.json --layers 8 --out "$out/olmoe-1b-7b.json"
 "$py" -m moetune.cli profile "${common[@]}" --config traces/configs/qwen3-30b-a3b.json --layers 8 --out "$out/qwen3-30b-a3b.json"

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .health import report_reset
+
 
 @dataclass(frozen=True)
 class AcceptanceConfig:
@@ -61,6 +63,7 @@ class AcceptanceModel:
         self.global_f = np.zeros(shape)
         self._requests: dict[int, list] = {}  # id -> [successes / scale, failures / scale (nested lists), scale]
         self._queue: list[tuple[int, int, int, float]] = []
+        self.resets = 0
         self.refresh()
 
     def begin(self, request_id: int) -> None:
@@ -141,6 +144,25 @@ class AcceptanceModel:
         if accepted < depth:
             f[family][accepted] += fail_weight / scale
         self._queue.append((family, accepted, depth, fail_weight))
+
+    def check(self) -> bool:
+        """True when healthy (finite, non-negative counts); otherwise the shared counts and every request
+        are reset to the prior (warning once). Called when the controller replans."""
+        self.refresh()
+        problem = ""
+        if not (np.all(np.isfinite(self._mu)) and min(self.global_s.min(), self.global_f.min()) >= 0.0):
+            problem = "non-finite or negative shared counts"
+        for s, f, scale in self._requests.values():
+            counts = np.array((s, f))
+            if not (np.all(np.isfinite(counts)) and counts.min() >= 0.0 and 0.0 < scale < np.inf):
+                problem = problem or "non-finite or negative counts of a request"
+        if problem:
+            report_reset(self, "acceptance model", problem)
+            self.global_s[:], self.global_f[:] = 0.0, 0.0
+            self.refresh()
+            for request_id in self._requests:
+                self.begin(request_id)
+        return not problem
 
     def _request(self, request_id: int) -> list:
         if request_id not in self._requests:

@@ -201,7 +201,9 @@ class Controller:
     # ---- plan (global, every refresh_every steps) ---------------------------------------------------
     def _plan(self) -> None:
         g = self.grid
-        self.acceptance.refresh()
+        # fold queued observations in, and reset any estimator that degraded (adaptive/health.py)
+        for model in (self.acceptance, self.yields, self.latency, self.experts, self.fidelity):
+            model.check()
         C, J = len(g), 1 + len(self.levels)
         self.J = J
         a = allocate(self.experts.predict(self._token_counts), self.levels, self.fidelity.w, self.experts.gamma,
@@ -450,7 +452,7 @@ class Controller:
 
     # ---- observe ------------------------------------------------------------------------------------
     def observe(self, stats: StepStats) -> None:
-        rid = self.current
+        rid = self.current if stats.request_id is None else stats.request_id  # None: StepStats built by hand
         if rid is None:
             return
         r = self._request(rid)

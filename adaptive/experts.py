@@ -18,6 +18,8 @@ import numpy as np
 
 from moetune.step import ModelShape
 
+from .health import report_reset
+
 
 def iid_unique(num_experts: int, top_k: int, tokens) -> np.ndarray:
     """MoESD's expected unique experts for `tokens` tokens routed i.i.d. to top_k of num_experts."""
@@ -29,19 +31,26 @@ class ExpertModel:
 
     def __init__(self, shape: ModelShape, max_tokens: int, prior_weight: float = 4.0, ratio_rate: float = 0.05,
                  gamma_prior: float = 2.0, gamma_weight: float = 5.0):
-        L, E = shape.num_layers, shape.num_experts
         self.shape = shape
         self.max_tokens = max_tokens
-        self.iid = iid_unique(E, shape.top_k, np.arange(max_tokens + 1))
-        self.sum = np.zeros((L, max_tokens + 1))
-        self.count = np.zeros(max_tokens + 1)
-        self.ratio = np.ones(L)  # observed / i.i.d., per layer (co-activation)
+        self.iid = iid_unique(shape.num_experts, shape.top_k, np.arange(max_tokens + 1))
         self.prior_weight = prior_weight
         self.ratio_rate = ratio_rate
-        # log-log regression sums per layer, started at the prior gamma with weight gamma_weight
-        self._xy = np.full(L, gamma_prior * gamma_weight)
-        self._xx = np.full(L, gamma_weight)
+        self._gamma_prior = (gamma_prior, gamma_weight)
         self._pending: list[tuple] = []
+        self.resets = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to the prior: no observed passes."""
+        L = self.shape.num_layers
+        self.sum = np.zeros((L, self.max_tokens + 1))  # unique experts summed per layer and token count
+        self.count = np.zeros(self.max_tokens + 1)  # passes per token count
+        self.ratio = np.ones(L)  # observed / i.i.d., per layer (co-activation)
+        # log-log regression sums per layer, started at the prior gamma with weight gamma_weight
+        gamma, weight = self._gamma_prior
+        self._xy = np.full(L, gamma * weight)
+        self._xx = np.full(L, weight)
 
     def observe(self, tokens: int, unique: tuple[int, ...], kept: tuple[int, ...] = (),
                 mass_kept: tuple[float, ...] = ()) -> None:
@@ -74,6 +83,18 @@ class ExpertModel:
             lx, ld = np.log(np.where(ok, x, 1.0)), np.log(np.where(ok, drop, 1.0))
             self._xy += (lx * ld).sum(axis=0)
             self._xx += (lx * lx).sum(axis=0)
+
+    def check(self) -> bool:
+        """True when healthy (finite statistics, positive ratios and weights); otherwise reset to the
+        prior (warning once). Called when the controller replans."""
+        self.flush()
+        stats = (self.sum, self.count, self.ratio, self._xy, self._xx)
+        healthy = all(np.all(np.isfinite(x)) for x in stats) and self.count.min() >= 0.0 and \
+            self.ratio.min() > 0.0 and self._xx.min() > 0.0
+        if not healthy:
+            report_reset(self, "unique-expert model", "non-finite or out-of-range statistics")
+            self.reset()
+        return healthy
 
     @property
     def gamma(self) -> np.ndarray:

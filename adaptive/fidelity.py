@@ -6,11 +6,15 @@ Model: agreement loss A = sum_l w_l * drop_l (drop_l = router mass dropped in la
 by RLS on eval-mode steps (StepStats.agreement), started at 1/L each. A flipped target token also
 rejects a draft token that would have matched, so each depth's acceptance is multiplied by
 exp(-lambda * A), lambda fitted from budgeted steps (observed vs expected acceptances).
+
+Why queued: observe runs every decode step; agreement observations are folded into the weights' fit as
+one block update when the weights are next read (the controller reads them when it replans).
 """
 from __future__ import annotations
 
 import numpy as np
 
+from .health import report_reset
 from .latency import RLS
 
 
@@ -23,13 +27,16 @@ class FidelityModel:
         fraction of the mean weight, because per-layer drops are strongly correlated and a weight fitted
         to ~0 would let the allocator cut that layer to one expert."""
         w0 = prior_total / num_layers
-        self.weights = RLS(np.full(num_layers, w0), prior_std * w0, noise, 1.0)
+        self.weights = RLS(np.full(num_layers, w0), prior_std * w0, noise, 1.0, "fidelity model's layer weights")
         self.floor = floor
-        self._lam_num = lambda_prior * lambda_weight
-        self._lam_den = lambda_weight
+        self._lam_prior = (lambda_prior * lambda_weight, lambda_weight)  # (numerator, denominator) pseudo-counts
+        self._lam_num, self._lam_den = self._lam_prior
+        self._pending: list[tuple] = []  # (drop (L,), 1 - agreement) per eval-mode step
+        self.resets = 0
 
     @property
     def w(self) -> np.ndarray:
+        self._flush()
         theta = self.weights.theta
         return np.maximum(theta, self.floor * max(float(theta.mean()), 0.0))
 
@@ -46,7 +53,14 @@ class FidelityModel:
         return np.exp(-self.lam * np.asarray(loss))
 
     def observe_agreement(self, drop: np.ndarray, agreement: float) -> None:
-        self.weights.observe(np.asarray(drop, dtype=float), 1.0 - agreement)
+        """Queue an eval-mode step: router mass dropped per layer (L,) and the agreement it measured."""
+        self._pending.append((drop, 1.0 - agreement))
+
+    def _flush(self) -> None:
+        if self._pending:
+            drop, loss = zip(*self._pending)
+            self._pending.clear()
+            self.weights.observe_many(np.array(drop, dtype=float), np.array(loss, dtype=float))
 
     def observe_acceptance(self, loss: float, successes: float, expected: float) -> None:
         """A budgeted step at predicted loss `loss` got `successes` where `expected` were due unbudgeted."""
@@ -54,3 +68,13 @@ class FidelityModel:
             return
         self._lam_num += expected - successes
         self._lam_den += loss * expected
+
+    def check(self) -> bool:
+        """True when healthy; otherwise the degraded part is reset to its prior (warning once)."""
+        self._flush()
+        healthy = self.weights.check()
+        if not (np.isfinite(self._lam_num) and np.isfinite(self._lam_den) and self._lam_den > 0):
+            report_reset(self, "fidelity model's acceptance factor", f"lambda = {self._lam_num} / {self._lam_den}")
+            self._lam_num, self._lam_den = self._lam_prior
+            healthy = False
+        return healthy

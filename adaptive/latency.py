@@ -1,14 +1,15 @@
-"""A global step-latency model, updated online by recursive least squares (RLS).
+"""A global step-latency model, fitted online by least squares with forgetting and a ridge prior.
 
 Why online: step time depends on the machine, the model, the load and the context length, and a
 profile measured once drifts. Why these features: a verification pass reads every unique expert it
 computes (bandwidth, the MoE cost of speculation), processes every verified token (compute) and attends
 over the context (KV reads grow with context, per token verified). Drafting is a separate linear model
-per drafter (fixed cost + per draft step + per node). RLS with a forgetting factor tracks drift.
-Seeded from a hardware profile when one exists.
+per drafter (fixed cost + per draft step + per node). A forgetting factor tracks drift; the prior
+(seeded from a hardware profile when one exists) is never wholly forgotten, so the fit stays bounded
+where the data does not vary (class RLS).
 
 Why buffered: decide + observe must stay a small share of a step (2% on the embedded CPU model), and a
-sequential RLS update is a dozen numpy calls. Observations are queued and applied as one exact block
+refit per step is several numpy calls. Observations are queued and applied as one exact block
 update (the same estimate the sequential updates give) when a prediction or `flush` asks for them; the
 controller flushes when it replans, so its step-time predictions lag by at most refresh_every steps.
 """
@@ -17,8 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 import numpy as np
 
+from .health import report_reset
+
 VERIFY_FEATURES = ("const", "tokens", "experts", "ctx_k", "tokens_x_ctx_k")
 DRAFT_FEATURES = ("const", "depth", "nodes")
+ABSURD_STDS = 1e6  # a coefficient this many prior standard deviations from its prior means a broken fit
+VERIFY_NAME, DRAFT_NAME = "latency fit of verification", "latency fit of drafter {!r}"
 
 
 @dataclass(frozen=True)
@@ -29,12 +34,18 @@ class LatencyConfig:
     noise_s: float = 1e-3  # typical step-time noise: prior strength is measured against it
     prior_scale: float = 2.0  # prior std of each coefficient, in units of its prior value
     seeded_scale: float = 0.3  # the same when a hardware profile seeds the prior
+    # share of the prior's strength never forgotten: it keeps directions the data does not vary (n-gram
+    # chains: depth == nodes) at their prior instead of winding up, and pulls little on the others
+    prior_floor: float = 0.1
     verify_prior: tuple[float, ...] = (4e-3, 2e-4, 5e-5, 1e-4, 1e-5)
     draft_prior: tuple[float, ...] = (2e-4, 1e-3, 1e-4)
 
     def __post_init__(self):
         if not 0.9 <= self.forgetting <= 1.0:
             raise ValueError(f"LatencyConfig.forgetting must be in [0.9, 1], got {self.forgetting}")
+        if not 0.0 < self.prior_floor <= 1.0:
+            raise ValueError(f"LatencyConfig.prior_floor must be in (0, 1] (1 = the prior is never forgotten), "
+                             f"got {self.prior_floor}")
         for name in ("noise_s", "prior_scale", "seeded_scale"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"LatencyConfig.{name} must be > 0, got {getattr(self, name)}")
@@ -47,37 +58,85 @@ class LatencyConfig:
 
 
 class RLS:
-    """Recursive least squares with exponential forgetting; theta is the coefficient vector.
+    """Exponentially weighted least squares anchored to a ridge prior; theta is the coefficient vector.
 
-    P starts as the prior covariance of theta divided by the noise variance, so the prior is as strong
-    as it is confident relative to how noisy one observation is.
+    Why not the covariance recursion of classic RLS: it divides the covariance by the forgetting factor
+    every step, so in a direction the data never varies (n-gram chains: depth == nodes) it grows as
+    forgetting^-n: it lost positive definiteness after ~7,000 steps and overflowed to NaN near 12,000.
+    Here theta = (A + k Lambda0)^-1 (b + k Lambda0 theta0) is solved from sufficient statistics
+    A = sum_i w_i x_i x_i^T, b = sum_i w_i x_i y_i (w_i = forgetting^age), with Lambda0 the prior precision
+    (noise / prior_std)^2 in the units of one observation. The prior's weight k decays like the data's,
+    as in classic RLS (whose estimate this is exactly while k > prior_floor), but never below prior_floor.
+    So A + k Lambda0 >= prior_floor Lambda0 is positive definite by construction, A and b stay below
+    max|x|^2 / (1 - forgetting), a direction the data leaves free keeps its prior, and the remaining
+    prior barely pulls on what the data determines.
     """
 
-    def __init__(self, theta, prior_std, noise: float, forgetting: float):
-        self.theta = np.array(theta, dtype=float)
-        self.P = np.diag((np.broadcast_to(np.asarray(prior_std, dtype=float), self.theta.shape) / noise) ** 2)
+    def __init__(self, theta, prior_std, noise: float, forgetting: float, name: str = "least-squares fit",
+                 prior_floor: float = 1.0):
+        self.prior = np.array(theta, dtype=float)  # (p,) theta0
+        std = np.broadcast_to(np.asarray(prior_std, dtype=float), self.prior.shape)
+        self.precision = (noise / std) ** 2  # (p,) diagonal of Lambda0
+        if not (np.all(np.isfinite(self.prior)) and np.all(np.isfinite(self.precision)) and np.all(self.precision > 0)):
+            raise ValueError(f"{name}: the prior needs finite coefficients and finite positive standard deviations "
+                             f"and noise, got theta {self.prior}, std {std}, noise {noise}")
+        self.bound = ABSURD_STDS * std  # (p,) |theta - theta0| beyond this is absurd: reset
         self.forgetting = forgetting
+        self.prior_floor = prior_floor
+        self.name = name
+        self.resets = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to the prior: no data."""
+        p = len(self.prior)
+        self.A = np.zeros((p, p))  # (p, p) weighted sum of x x^T
+        self.b = np.zeros(p)  # (p,) weighted sum of x y
+        self.theta = self.prior.copy()
         self.n = 0
 
     def observe(self, x: np.ndarray, y: float) -> None:
-        Px = self.P @ x
-        k = Px / (self.forgetting + x @ Px)
-        self.theta += k * (y - x @ self.theta)
-        self.P -= k[:, None] * Px
-        self.P *= 1.0 / self.forgetting
-        self.n += 1
+        self.observe_many(np.asarray(x, dtype=float)[None], np.array([y], dtype=float))
 
     def observe_many(self, X: np.ndarray, y: np.ndarray) -> None:
-        """The m observations (rows of X, oldest first) at once, exactly as m sequential `observe` calls:
-        information form A' = lam^m A + X^T W X with W = diag(lam^(m-1-i)), applied through Woodbury."""
+        """The m observations (rows of X, oldest first) at once, exactly as m single ones: the statistics
+        decay by forgetting^m and row i joins with weight forgetting^(m-1-i); then theta is refitted."""
         m, lam = len(y), self.forgetting
-        PXt = self.P @ X.T  # (p, m)
-        S = np.diag(lam ** (1.0 + np.arange(m))) + X @ PXt
-        K = np.linalg.solve(S, PXt.T).T  # P X^T S^-1
-        self.P = (self.P - K @ PXt.T) * lam ** -m
-        w = lam ** (m - 1.0 - np.arange(m))
-        self.theta += self.P @ (X.T @ (w * (y - X @ self.theta)))
+        Xw = X.T * lam ** (m - 1.0 - np.arange(m))  # (p, m)
+        decay = lam ** m
+        self.A = decay * self.A + Xw @ X
+        self.b = decay * self.b + Xw @ y
         self.n += m
+        k = self._prior_weight() * self.precision  # (p,) diagonal of k Lambda0
+        try:
+            self.theta = np.linalg.solve(self.A + np.diag(k), self.b + k * self.prior)
+        except np.linalg.LinAlgError:  # singular only with non-finite statistics: check() resets them
+            self.theta = np.full_like(self.prior, np.nan)
+        self.check()
+
+    def check(self) -> bool:
+        """True when healthy; otherwise reset to the prior (warning once, see adaptive/health.py)."""
+        problem = self._problem()
+        if problem:
+            report_reset(self, self.name, problem)
+            self.reset()
+        return not problem
+
+    def _problem(self) -> str:
+        if not (np.all(np.isfinite(self.A)) and np.all(np.isfinite(self.b))):
+            return "non-finite statistics"
+        if not np.all(np.isfinite(self.theta)):
+            return "non-finite coefficients"
+        if np.any(np.abs(self.theta - self.prior) > self.bound):
+            return f"coefficients {self.theta} over {ABSURD_STDS:g} prior standard deviations from {self.prior}"
+        try:
+            np.linalg.cholesky(self.A + np.diag(self._prior_weight() * self.precision))
+        except np.linalg.LinAlgError:
+            return "information matrix not positive definite"
+        return ""
+
+    def _prior_weight(self) -> float:
+        return max(self.forgetting ** self.n, self.prior_floor)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         return x @ self.theta
@@ -97,9 +156,10 @@ class OnlineLatency:
     def __init__(self, drafters: tuple[str, ...], config: LatencyConfig = LatencyConfig()):
         self.config = config
         c = config
-        self.verify = RLS(c.verify_prior, np.array(c.verify_prior) * c.prior_scale, c.noise_s, c.forgetting)
-        self.draft = {d: RLS(c.draft_prior, np.array(c.draft_prior) * c.prior_scale, c.noise_s, c.forgetting)
-                      for d in drafters}
+        self.verify = RLS(c.verify_prior, np.array(c.verify_prior) * c.prior_scale, c.noise_s, c.forgetting,
+                          VERIFY_NAME, c.prior_floor)
+        self.draft = {d: RLS(c.draft_prior, np.array(c.draft_prior) * c.prior_scale, c.noise_s, c.forgetting,
+                             DRAFT_NAME.format(d), c.prior_floor) for d in drafters}
         self.seeded = False
         self._pending: list[tuple] = []
 
@@ -114,12 +174,13 @@ class OnlineLatency:
         c0, ct, ce, cc, cct = (float(x) for x in profile.verify)
         theta = np.array([c0 + float(profile.step_overhead), ct, ce, cc * 1e3, cct * 1e3])
         floor = 0.1 * np.array(c.verify_prior)
-        self.verify = RLS(theta, np.hypot(theta * c.seeded_scale, floor), c.noise_s, c.forgetting)
+        self.verify = RLS(theta, np.hypot(theta * c.seeded_scale, floor), c.noise_s, c.forgetting, VERIFY_NAME,
+                          c.prior_floor)
         for name, rls in self.draft.items():
             if name in profile.draft:
                 d = np.array(profile.draft[name], dtype=float)
                 self.draft[name] = RLS(d, np.hypot(d * c.seeded_scale, 0.1 * np.array(c.draft_prior)),
-                                       c.noise_s, c.forgetting)
+                                       c.noise_s, c.forgetting, DRAFT_NAME.format(name), c.prior_floor)
         self.seeded = True
 
     def observe(self, drafter: str | None, tokens: int, experts: float, context_len: int,
@@ -141,6 +202,11 @@ class OnlineLatency:
             if sel.any():
                 X = np.stack([np.ones(int(sel.sum())), depth[sel], nodes[sel]], axis=1)
                 rls.observe_many(X, t_draft[sel])
+
+    def check(self) -> bool:
+        """Apply the queued steps and check every fit (each resets itself to its prior if degraded)."""
+        self.flush()
+        return all([self.verify.check(), *(rls.check() for rls in self.draft.values())])
 
     def predict_verify(self, tokens, experts, context_len) -> np.ndarray:
         self.flush()

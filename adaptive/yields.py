@@ -13,8 +13,10 @@ Counts decay per speculative step like the acceptance evidence, so a request tha
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+from .health import report_reset
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class DraftYield:
         F = config.families
         self._global = [[1.0, 1.0] for _ in range(F)]  # (decayed yield sum, decayed steps): starts at full
         self._requests: dict[int, list] = {}  # id -> [[yield sum, steps] per family]
+        self.resets = 0
 
     def begin(self, request_id: int) -> None:
         self._requests[request_id] = [[0.0, 0.0] for _ in self._global]
@@ -77,3 +80,16 @@ class DraftYield:
             self.begin(request_id)
         k = self.config.prior_strength
         return [(s + k * gs / gn) / (n + k) for (s, n), (gs, gn) in zip(self._requests[request_id], self._global)]
+
+    def check(self) -> bool:
+        """True when healthy (finite, non-negative sums, the shared mean defined); otherwise the shared
+        mean and every request are reset to the prior (warning once). Called when the controller replans."""
+        rows = [row for rows in self._requests.values() for row in rows]
+        healthy = all(math.isfinite(s) and math.isfinite(n) and s >= 0.0 and n >= 0.0 for s, n in rows) and \
+            all(math.isfinite(s) and math.isfinite(n) and s >= 0.0 and n > 0.0 for s, n in self._global)
+        if not healthy:
+            report_reset(self, "draft-yield model", "non-finite or negative sums")
+            self._global = [[1.0, 1.0] for _ in self._global]
+            for request_id in self._requests:
+                self.begin(request_id)
+        return healthy

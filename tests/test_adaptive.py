@@ -119,7 +119,8 @@ def test_block_rls_update_equals_sequential_updates():
         one.observe(x, t)
     block.observe_many(X[:11], y[:11])
     block.observe_many(X[11:], y[11:])
-    assert np.allclose(one.theta, block.theta, rtol=1e-9) and np.allclose(one.P, block.P, rtol=1e-9)
+    assert np.allclose(one.theta, block.theta, rtol=1e-9) and np.allclose(one.A, block.A, rtol=1e-9)
+    assert np.allclose(one.b, block.b, rtol=1e-9)
     assert one.n == block.n == 30 and np.allclose(block.theta, theta, atol=0.05)
 
 

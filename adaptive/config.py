@@ -5,14 +5,24 @@ numerics; every field is checked on construction with a message that says what t
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-from moetune.step import DRAFTERS
+from moetune.step import DRAFTERS, StepConfig
 
 from .acceptance import AcceptanceConfig
 from .latency import LatencyConfig
 
 EXPLORATIONS = ("thompson", "ucb", "greedy")
+FLOATS = ("max_agreement_loss", "target_margin", "ucb_c", "explore_slack", "hysteresis", "prior_strength",
+          "request_decay", "idle_decay", "global_decay", "latency_forgetting")
+
+
+def check_latency_target(ms: float | None, what: str = "latency_target_ms") -> None:
+    """One rule for a latency target wherever it is given (`moetune run` and `moetune replay`
+    --latency-target-ms, the adaptive policy's latency_target_ms): None, or finite and > 0."""
+    if ms is not None and not 0 < ms < math.inf:
+        raise ValueError(f"{what} must be > 0 and finite (milliseconds per output token), got {ms}")
 
 
 @dataclass(frozen=True)
@@ -49,6 +59,9 @@ class ControllerConfig:
     seed: int = 0
 
     def __post_init__(self):
+        for name in FLOATS:  # NaN passes every comparison below, so finiteness is checked first
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"ControllerConfig.{name} must be a finite number, got {getattr(self, name)}")
         if not self.drafters or any(d not in DRAFTERS for d in self.drafters):
             raise ValueError(f"ControllerConfig.drafters must be a non-empty subset of {DRAFTERS}, got {self.drafters}")
         if len(set(self.drafters)) != len(self.drafters):
@@ -58,15 +71,19 @@ class ControllerConfig:
             raise ValueError(f"ControllerConfig.widths must be distinct integers >= 1 (1 = chain), got {self.widths}")
         if not 1 <= self.max_depth <= 32:
             raise ValueError(f"ControllerConfig.max_depth must be in [1, 32], got {self.max_depth}")
+        w = max(self.widths)  # the widest candidate (candidates.py) must be a config a step can afford
+        try:
+            StepConfig(depth=self.max_depth, topk=w, num_draft_tokens=None if w == 1 else w * self.max_depth)
+        except ValueError as e:
+            raise ValueError(f"ControllerConfig.widths up to {w} at max_depth={self.max_depth} build steps "
+                             f"beyond the engine's limits ({e}); lower widths or max_depth") from None
         if not 0.0 <= self.max_agreement_loss < 1.0:
             raise ValueError(f"ControllerConfig.max_agreement_loss must be in [0, 1), got {self.max_agreement_loss}")
         if not self.loss_levels or any(not 0.0 < x < 1.0 for x in self.loss_levels) \
                 or list(self.loss_levels) != sorted(set(self.loss_levels)):
             raise ValueError(f"ControllerConfig.loss_levels must be strictly increasing values in (0, 1), "
                              f"got {self.loss_levels}")
-        if self.latency_target_ms is not None and not self.latency_target_ms > 0:
-            raise ValueError(f"ControllerConfig.latency_target_ms must be > 0 (ms per output token) or None, "
-                             f"got {self.latency_target_ms}")
+        check_latency_target(self.latency_target_ms, "ControllerConfig.latency_target_ms")
         if not 0.0 <= self.target_margin < 0.5:
             raise ValueError(f"ControllerConfig.target_margin must be in [0, 0.5), got {self.target_margin}")
         if self.exploration not in EXPLORATIONS:

@@ -50,10 +50,11 @@ def interleaved(target, tokenizer, prompts, methods: dict, common: dict, generat
     for i, prompt in enumerate(prompts):
         for name in names[i % len(names):] + names[:i % len(names)]:
             policy, drafters = methods[name]
-            seen = len(getattr(policy, "events", ()))
+            seen = len(policy.decision_log())
             results, events = out[name]
-            results += generate(target, tokenizer, [prompt["text"]], drafter=drafters, policy=policy, **common)
-            events += [(i, *e[1:]) for e in getattr(policy, "events", ())[seen:]]
+            results += generate(target, tokenizer, [prompt["text"]], drafter=drafters, policy=policy, **common,
+                                request_ids=[i])
+            events += policy.decision_log()[seen:]  # rows name request i
         print(f"prompt {i + 1}/{len(prompts)} ({prompt['kind']}) done", file=sys.stderr, flush=True)
     return out
 

@@ -1,27 +1,34 @@
-"""The decoding loop: prefill, then per step decide -> draft -> verify -> accept -> commit -> observe.
+"""Live decoding: the engine's side of moetune.driver (prefill, then per step draft -> verify -> accept ->
+commit), around the policy's lookahead -> decide ... observe that the driver runs.
 
 One request at a time (batch size 1). The target's KV cache always holds every committed token except
 the last one (the root of the next tree), so a step feeds [root, drafted nodes] and keeps the root plus
-the accepted path. Policies may change drafter, shape or speculation on/off every step.
+the accepted path. Policies may change drafter, shape or speculation on/off every step. `LiveBackend`
+owns the tensors, the caches, the drafters and the timing; the step protocol itself (and the one
+function that builds StepStats) is moetune.driver's, shared with trace replay.
+
+Shape legend: N drafted nodes, V vocabulary, L MoE layers.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
+from moetune.driver import decode, step_stats
 from moetune.policies.base import Policy
 from moetune.policies.static import Static
-from moetune.step import PLAIN, PROBE_DRAFTERS, DecodeState, Lookahead, Probe, StepConfig, StepStats
+from moetune.step import PLAIN, Lookahead, StepConfig, StepStats
 
 from . import kv
-from .accept import accept_greedy, accept_sample
+from .accept import Acceptance, accept_greedy, accept_sample
 from .drafters import DraftModelDrafter, NgramDrafter, Proposer, SelfDrafter
 from .loader import moe_shape
 from .telemetry import StepTimer, gpu_snapshot
 from .tree import DraftTree, depths, subtree
-from .verify import verify
+from .verify import Verification, verify
 
 
 @dataclass
@@ -31,7 +38,7 @@ class GenerationResult:
     prompt_ids: list[int]
     steps: list[StepStats] = field(default_factory=list)
     prefill_time: float = 0.0
-    decode_time: float = 0.0  # wall seconds from the first decide to the last commit
+    decode_time: float = 0.0  # wall seconds from the end of prefill to the end of the request
 
     @property
     def tokens_per_second(self) -> float:
@@ -65,26 +72,11 @@ def _get_drafter(pool: dict[str, Proposer], name: str, target) -> Proposer:
     return pool[name]
 
 
-def _lookahead(pool: dict[str, Proposer], probe: StepConfig | None, ids: list[int],
-               target) -> tuple[Lookahead | None, list[int]]:
-    """What the policy's probe drafter (Policy.probe) drafts at this step, before the policy decides:
-    the Lookahead it sees, and the chain itself (checked against the emitted tokens afterwards)."""
-    if probe is None:
-        return None, []
-    if probe.drafter not in PROBE_DRAFTERS or probe.topk != 1 or probe.tree is not None:
-        raise ValueError(f"Policy.probe must be a chain (topk=1) of a model-free drafter {PROBE_DRAFTERS}; "
-                         f"got drafter={probe.drafter!r}, topk={probe.topk}")
+def _lookahead(pool: dict[str, Proposer], probe: StepConfig, ids: list[int], target) -> tuple[Lookahead, list[int]]:
+    """What the policy's probe drafter (Policy.probe, checked by the driver) drafts at this step, before the
+    policy decides: the Lookahead it sees, and the chain itself (checked against the emitted tokens)."""
     order, chain = _get_drafter(pool, probe.drafter, target).lookahead(ids, probe.depth)
     return Lookahead(probe.drafter, order, len(chain)), chain
-
-
-def _probe(probe: StepConfig | None, chain: list[int], emitted: list[int], temperature: float) -> Probe | None:
-    """The probe's chain checked against the emitted tokens under greedy decoding (the emitted tokens are
-    the target's argmax only then). Also on the probe drafter's own steps: a chain shallower than the
-    probe's that was accepted whole learns one level more from the bonus token."""
-    if probe is None or temperature != 0:
-        return None
-    return Probe.check(probe.drafter, probe.depth, chain, emitted)
 
 
 def _prompt_ids(tokenizer, prompt) -> list[int]:
@@ -116,7 +108,7 @@ def prefill(target, cache, ids: list[int]) -> None:
 def generate(target, tokenizer, prompts, drafter=None, policy: Policy | None = None,
              config: StepConfig | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, eos_token_id: int | list[int] | None = None,
-             on_step=None, routing: bool | None = None) -> list[GenerationResult]:
+             on_step=None, routing: bool | None = None, request_ids=None) -> list[GenerationResult]:
     """Speculative decoding of each prompt in turn; greedy (temperature 0) output equals plain greedy.
 
     prompts: a string, a list of strings, or a list of token-id lists. drafter: a Proposer, a draft
@@ -124,7 +116,9 @@ def generate(target, tokenizer, prompts, drafter=None, policy: Policy | None = N
     built when a step first asks for them. policy or config (not both) chooses each step; with neither,
     a draft chain of 4 when a drafter is given, plain decoding otherwise. on_step(request_index, stats).
     routing: capture per-layer routing into StepStats (unique experts, router mass); None: as the policy
-    asks (Policy.wants_routing), so plain and static decoding skip it.
+    asks (Policy.wants_routing), so plain and static decoding skip it. request_ids: one id per prompt
+    (DecodeState and StepStats carry it; default 0, 1, ...), so a policy serving several calls can tell
+    its requests apart.
     """
     if policy is not None and config is not None:
         raise ValueError("pass either a policy or a fixed config, not both")
@@ -136,97 +130,127 @@ def generate(target, tokenizer, prompts, drafter=None, policy: Policy | None = N
         policy = Static(config if config is not None else (StepConfig() if drafter is not None else PLAIN))
     if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
         prompts = [prompts]
+    ids = list(range(len(prompts))) if request_ids is None else [int(r) for r in request_ids]
+    if len(ids) != len(prompts):
+        raise ValueError(f"request_ids needs one id per prompt: {len(prompts)} prompts, {len(ids)} ids")
     if eos_token_id is None:
         eos_token_id = getattr(target.generation_config, "eos_token_id", None)
-    eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+    eos = frozenset([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     pool = _drafters(target, drafter)
     policy.setup(moe_shape(target))
     routing = getattr(policy, "wants_routing", True) if routing is None else routing
-    generator = torch.Generator().manual_seed(seed)
+    sampling = (temperature, top_p, torch.Generator().manual_seed(seed))
     results = []
-    for r, prompt in enumerate(prompts):
-        res = _request(target, tokenizer, r, _prompt_ids(tokenizer, prompt), pool, policy, max_new_tokens,
-                       temperature, top_p, generator, eos, on_step, routing)
-        results.append(res)
+    for index, (request_id, prompt) in enumerate(zip(ids, prompts)):
+        backend = LiveBackend(target, pool, _prompt_ids(tokenizer, prompt), max_new_tokens, sampling, eos, routing)
+        decode(policy, backend, request_id, None if on_step is None else partial(on_step, index))
+        results.append(backend.result(tokenizer))
     return results
 
 
-def _request(target, tokenizer, r, ids, pool, policy, max_new, temperature, top_p, generator, eos, on_step,
-             routing):
-    prompt = list(ids)
-    ids = list(ids)
-    t0 = time.perf_counter()
-    cache = kv.new_cache(target)
-    prefill(target, cache, ids)
-    for d in pool.values():
-        d.prefill(ids)
-    policy.begin(r, len(prompt))
-    t1 = time.perf_counter()
-    timer = StepTimer(target.device)
-    steps: list[StepStats] = []
-    t_observe = 0.0
-    done = False
-    while not done:
-        generated = len(ids) - len(prompt)
-        # the lookahead is the probe drafter's own lookup (what it drafts when chosen): timed as draft work
-        c0 = time.perf_counter()
-        probe = getattr(policy, "probe", None)
-        look, probed = _lookahead(pool, probe, ids, target)
-        c1 = time.perf_counter()
-        cfg = policy.decide(DecodeState(r, len(steps), len(ids), generated, max_new - generated, look))
-        t_look, t_decide = c1 - c0, time.perf_counter() - c1
-        with timer.phase("draft"):
-            if cfg.speculate:
-                tree = _fit(_get_drafter(pool, cfg.drafter, target).draft(ids, cfg), max_new - generated)
-            else:
-                tree = DraftTree.empty(target.device)
-        with timer.phase("verify"):
-            ver = verify(target, cache, ids[-1], tree, cfg, routing)
-        with timer.phase("accept"):
-            acc = (accept_greedy(tree, ver.logits) if temperature == 0 else
-                   accept_sample(tree, ver.logits, temperature, top_p, generator))
-        with timer.phase("commit"):
-            kv.commit(cache, ver.past_len, acc.rows)
-            emitted = list(acc.tokens[:max_new - generated])
-            cut = next((i for i, t in enumerate(emitted) if t in eos), None)
+class LiveBackend:
+    """moetune.driver.Backend on a model: one request's caches, drafters and measured phase times.
+
+    The lookahead is the probe drafter's own lookup (what it drafts when chosen), so it is timed as draft
+    work. On CUDA the phases are timed by events and read once per step, in `stats` (one host sync)."""
+
+    keeps_steps = True  # GenerationResult.steps holds every step
+
+    def __init__(self, target, pool: dict[str, Proposer], prompt_ids: list[int], max_new_tokens: int,
+                 sampling: tuple, eos: frozenset, routing: bool):
+        self.target, self.pool, self.eos, self.routing = target, pool, eos, routing
+        self.temperature, self.top_p, self.generator = sampling
+        self.prompt = list(prompt_ids)
+        self.ids = list(prompt_ids)  # committed tokens (prompt + generated); ids[-1] is the next root
+        self.prompt_len, self.max_new_tokens = len(self.prompt), max_new_tokens
+        self.generated, self.done = 0, False
+        self.timer = StepTimer(target.device)
+        self.empty = DraftTree.empty(target.device)  # what a plain step verifies after its root
+        self.steps: list[StepStats] = []
+        self.emitted: list[int] = []  # the last step's committed tokens
+        self.chain: list[int] | None = None  # the probe drafter's chain at this step
+        self.t_look = self.prefill_time = self.t_start = 0.0
+        self.cache = None
+
+    def prefill(self, probe: StepConfig | None) -> None:
+        """Target cache of the prompt (all but its last token, the first root); drafters forget the last request."""
+        t0 = time.perf_counter()
+        self.cache = kv.new_cache(self.target)
+        prefill(self.target, self.cache, self.ids)
+        for d in self.pool.values():
+            d.prefill(self.ids)
+        self.t_start = time.perf_counter()
+        self.prefill_time = self.t_start - t0
+
+    def lookahead(self, probe: StepConfig) -> Lookahead:
+        t0 = time.perf_counter()
+        look, self.chain = _lookahead(self.pool, probe, self.ids, self.target)
+        self.t_look = time.perf_counter() - t0
+        return look
+
+    def draft(self, config: StepConfig) -> DraftTree:
+        with self.timer.phase("draft"):
+            if not config.speculate:
+                return self.empty
+            tree = _get_drafter(self.pool, config.drafter, self.target).draft(self.ids, config)
+            return _fit(tree, self.max_new_tokens - self.generated)
+
+    def verify(self, config: StepConfig, tree: DraftTree) -> Verification:
+        """Target forward over [root, N nodes]: logits [N+1, V], the cache grows by N+1 entries."""
+        with self.timer.phase("verify"):
+            return verify(self.target, self.cache, self.ids[-1], tree, config, self.routing)
+
+    def accept(self, tree: DraftTree, ver: Verification) -> Acceptance:
+        with self.timer.phase("accept"):
+            if self.temperature == 0:
+                return accept_greedy(tree, ver.logits)
+            return accept_sample(tree, ver.logits, self.temperature, self.top_p, self.generator)
+
+    def commit(self, config: StepConfig, tree: DraftTree, ver: Verification, acc: Acceptance) -> None:
+        """Keep the root and the accepted rows in the cache; emit up to max_new_tokens, through EOS."""
+        with self.timer.phase("commit"):
+            kv.commit(self.cache, ver.past_len, acc.rows)
+            emitted = list(acc.tokens[:self.max_new_tokens - self.generated])
+            cut = next((i for i, t in enumerate(emitted) if t in self.eos), None) if self.eos else None
             if cut is not None:
                 emitted = emitted[:cut + 1]
-            ids.extend(emitted)
-            if cfg.speculate:
-                pool[cfg.drafter].commit(emitted)
-            done = cut is not None or len(ids) - len(prompt) >= max_new
-        times = timer.read()
-        times["draft"] = times.get("draft", 0.0) + t_look
-        stats = _stats(len(steps), cfg, acc.accepted, len(emitted), tree, len(ids) - len(emitted), ver,
-                       times, t_decide + t_observe, target.device,
-                       _probe(probe, probed, emitted, temperature))
-        steps.append(stats)
-        c0 = time.perf_counter()
-        policy.observe(stats)
-        t_observe = time.perf_counter() - c0
-        if on_step is not None:
-            on_step(r, stats)
-    policy.end(r)
-    out = ids[len(prompt):]
-    text = tokenizer.decode(out, skip_special_tokens=True) if tokenizer is not None else ""
-    return GenerationResult(text, out, prompt, steps, t1 - t0, time.perf_counter() - t1)
+            self.ids.extend(emitted)
+            self.generated += len(emitted)
+            if config.speculate:
+                self.pool[config.drafter].commit(emitted)
+            self.done = cut is not None or self.generated >= self.max_new_tokens
+            self.emitted = emitted
+
+    def stats(self, request_id: int, step: int, config: StepConfig, probe: StepConfig | None, tree: DraftTree,
+              ver: Verification, acc: Acceptance, t_control: float) -> StepStats:
+        stats = _stats(request_id, step, config, acc.accepted, self.emitted, len(self.ids) - len(self.emitted), tree,
+                       ver, self.timer.read(), self.t_look, t_control, self.target.device, probe,
+                       self.chain if self.temperature == 0 else None)  # the probe is checked under greedy only
+        self.steps.append(stats)
+        return stats
+
+    def result(self, tokenizer) -> GenerationResult:
+        out = self.ids[self.prompt_len:]
+        text = tokenizer.decode(out, skip_special_tokens=True) if tokenizer is not None else ""
+        return GenerationResult(text, out, self.prompt, self.steps, self.prefill_time, time.perf_counter() - self.t_start)
 
 
-def _stats(step, cfg, accepted, emitted, tree, context_len, ver, times, t_control, device, probe) -> StepStats:
-    """StepStats from one step; one host transfer for the per-layer routing numbers (none when the step
-    did not capture routing: its per-layer fields stay empty)."""
+def _stats(request_id, step, cfg, accepted, emitted, context_len, tree, ver, times, t_look, t_control, device,
+           probe, chain) -> StepStats:
+    """StepStats of one live step (through driver.step_stats); one host transfer for the per-layer routing
+    numbers (none when the step did not capture routing: its per-layer fields stay empty)."""
     routing = ver.routing
     num_layers = len(routing.layers) if routing is not None else 0
-    per_layer = (torch.cat([routing.unique_experts().float(), routing.router_mass()]).tolist()
+    per_layer = (torch.cat([routing.unique_experts().float(), routing.router_mass()]).tolist()  # [2L]
                  if num_layers else [])
     unique = tuple(int(u) for u in per_layer[:num_layers])
     report = ver.budget_report
-    return StepStats(
-        step=step, config=cfg, accepted=accepted, emitted=emitted, tree_size=len(tree), tree_depth=tree.depth,
-        context_len=context_len, unique_experts=unique,
-        unique_experts_kept=tuple(report.unique_experts_kept) if report is not None else unique,
-        router_mass_kept=tuple(report.router_mass_kept) if report is not None else (1.0,) * num_layers,
-        tokens_substituted=tuple(report.tokens_substituted) if report is not None else (0,) * num_layers,
-        t_draft=times.get("draft", 0.0), t_verify=times.get("verify", 0.0), t_accept=times.get("accept", 0.0),
-        t_commit=times.get("commit", 0.0), t_control=t_control, agreement=ver.agreement, gpu=gpu_snapshot(device),
-        router_mass=tuple(per_layer[num_layers:]), probe=probe)
+    return step_stats(
+        request_id, step, cfg, accepted=accepted, emitted=emitted, tree_size=len(tree), tree_depth=tree.depth,
+        context_len=context_len, times=(times.get("draft", 0.0) + t_look, times.get("verify", 0.0),
+                              times.get("accept", 0.0), times.get("commit", 0.0)),
+        t_control=t_control, unique=unique, router_mass=tuple(per_layer[num_layers:]), agreement=ver.agreement,
+        kept=None if report is None else tuple(report.unique_experts_kept),
+        mass_kept=None if report is None else tuple(report.router_mass_kept),
+        substituted=None if report is None else tuple(report.tokens_substituted),
+        probe=probe, chain=chain, gpu=gpu_snapshot(device))

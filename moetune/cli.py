@@ -1,12 +1,17 @@
 """`moetune` command line: argparse only builds configs; each subcommand lives in its own module.
 
-Every module in COMMANDS exposes `add_arguments(parser)` and `main(args) -> int`.
+Every module in COMMANDS exposes `add_arguments(parser)` and `main(args) -> int`. Expected failures (bad
+input: ValueError, which every config and moetune.errors.UserError raise, and OSError on a path) end as
+one line, `moetune <command>: error: <what>; <what to do>`, with exit status 2, as argparse's own errors
+do; Ctrl-C ends with one line and 130; anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+
+from moetune.errors import path_error
 
 # name -> (module, one-line help). Modules are imported lazily so `moetune --help` stays fast.
 COMMANDS = {
@@ -28,18 +33,30 @@ def build_parser(load: tuple[str, ...] = ()) -> argparse.ArgumentParser:
     return p
 
 
+def message(error: Exception) -> str:
+    """An expected failure as one line; an OSError that names its path says what went wrong there."""
+    if isinstance(error, OSError) and error.filename is not None:
+        error = path_error(str(error.filename), error, "check the path and its permissions")
+    return " ".join(str(error).split())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     name = next((a for a in argv if not a.startswith("-")), None)
     if name not in COMMANDS:
-        build_parser().print_help() if name is None else build_parser().parse_args(argv)
-        return 0 if name is None else 2
+        parser = build_parser()
+        parser.parse_args(argv)  # exits: 2 with argparse's message for an unknown command or flag, 0 for --help
+        parser.print_help()
+        return 0 if not argv else 2
     args = build_parser(load=(name,)).parse_args(argv)
     module = importlib.import_module(COMMANDS[name][0])
     try:
         return int(module.main(args) or 0)
-    except ValueError as e:
-        print(f"moetune {name}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"moetune {name}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as e:
+        print(f"moetune {name}: error: {message(e)}", file=sys.stderr)
         return 2
 
 

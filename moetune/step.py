@@ -12,11 +12,17 @@ Definitions used everywhere (see docs/design.md):
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 DRAFTERS = ("draft_model", "ngram", "self")
 SELECTIONS = ("prob_sum", "hit_count", "accept_weighted")
 SUBSTITUTIONS = ("renormalize", "reselect")
+# What one step may cost, checked before anything is built: nodes verified (the attention mask and KV
+# grow with it; topk=1000 at depth 4 would ask for terabytes) and candidates grown before num_draft_tokens
+# keeps the best (topk + (depth - 1) * topk**2, each a Python object and a draft-forward row).
+MAX_DRAFT_NODES = 1024
+MAX_GROWN_NODES = 65536
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,15 @@ class ModelShape:
             raise ValueError(f"ModelShape needs num_layers >= 1 and num_experts >= 1, got {self}")
         if not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"ModelShape.top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}")
+
+    def check_budgets(self, budgets: tuple[int, ...], what: str) -> None:
+        """One rule for expert budgets, live and in replay alike (the engine's BudgetPlan.validate
+        enforces the same): each in [top_k, num_experts]. Below top_k a token loses experts it must
+        have; above num_experts a budget would be silently meaningless, so it is refused, not clamped."""
+        bad = next((b for b in budgets if not self.top_k <= b <= self.num_experts), None)
+        if bad is not None:
+            raise ValueError(f"{what}: expert budget {bad} is outside [{self.top_k}, {self.num_experts}] (top_k to "
+                             f"num_experts of this model); use a budget in that range")
 
 
 @dataclass(frozen=True)
@@ -70,6 +85,7 @@ class StepConfig:
             raise ValueError(f"StepConfig.topk must be >= 1, got {self.topk}")
         if self.num_draft_tokens is not None and self.num_draft_tokens < 1:
             raise ValueError(f"StepConfig.num_draft_tokens must be >= 1 or None, got {self.num_draft_tokens}")
+        self._check_cost()
         if self.tree is not None:
             for i, p in enumerate(self.tree):
                 if not -1 <= p < i:
@@ -84,6 +100,33 @@ class StepConfig:
         if not isinstance(self.eval_agreement, bool):
             raise ValueError(f"StepConfig.eval_agreement must be True or False, got {self.eval_agreement!r}")
 
+    def _check_cost(self) -> None:
+        """Bound a step's work before any tree is built (see MAX_DRAFT_NODES)."""
+        if self.tree is not None:
+            if len(self.tree) > MAX_DRAFT_NODES:
+                raise ValueError(f"StepConfig.tree has {len(self.tree)} nodes, above the limit of "
+                                 f"{MAX_DRAFT_NODES}; pass a smaller tree")
+            return
+        if self.depth > MAX_DRAFT_NODES:
+            raise ValueError(f"StepConfig.depth must be <= {MAX_DRAFT_NODES} (the most draft nodes a step may "
+                             f"verify), got {self.depth}")
+        if self.grown_nodes > MAX_GROWN_NODES:
+            raise ValueError(f"StepConfig with depth={self.depth}, topk={self.topk} grows {self.grown_nodes} "
+                             f"candidate nodes per step (topk + (depth - 1) * topk^2), above the limit of "
+                             f"{MAX_GROWN_NODES}; lower topk (--topk) or depth (--depth)")
+        if self.max_nodes > MAX_DRAFT_NODES:
+            raise ValueError(f"StepConfig with depth={self.depth}, topk={self.topk} verifies up to "
+                             f"{self.max_nodes} draft nodes per step, above the limit of {MAX_DRAFT_NODES}; set "
+                             f"num_draft_tokens (--num-draft-tokens) to at most {MAX_DRAFT_NODES}, or lower "
+                             f"topk or depth")
+
+    @property
+    def grown_nodes(self) -> int:
+        """Candidate nodes a dynamic tree grows before num_draft_tokens keeps the best: the first level's
+        topk, then each further level expands the topk best nodes by topk children (EAGLE-2). An n-gram
+        trie (at most topk continuations of depth tokens) stays within it."""
+        return self.topk + (self.depth - 1) * self.topk ** 2
+
     @property
     def max_nodes(self) -> int:
         """Upper bound on drafted nodes this config verifies (excluding the root)."""
@@ -91,11 +134,25 @@ class StepConfig:
             return 0
         if self.tree is not None:
             return len(self.tree)
-        full = sum(self.topk ** d for d in range(1, self.depth + 1)) if self.topk > 1 else self.depth
-        return min(full, self.num_draft_tokens) if self.num_draft_tokens else full
+        return min(self.grown_nodes, self.num_draft_tokens or self.grown_nodes)
 
 
 PLAIN = StepConfig(speculate=False)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How output tokens are chosen: greedy (temperature 0) or sampled with nucleus top_p. Only the CLI
+    builds it (from --temperature and --top-p), so its messages name those flags."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if not 0 <= self.temperature < math.inf:
+            raise ValueError(f"--temperature must be >= 0 and finite (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
 
 PROBE_DRAFTERS = ("ngram",)  # drafters cheap enough to run passively beside the step's own drafter
 
@@ -161,6 +218,9 @@ class StepStats:
     gpu: dict | None = field(default=None, compare=False)  # pynvml snapshot when a GPU is present
     router_mass: tuple[float, ...] = ()  # per layer, mean over verified tokens of router prob on their top-k
     probe: Probe | None = None  # the passive draft the policy asked for (Policy.probe), if it ran
+    # DecodeState.request_id of the step's request (moetune.driver sets it), so a policy files what it
+    # observes without remembering whom it last decided for; None in StepStats built by hand
+    request_id: int | None = None
 
     @property
     def step_time(self) -> float:

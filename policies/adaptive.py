@@ -1,8 +1,8 @@
 """The adaptive policy (ours): the online controller (moetune.adaptive.controller) behind base.Policy.
 
 Why a wrapper: the engine and replay speak Policy; the controller speaks Decision (config plus why).
-The wrapper keeps a short log of switches and infeasibility messages so `moetune run` can show which
-configurations ran over time, and exposes `infeasible` / `messages` for latency-target mode.
+The wrapper keeps a short log of switches and infeasibility messages (`decision_log`) so `moetune run`
+can show which configurations ran over time, and exposes `infeasible` / `messages` for latency-target mode.
 """
 from __future__ import annotations
 
@@ -60,6 +60,11 @@ class Adaptive(Policy):
 
     def end(self, request_id: int) -> None:
         self.controller.end(request_id)
+
+    def decision_log(self) -> list[tuple[int, int, str, str]]:
+        """Policy.decision_log: the switches and infeasibility messages so far (at most MAX_EVENTS rows of
+        request_id, step, config label, message), oldest first."""
+        return list(self.events)
 
     @property
     def infeasible(self) -> bool:

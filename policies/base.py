@@ -1,22 +1,31 @@
 """The one policy interface: decide(state) -> StepConfig, observe(StepStats).
 
-Policies see plain numbers only (no torch), so the same object drives a live run and an offline replay.
-A policy instance may serve many requests in turn: `begin` and `end` bracket each request, and what it
-learns across requests (shared models) lives on the instance, per-request state in a dict keyed by id.
+Policies see plain numbers only (no torch), so the same object drives a live run and an offline replay
+(both through moetune.driver). A policy instance may serve many requests in turn: `begin` and `end`
+bracket each request, and what it learns across requests (shared models) lives on the instance,
+per-request state in a dict keyed by request id. Every DecodeState and StepStats carries that id, so a
+policy never needs to remember which request it decided for last.
+
+`Policy` is a typing.Protocol: the driver accepts any object with these members (an object that leaves
+out `probe` or `wants_routing` gets the defaults below). Implementations may also subclass it, as the
+policies in this package do, to inherit the defaults.
 """
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import abstractmethod
+from typing import Protocol, runtime_checkable
 
 from moetune.step import DecodeState, ModelShape, StepConfig, StepStats
 
 
-class Policy(ABC):
-    """Base class. Subclasses implement `decide`; the rest is optional."""
+@runtime_checkable
+class Policy(Protocol):
+    """What decides each decode step. Subclasses implement `decide`; the rest is optional."""
 
     name: str = "policy"
-    # a passive draft to run beside every step whose drafter differs (a model-free drafter, chain only;
-    # moetune.step.Probe): the engine and replay report its outcome in StepStats.probe under greedy decoding
+    # a passive draft to run beside every step (a model-free drafter, chain only; moetune.step.Probe):
+    # the engine and replay show its Lookahead before each decision and report its outcome in
+    # StepStats.probe under greedy decoding
     probe: StepConfig | None = None
     # whether `observe` needs per-layer routing in StepStats (unique experts, router mass); capturing it
     # costs every step a hook per layer and a host transfer, so policies that ignore it say False
@@ -34,7 +43,14 @@ class Policy(ABC):
         """The configuration of the next decode step."""
 
     def observe(self, stats: StepStats) -> None:
-        """What the step that `decide` configured did and cost."""
+        """What the step that `decide` configured did and cost (stats.request_id says for which request).
+        A policy that keeps this no-op learns nothing, and replay then skips building its StepStats."""
 
     def end(self, request_id: int) -> None:
         """The request finished."""
+
+    def decision_log(self) -> list[tuple]:
+        """What the policy chose and why, for people: rows (request_id, step, config label, message), the
+        message empty for a plain switch of configuration. `moetune run` and the live benchmark print it.
+        Default: nothing to report."""
+        return []

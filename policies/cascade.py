@@ -38,12 +38,17 @@ class CascadeConfig:
             raise ValueError(f"CascadeConfig.topk must be >= 1, got {self.topk}")
         if self.drafter not in DRAFTERS:
             raise ValueError(f"CascadeConfig.drafter must be one of {DRAFTERS}, got {self.drafter!r}")
+        deepest = max(self.ks)  # its StepConfig bounds the cost of every K
+        if deepest:
+            StepConfig(drafter=self.drafter, depth=deepest, topk=self.topk,
+                       num_draft_tokens=None if self.topk == 1 else self.topk * deepest)
 
 
 @dataclass
 class _Request:
     step: int = 0
     best: int = 0  # index into ks
+    arm: int = 0  # index into ks of the step decided last (what its StepStats measure)
     tokens: np.ndarray = field(default_factory=lambda: np.zeros(0))
     time: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
@@ -63,8 +68,6 @@ class Cascade(Policy):
                         for k in c.ks]
         self.period = len(c.ks) * c.test_steps + c.set_steps
         self.requests: dict[int, _Request] = {}
-        self.current: int | None = None
-        self._arm: int = 0
 
     def begin(self, request_id: int, prompt_len: int) -> None:
         n = len(self.config.ks)
@@ -77,20 +80,19 @@ class Cascade(Policy):
         if state.request_id not in self.requests:
             self.begin(state.request_id, state.context_len)
         r = self.requests[state.request_id]
-        self.current = state.request_id
         phase = r.step % self.period
         test_len = len(self.config.ks) * self.config.test_steps
         if phase < test_len:
             if phase == 0:
                 r.tokens[:] = 0.0
                 r.time[:] = 0.0
-            self._arm = phase // self.config.test_steps
+            r.arm = phase // self.config.test_steps
         else:
             if phase == test_len:
                 r.best = self.choose(r)
-            self._arm = r.best
+            r.arm = r.best
         r.step += 1
-        return self.configs[self._arm]
+        return self.configs[r.arm]
 
     def choose(self, r: _Request) -> int:
         """The K with the best measured tokens/s; plain (utility 1) unless some K beats it."""
@@ -101,8 +103,8 @@ class Cascade(Policy):
         return best if utility[best] > 1.0 else plain
 
     def observe(self, stats: StepStats) -> None:
-        r = self.requests.get(self.current)
+        r = self.requests.get(stats.request_id)
         if r is None:
             return
-        r.tokens[self._arm] += stats.emitted
-        r.time[self._arm] += stats.step_time
+        r.tokens[r.arm] += stats.emitted
+        r.time[r.arm] += stats.step_time

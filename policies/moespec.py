@@ -2,7 +2,7 @@
 
 The baseline our per-layer, online budgets must beat: B is tuned by hand per deployment and is the same
 for all layers. Experts are ranked by `selection` over the tree's nodes; dropped experts are handled by
-`substitution`. B is clipped to the model's expert count at setup.
+`substitution`. B must lie in [top_k, num_experts] of the model (ModelShape.check_budgets), checked at setup.
 """
 from __future__ import annotations
 
@@ -53,8 +53,8 @@ class MoESpec(Policy):
 
     def setup(self, shape: ModelShape) -> None:
         super().setup(shape)
-        b = min(self.config.budget, shape.num_experts)
-        self.step_config = self.config.step_config((b,) * shape.num_layers)
+        shape.check_budgets((self.config.budget,), "moespec budget")
+        self.step_config = self.config.step_config((self.config.budget,) * shape.num_layers)
 
     def decide(self, state: DecodeState) -> StepConfig:
         if self.step_config is None:

@@ -1,7 +1,7 @@
 """Static policies: plain decoding, or one fixed chain / tree / budget for every step."""
 from __future__ import annotations
 
-from moetune.step import PLAIN, DecodeState, StepConfig
+from moetune.step import PLAIN, DecodeState, ModelShape, StepConfig
 
 from .base import Policy
 
@@ -16,6 +16,12 @@ class Static(Policy):
             raise ValueError(f"Static needs a StepConfig, got {type(config).__name__}")
         self.config = config
         self.name = name or ("plain" if not config.speculate else "static")
+
+    def setup(self, shape: ModelShape) -> None:
+        """Budgets that cannot apply to this model fail here, before the first step."""
+        super().setup(shape)
+        if self.config.budgets is not None:
+            shape.check_budgets(self.config.budgets, f"{self.name} budgets")
 
     def decide(self, state: DecodeState) -> StepConfig:
         return self.config

@@ -10,7 +10,9 @@ from moetune.policies.moesd import MoESD, MoESDConfig
 from moetune.policies.moespec import MoESpec, MoESpecConfig
 from moetune.policies.registry import make_policy
 from moetune.policies.static import Static
-from moetune.step import PLAIN, DecodeState, StepConfig
+from moetune.step import PLAIN, DecodeState, ModelShape, Sampling, StepConfig
+from moetune.traces.latency import LatencyModel
+from moetune.traces.profile import ProfileGrid
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -34,6 +36,76 @@ def test_moespec_needs_setup_and_config():
 
 
 @pytest.mark.parametrize("kwargs, match", [
+    (dict(topk=1000), "grows 3001000 candidate nodes .* lower topk"),
+    (dict(topk=100), "verifies up to 30100 draft nodes .* set num_draft_tokens"),
+    (dict(depth=1025), "depth must be <= 1024"),
+    (dict(tree=(-1,) * 1025), "tree has 1025 nodes"),
+])
+def test_step_config_bounds_a_steps_cost(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        StepConfig(**kwargs)
+
+
+def test_step_config_max_nodes_is_the_trees_growth():
+    """A dynamic tree grows topk nodes, then topk * topk per further level (EAGLE-2), capped by the budget."""
+    assert StepConfig(depth=6, topk=4).max_nodes == 4 + 5 * 16
+    assert StepConfig(depth=4, topk=100, num_draft_tokens=16).max_nodes == 16
+    assert StepConfig(depth=5).max_nodes == 5 and PLAIN.max_nodes == 0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(temperature=float("nan")), "--temperature must be >= 0 and finite"),
+    (dict(temperature=float("inf")), "--temperature must be >= 0 and finite"),
+    (dict(temperature=-1.0), "--temperature must be >= 0"),
+    (dict(top_p=float("nan")), r"--top-p must be in \(0, 1\]"),
+    (dict(top_p=0.0), r"--top-p must be in \(0, 1\]"),
+])
+def test_sampling(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Sampling(**kwargs)
+
+
+@pytest.mark.parametrize("budget", [1, 9, 100])
+def test_budgets_outside_top_k_to_num_experts_are_refused_not_clamped(budget):
+    """One rule live and in replay: the engine refuses such budgets, so policies refuse them at setup."""
+    shape = ModelShape(num_layers=2, num_experts=8, top_k=2)
+    with pytest.raises(ValueError, match=rf"moespec budget: expert budget {budget} is outside \[2, 8\]"):
+        MoESpec(MoESpecConfig(budget=budget)).setup(shape)
+    with pytest.raises(ValueError, match=rf"static budgets: expert budget {budget} is outside \[2, 8\]"):
+        Static(StepConfig(budgets=(4, budget))).setup(shape)
+    MoESpec(MoESpecConfig(budget=8)).setup(shape)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(verify=(float("nan"), 0.0, 0.0, 0.0, 0.0)), "finite non-negative"),
+    (dict(verify=(1e-3, 0.0, 0.0, 0.0, float("inf"))), "finite non-negative"),
+    (dict(verify=(1e-3, 0.0, 0.0, 0.0, 0.0), draft={"ngram": (float("nan"), 0.0, 0.0)}), "finite non-negative"),
+    (dict(verify=(1e-3, 0.0, 0.0, 0.0, 0.0), step_overhead=float("nan")), "finite and >= 0"),
+])
+def test_latency_model_rejects_nan_and_infinity(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LatencyModel(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(tokens=(1, 100000)), "tokens must be <= 1025"),
+    (dict(unique_fractions=(float("nan"),)), "unique_fractions in"),
+    (dict(unique_fractions=()), "unique_fractions in"),
+    (dict(repeats=100000), "forward passes, above the limit"),
+])
+def test_profile_grid_is_bounded(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ProfileGrid(**kwargs)
+
+
+def test_profile_grid_must_fit_the_models_positions():
+    ProfileGrid(tokens=(1, 64), contexts=(192,)).check_positions(256)
+    ProfileGrid().check_positions(None)
+    with pytest.raises(ValueError, match="needs 257 positions, but the model has 256 .* at most 192"):
+        ProfileGrid(tokens=(1, 64), contexts=(193,)).check_positions(256)
+
+
+@pytest.mark.parametrize("kwargs, match", [
     (dict(ks=()), "distinct draft lengths"),
     (dict(ks=(0, 2, 2)), "distinct draft lengths"),
     (dict(ks=(0, -1)), "distinct draft lengths"),
@@ -42,6 +114,7 @@ def test_moespec_needs_setup_and_config():
     (dict(set_steps=0), "test_steps and set_steps"),
     (dict(topk=0), "topk must be >= 1"),
     (dict(drafter="x"), "drafter must be one of"),
+    (dict(ks=(0, 2000)), "depth must be <= 1024"),
 ])
 def test_cascade_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -82,6 +155,12 @@ def test_policies_reject_wrong_config_type(cls, name):
     (dict(loss_levels=(0.0,)), "loss_levels must be strictly increasing"),
     (dict(latency_target_ms=0.0), "latency_target_ms must be > 0"),
     (dict(latency_target_ms=-5.0), "latency_target_ms must be > 0"),
+    (dict(latency_target_ms=float("nan")), "latency_target_ms must be > 0 and finite"),
+    (dict(latency_target_ms=float("inf")), "latency_target_ms must be > 0 and finite"),
+    (dict(ucb_c=float("nan")), "ucb_c must be a finite number"),
+    (dict(hysteresis=float("inf")), "hysteresis must be a finite number"),
+    (dict(prior_strength=float("nan")), "prior_strength must be a finite number"),
+    (dict(widths=(1, 100)), "widths up to 100 at max_depth=8 .* lower widths or max_depth"),
     (dict(target_margin=0.5), "target_margin"),
     (dict(exploration="epsilon"), "exploration must be one of"),
     (dict(ucb_c=-1.0), "ucb_c"),

@@ -1,9 +1,16 @@
-"""Loading targets and drafts: supported families only, matching vocabularies, the MoE shape."""
+"""Loading targets and drafts: supported families only, matching vocabularies, the MoE shape, and a
+clear UserError naming the flag and path for every broken model folder or unreachable hub id."""
+import json
+import re
+import shutil
+
 import pytest
 import torch
+from cli_check import HUB_ID, offline  # noqa: F401  (a fixture)
 from tiny import FAMILIES, VOCAB, tiny_dense, tiny_moe
 
 from moetune.engine.loader import load_draft, load_target, moe_shape, resolve_device, resolve_dtype
+from moetune.errors import UserError
 
 
 def save_tiny_tokenizer(path, vocab_size: int = VOCAB) -> None:
@@ -15,6 +22,75 @@ def save_tiny_tokenizer(path, vocab_size: int = VOCAB) -> None:
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>",
                             unk_token="<unk>").save_pretrained(path)
+
+
+def tiny_models(root):
+    """A tiny MoE target and dense draft with tokenizers under root/target and root/draft."""
+    tiny_moe("olmoe").save_pretrained(root / "target")
+    tiny_dense().save_pretrained(root / "draft")
+    for name in ("target", "draft"):
+        save_tiny_tokenizer(root / name)
+    return root / "target", root / "draft"
+
+
+def _edit_config(folder, **changes):
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def _truncate(file):
+    data = file.read_bytes()
+    file.write_bytes(data[:len(data) // 2])
+
+
+# name -> (how a copy of a good model folder is broken, words the error must contain)
+BROKEN = {
+    "missing": (lambda d: shutil.rmtree(d), "no such directory"),
+    "a file": (lambda d: shutil.rmtree(d) or d.write_text("x"), "is a file, not a model folder"),
+    "no config": (lambda d: (d / "config.json").unlink(), "no config.json"),
+    "corrupt config": (lambda d: (d / "config.json").write_text("{not json"), "config.json: not valid JSON"),
+    "no model_type": (lambda d: (d / "config.json").write_text("[1, 2]"), 'no "model_type"'),
+    "unknown model_type": (lambda d: _edit_config(d, model_type="nonsense"), "cannot be loaded"),
+    "no weights": (lambda d: (d / "model.safetensors").unlink(), "no weights"),
+    "truncated weights": (lambda d: _truncate(d / "model.safetensors"), "model.safetensors is damaged or truncated"),
+    "config wider than weights": (lambda d: _edit_config(d, hidden_size=64), "config.json does not match"),
+    "config deeper than weights": (lambda d: _edit_config(d, num_hidden_layers=3), "tensors the config needs"),
+    "config shallower than weights": (lambda d: _edit_config(d, num_hidden_layers=1), "no place for"),
+}
+
+
+def broken_copy(good, root, case: str):
+    """A copy of the model folder `good` under root, broken as BROKEN[case] says."""
+    folder = root / case.replace(" ", "_")
+    shutil.copytree(good, folder)
+    BROKEN[case][0](folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return tiny_models(tmp_path_factory.mktemp("loader"))
+
+
+@pytest.mark.parametrize("case", BROKEN)
+def test_broken_target_folders_are_user_errors_naming_the_path(models, tmp_path, case):
+    folder = broken_copy(models[0], tmp_path, case)
+    with pytest.raises(UserError, match=f"^--target {re.escape(str(folder))}: .*{re.escape(BROKEN[case][1])}.*; "):
+        load_target(folder, device="cpu")
+
+
+@pytest.mark.parametrize("case", ["missing", "truncated weights", "config wider than weights"])
+def test_broken_draft_folders_name_the_draft_flag(models, tmp_path, case):
+    folder = broken_copy(models[1], tmp_path, case)
+    with pytest.raises(UserError, match=f"^--draft {re.escape(str(folder))}: .*{re.escape(BROKEN[case][1])}"):
+        load_draft(folder, VOCAB, device="cpu")
+
+
+def test_hub_id_offline_is_a_user_error(offline):  # noqa: F811
+    with pytest.raises(UserError, match=f"^--target {HUB_ID}: is not a local folder, and the hub cannot provide "
+                                        f"it .*; pass a local model folder"):
+        load_target(HUB_ID, device="cpu")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -76,7 +76,7 @@ def test_policy_switches_drafters_and_budget_full_is_lossless():
     configs = [StepConfig(depth=3), StepConfig(drafter="ngram", depth=2), StepConfig(speculate=False),
                StepConfig(drafter="self", depth=2, topk=2), StepConfig(depth=2, topk=2, budgets=(8, 8))]
 
-    class Cycle:
+    class Cycle:  # duck-typed (no Policy base, probe or wants_routing): the driver takes any such object
         def setup(self, shape): pass
         def begin(self, r, n): pass
         def decide(self, state): return configs[state.step % len(configs)]

@@ -52,6 +52,12 @@ def recorded(tmp_path_factory):
     return target, drafters, read_trace(path, strict=True)
 
 
+def same_step(s):
+    """What a live step and its replay must agree on (both are built by moetune.driver.step_stats)."""
+    return (s.request_id, s.step, s.config, s.context_len, s.accepted, s.emitted, s.tree_size, s.tree_depth,
+            s.unique_experts, s.unique_experts_kept, s.tokens_substituted, s.probe)
+
+
 @pytest.mark.parametrize("config", [
     StepConfig(drafter="self", depth=1),
     StepConfig(drafter="self", depth=3),
@@ -61,15 +67,17 @@ def recorded(tmp_path_factory):
     StepConfig(drafter="ngram", depth=2),
 ])
 def test_counterfactual_matches_live_engine(recorded, config):
+    """Live and replay run the same driver: every step agrees field by field, request id included."""
     target, drafters, trace = recorded
+    req = trace.requests[0]
     live = Collect(config)
-    out = generate(target, None, [PROMPT], drafter=dict(drafters), policy=live, max_new_tokens=NEW)[0]
-    assert out.token_ids == trace.requests[0].output.tolist()
+    out = generate(target, None, [PROMPT], drafter=dict(drafters), policy=live, max_new_tokens=NEW,
+                   request_ids=[req.request_id])[0]
+    assert out.token_ids == req.output.tolist()
     replayed = Collect(config)
     replay(trace, replayed, fit_trace(trace))
-    assert [s.accepted for s in replayed.seen] == [s.accepted for s in live.seen]
-    assert [s.tree_size for s in replayed.seen] == [s.tree_size for s in live.seen]
-    assert [s.unique_experts for s in replayed.seen] == [s.unique_experts for s in live.seen]
+    assert [same_step(s) for s in replayed.seen] == [same_step(s) for s in live.seen]
+    assert out.steps == live.seen  # the live result keeps the very StepStats the policy observed
 
 
 def test_budget_grid_recorded_and_lossless_at_full_budget(recorded):

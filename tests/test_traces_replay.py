@@ -144,3 +144,23 @@ def test_batch_rank_matches_exact_order_with_near_ties():
         batch = Batch(np.array([0, 100, 200, 300]), np.array([0, 101, 202, 303]), tree_of, tree_of, cum,
                       cum > 0, cum > 0, tree_of, tree_of, tree_of, tree_of, [None] * 3, [], 1)
         assert batch.by_rank.tolist() == np.lexsort((-cum, tree_of)).tolist()
+
+
+def test_replay_runs_the_driver_with_the_trace_request_ids():
+    """StepStats (for a policy that observes) and the log agree step by step; a static policy, which gets
+    no StepStats (the fast path), replays to the same log."""
+    latency = LatencyModel.analytic(SHAPE)
+    trace = synthetic_trace(SHAPE, n_requests=2, n_tokens=30, seed=7)
+    seen = []
+
+    class Watch(Static):
+        def observe(self, stats):
+            seen.append(stats)
+
+    res = replay(trace, Watch(StepConfig(depth=3)), latency)
+    assert [(s.request_id, s.step, s.accepted, s.emitted, s.tree_size) for s in seen] == \
+        [tuple(int(x) for x in row[[0, 1, 4, 5, 6]]) for row in res.log]
+    assert {s.request_id for s in seen} == {r.request_id for r in trace.requests}
+    assert np.array_equal(replay(trace, Static(StepConfig(depth=3)), latency).log, res.log)
+    with pytest.raises(ValueError, match="asked for drafter 'self'"):
+        replay(trace, Static(StepConfig(drafter="self", depth=2)), latency)

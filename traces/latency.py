@@ -15,11 +15,13 @@ Shape legend: S measured steps, L MoE layers.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from moetune.errors import path_error
 from moetune.step import DRAFTERS, ModelShape
 
 from .derive import prepare
@@ -39,16 +41,16 @@ class LatencyModel:
     error: dict = field(default_factory=dict)  # e.g. {"mape": 0.04, "cv_mape": 0.05, "n": 48}
     source: str = ""
 
-    def __post_init__(self):
-        if len(self.verify) != len(VERIFY_TERMS) or any(c < 0 for c in self.verify):
-            raise ValueError(f"LatencyModel.verify needs {len(VERIFY_TERMS)} non-negative coefficients "
+    def __post_init__(self):  # NaN fails every `0 <= x < inf`, so a damaged profile cannot slip through
+        if len(self.verify) != len(VERIFY_TERMS) or not all(0 <= c < math.inf for c in self.verify):
+            raise ValueError(f"LatencyModel.verify needs {len(VERIFY_TERMS)} finite non-negative coefficients "
                              f"{VERIFY_TERMS}, got {self.verify}")
         for name, c in self.draft.items():
-            if name not in DRAFTERS or len(c) != len(DRAFT_TERMS) or any(x < 0 for x in c):
+            if name not in DRAFTERS or len(c) != len(DRAFT_TERMS) or not all(0 <= x < math.inf for x in c):
                 raise ValueError(f"LatencyModel.draft[{name!r}] needs a drafter from {DRAFTERS} and "
-                                 f"{len(DRAFT_TERMS)} non-negative coefficients {DRAFT_TERMS}, got {c}")
-        if self.step_overhead < 0:
-            raise ValueError(f"LatencyModel.step_overhead must be >= 0, got {self.step_overhead}")
+                                 f"{len(DRAFT_TERMS)} finite non-negative coefficients {DRAFT_TERMS}, got {c}")
+        if not 0 <= self.step_overhead < math.inf:
+            raise ValueError(f"LatencyModel.step_overhead must be finite and >= 0, got {self.step_overhead}")
 
     # -- prediction ----------------------------------------------------------------------------------
     def verify_time(self, tokens, unique_sum, context):
@@ -116,13 +118,20 @@ class LatencyModel:
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> "LatencyModel":
-        """From a JSON string or a file path (a profile saved by `moetune profile`)."""
+        """From a JSON string or a file path (a profile saved by `moetune profile`); anything else (a trace,
+        a damaged or hand-edited profile, NaN coefficients) is a ValueError naming the file."""
         text = str(text_or_path)
-        if not text.lstrip().startswith("{"):
+        inline = text.lstrip().startswith("{")
+        wrong = (f"{'the JSON given' if inline else text_or_path} is not a latency profile JSON "
+                 f"(moetune profile writes one)")
+        if not inline:
             try:
-                text = Path(text).read_text()
+                text = Path(text).read_text(encoding="utf-8")
             except OSError as e:
-                raise ValueError(f"cannot read latency profile {text_or_path}: {e}") from None
+                raise path_error(f"cannot read latency profile {text_or_path}", e,
+                                 "pass the JSON file moetune profile wrote") from None
+            except UnicodeDecodeError:
+                raise ValueError(wrong) from None
         try:
             d = json.loads(text)
             d.pop("terms", None)
@@ -132,8 +141,8 @@ class LatencyModel:
             return cls(verify=tuple(d["verify"]), draft={k: tuple(v) for k, v in d.get("draft", {}).items()},
                        step_overhead=float(d.get("step_overhead", 0.0)), num_layers=int(d.get("num_layers", 0)),
                        error=dict(d.get("error", {})), source=d.get("source", ""))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"not a latency profile ({text_or_path}): {e}") from None
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+            raise ValueError(f"{wrong}: {e}") from None
 
 
 def design(tokens: np.ndarray, unique_sum: np.ndarray, context: np.ndarray) -> np.ndarray:

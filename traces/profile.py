@@ -12,23 +12,31 @@ Shape legend: T tokens, K top-k, E experts, U unique experts per layer, C contex
 """
 from __future__ import annotations
 
-import json
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 
 from moetune.engine import kv
 from moetune.engine.loader import moe_blocks, moe_shape
+from moetune.errors import UserError, read_json
+from moetune.step import MAX_DRAFT_NODES
 
-from .latency import LatencyModel
+from .latency import VERIFY_TERMS, LatencyModel
+
+MAX_TOKENS = MAX_DRAFT_NODES + 1  # a verification pass is at most the largest draft tree plus its root
+MAX_PASSES = 10_000  # forward passes a grid may ask for (grid points x (repeats + 1))
+CONFIG_FIX = "pass a Hugging Face config.json of a supported MoE model (e.g. traces/configs/olmoe-1b-7b.json)"
 
 
 @dataclass(frozen=True)
 class ProfileGrid:
-    """What to measure. Unique counts above T*K (or E) are skipped: T tokens cannot reach them."""
+    """What to measure. Unique counts above T*K (or E) are skipped: T tokens cannot reach them. Its size
+    is bounded on construction, and measure() checks the contexts fit the model, so a grid that cannot
+    finish fails before any work rather than running out of memory or time."""
 
     tokens: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     unique_fractions: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0)  # U = K + f * (E - K), capped at T*K
@@ -38,9 +46,26 @@ class ProfileGrid:
     def __post_init__(self):
         if not self.tokens or min(self.tokens) < 1 or not self.contexts or min(self.contexts) < 1:
             raise ValueError(f"ProfileGrid needs tokens and contexts >= 1, got {self.tokens}, {self.contexts}")
-        if any(not 0.0 <= f <= 1.0 for f in self.unique_fractions) or self.repeats < 1:
+        if not self.unique_fractions or any(not 0.0 <= f <= 1.0 for f in self.unique_fractions) or self.repeats < 1:
             raise ValueError(f"ProfileGrid needs unique_fractions in [0, 1] and repeats >= 1, got "
                              f"{self.unique_fractions}, {self.repeats}")
+        if max(self.tokens) > MAX_TOKENS:
+            raise ValueError(f"ProfileGrid tokens must be <= {MAX_TOKENS} (the most a verification pass holds: "
+                             f"{MAX_DRAFT_NODES} draft nodes and the root), got {max(self.tokens)}; pass smaller "
+                             f"--tokens")
+        passes = len(self.tokens) * len(self.unique_fractions) * len(self.contexts) * (self.repeats + 1)
+        if passes > MAX_PASSES:
+            raise ValueError(f"ProfileGrid asks for up to {passes} forward passes, above the limit of {MAX_PASSES}; "
+                             f"pass fewer --tokens, --unique or --contexts values, or fewer --repeats")
+
+    def check_positions(self, max_positions: int | None) -> None:
+        """The longest context plus the most tokens must fit the model's positions (max_position_embeddings;
+        None: no limit known): beyond them a model computes garbage or runs out of memory."""
+        need = max(self.contexts) + max(self.tokens)
+        if max_positions is not None and need > max_positions:
+            raise ValueError(f"ProfileGrid context {max(self.contexts)} plus {max(self.tokens)} tokens needs "
+                             f"{need} positions, but the model has {max_positions} (max_position_embeddings); pass "
+                             f"--contexts of at most {max_positions - max(self.tokens)}")
 
     def points(self, k: int, e: int) -> list[tuple[int, int, int]]:
         """(T, U, C) triples, each U reachable by T tokens of top-K."""
@@ -86,11 +111,15 @@ def model_from_config(path: str | Path, layers: int | None = None, device: str =
 
     Returns (model, full number of layers)."""
     from transformers import AutoConfig, AutoModelForCausalLM
+    data = read_json(path, f"--config {path}", CONFIG_FIX)
+    if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
+        raise UserError(f"--config {path}: no \"model_type\"; {CONFIG_FIX}")
     try:
-        data = {k: v for k, v in json.loads(Path(path).read_text()).items() if not k.startswith("_")}
-        cfg = AutoConfig.for_model(data.pop("model_type"), **data)
-    except (OSError, KeyError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read model config {path}: {e}") from None
+        cfg = AutoConfig.for_model(data["model_type"], **{k: v for k, v in data.items()
+                                                          if not k.startswith("_") and k != "model_type"})
+    except (ValueError, TypeError, StrictDataclassError) as e:
+        cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"--config {path}: not a usable model config ({cause}); {CONFIG_FIX}") from None
     full = cfg.num_hidden_layers
     if layers is not None:
         if not 1 <= layers <= full:
@@ -112,7 +141,12 @@ def _sync(device: torch.device) -> None:
 def measure(model, grid: ProfileGrid, seed: int = 0, log=None) -> list[dict]:
     """Verification seconds for every grid point (a forward of T tokens after C cached ones): the fastest
     of `repeats` runs, since on a shared machine interference only ever adds time."""
+    grid.check_positions(getattr(model.config, "max_position_embeddings", None))
     shape = moe_shape(model)
+    points = grid.points(shape.top_k, shape.num_experts)
+    if len(points) < len(VERIFY_TERMS):  # fail before measuring, not at the fit
+        raise ValueError(f"ProfileGrid gives {len(points)} distinct measurements on this model, but the fit needs "
+                         f"at least {len(VERIFY_TERMS)}; pass more --tokens, --unique or --contexts values")
     device = model.device
     vocab = model.get_output_embeddings().weight.shape[0]
     gen = torch.Generator().manual_seed(seed)
@@ -125,7 +159,7 @@ def measure(model, grid: ProfileGrid, seed: int = 0, log=None) -> list[dict]:
             model(input_ids=torch.randint(2, vocab, (1, max(grid.tokens)), generator=gen).to(device),
                   cache=cache, use_cache=True)
             kv.crop(cache, c)
-        for t, u, cc in grid.points(shape.top_k, shape.num_experts):
+        for t, u, cc in points:
             if cc != c:
                 continue
             ids = torch.randint(2, vocab, (1, t), generator=gen).to(device)

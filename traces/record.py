@@ -1,7 +1,7 @@
-"""Recording counterfactual traces with the engine: per request, one live run of a policy (what ran, and
-its measured step times), then a pass along the greedy output that, at every position, asks each drafter
-for its largest tree, verifies it (unbudgeted, and once per grid budget) and keeps the verdicts and the
-routing of every node.
+"""Recording counterfactual traces with the engine: per request, one live run of a policy through
+engine.generate (moetune.driver over the live backend: what ran, and its measured step times), then a
+pass along the greedy output that, at every position, asks each drafter for its largest tree, verifies
+it (unbudgeted, and once per grid budget) and keeps the verdicts and the routing of every node.
 
 Why a second pass: the live policy lands on some positions only and verifies its own small trees; replay
 of any other policy needs the largest tree at every position. With greedy decoding both passes follow
@@ -13,7 +13,7 @@ Shape legend: N draft nodes, L MoE layers, K top-k, M router entries kept, E exp
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -99,59 +99,71 @@ def record_request(writer: TraceWriter, target, drafters: dict[str, Proposer], l
     t_start = time.perf_counter()
     shape = moe_shape(target)
     m = router_top or writer.meta.router_top  # the header's M unless told otherwise
-    live = generate(target, None, [prompt_ids], drafter=dict(drafters), policy=policy,
-                    max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, routing=True)[0]
+    # the live run is the engine's own decoding loop (moetune.driver over the live backend), routing kept
+    live = generate(target, None, [prompt_ids], drafter=dict(drafters), policy=policy, max_new_tokens=max_new_tokens,
+                    eos_token_id=eos_token_id, routing=True, request_ids=[request_id])[0]
     run = live_run(live.steps, getattr(policy, "name", type(policy).__name__))
     output = live.token_ids
     writer.begin_request(request_id, len(prompt_ids), kind, prompt, run, max_new_tokens, prompt_ids)
-    device = target.device
     cache = kv.new_cache(target)
     prefill(target, cache, prompt_ids)
     for d in drafters.values():
         d.prefill(list(prompt_ids))
     context = list(prompt_ids)
-    edtype = expert_dtype(shape.num_experts)
     mismatches = 0
-    for p, token in enumerate(output):
+    for token in output:
         trees = {}
         for name, drafter in drafters.items():
             lim = limits[name]
-            config = StepConfig(drafter=name, depth=lim.depth, topk=lim.topk)
-            _sync(device)
-            t0 = time.perf_counter()
-            tree = drafter.draft(context, config)
-            _sync(device)
-            t1 = time.perf_counter()
-            if name != "ngram" and lim.topk > 1:  # narrower growths, see union()
-                narrower = [drafter.draft(context, StepConfig(drafter=name, depth=lim.depth, topk=k))
-                            for k in sorted({1, 2} - {lim.topk}) if k < lim.topk]
-                tree = union([tree, *narrower])
-            _sync(device)
-            t_draft, t1 = t1 - t0, time.perf_counter()
-            ver = verify(target, cache, context[-1], tree, config)
-            argmax = ver.logits.argmax(dim=-1).cpu().numpy().astype(np.int32)  # [N+1]
-            _sync(device)
-            t2 = time.perf_counter()
-            experts, probs = routing_arrays(ver.routing, m)
-            kv.crop(cache, ver.past_len)
-            grid_argmax = np.zeros((len(budget_grid), len(tree) + 1), dtype=np.int32)
-            for g, b in enumerate(budget_grid):
-                budgeted = verify(target, cache, context[-1], tree,
-                                  StepConfig(drafter=name, depth=lim.depth, topk=lim.topk,
-                                             budgets=(b,) * shape.num_layers))
-                grid_argmax[g] = budgeted.logits.argmax(dim=-1).cpu().numpy()
-                kv.crop(cache, budgeted.past_len)
-            trees[name] = TreeRecord(parents=np.array(tree.parents, dtype=np.int16),
-                                     tokens=tree.tokens.cpu().numpy().astype(np.int32),
-                                     probs=tree.probs.float().cpu().numpy().astype(np.float16), argmax=argmax,
-                                     experts=experts.astype(edtype), router_probs=probs, budget_argmax=grid_argmax,
-                                     t_draft=t_draft, t_verify=t2 - t1)
-            mismatches += int(argmax[0] != token)
+            tree, t_draft = _draft_largest(drafter, name, lim, context, target.device)
+            trees[name] = _verify_recorded(target, cache, context[-1], tree, StepConfig(drafter=name, depth=lim.depth,
+                                           topk=lim.topk), budget_grid, shape, m, t_draft)
+            mismatches += int(trees[name].argmax[0] != token)
         writer.position(token, trees)
         # Commit the token: the cache gains the root, the next root is `token`.
-        root = torch.tensor([[context[-1]]], device=device)
+        root = torch.tensor([[context[-1]]], device=target.device)
         target.model(input_ids=root, cache=cache, use_cache=True)
         context.append(int(token))
     writer.end_request("eos" if len(output) < max_new_tokens else "max_new_tokens")
     return RecordedRequest(len(output), run.goodput, mismatches // max(len(drafters), 1),
                            time.perf_counter() - t_start)
+
+
+def _draft_largest(drafter: Proposer, name: str, lim: TreeLimits, context: list[int],
+                   device: torch.device) -> tuple[DraftTree, float]:
+    """The drafter's largest tree at this position (with its narrower growths, see union()) and the
+    seconds its largest growth alone took."""
+    _sync(device)
+    t0 = time.perf_counter()
+    tree = drafter.draft(context, StepConfig(drafter=name, depth=lim.depth, topk=lim.topk))
+    _sync(device)
+    t_draft = time.perf_counter() - t0
+    if name != "ngram" and lim.topk > 1:
+        narrower = [drafter.draft(context, StepConfig(drafter=name, depth=lim.depth, topk=k))
+                    for k in sorted({1, 2} - {lim.topk}) if k < lim.topk]
+        tree = union([tree, *narrower])
+    return tree, t_draft
+
+
+def _verify_recorded(target, cache, root: int, tree: DraftTree, config: StepConfig, budget_grid: tuple[int, ...],
+                     shape, router_top: int, t_draft: float) -> TreeRecord:
+    """Verify `tree` (N nodes) unbudgeted, then once per grid budget, and keep every verdict and the
+    routing; the cache is cropped back after each pass."""
+    device = target.device
+    _sync(device)
+    t1 = time.perf_counter()
+    ver = verify(target, cache, root, tree, config)
+    argmax = ver.logits.argmax(dim=-1).cpu().numpy().astype(np.int32)  # [N+1]
+    _sync(device)
+    t2 = time.perf_counter()
+    experts, probs = routing_arrays(ver.routing, router_top)  # [N+1, L, M] each
+    kv.crop(cache, ver.past_len)
+    grid_argmax = np.zeros((len(budget_grid), len(tree) + 1), dtype=np.int32)  # [G, N+1]
+    for g, b in enumerate(budget_grid):
+        budgeted = verify(target, cache, root, tree, replace(config, budgets=(b,) * shape.num_layers))
+        grid_argmax[g] = budgeted.logits.argmax(dim=-1).cpu().numpy()
+        kv.crop(cache, budgeted.past_len)
+    return TreeRecord(parents=np.array(tree.parents, dtype=np.int16), tokens=tree.tokens.cpu().numpy().astype(np.int32),
+                      probs=tree.probs.float().cpu().numpy().astype(np.float16), argmax=argmax,
+                      experts=experts.astype(expert_dtype(shape.num_experts)), router_probs=probs,
+                      budget_argmax=grid_argmax, t_draft=t_draft, t_verify=t2 - t1)

@@ -1,20 +1,21 @@
 """Offline replay: drive any policy over recorded (or synthetic) traces, with step times from a latency
 model instead of a GPU.
 
-Per request: begin; then, until the recorded output is used up, decide(DecodeState) -> the counterfactual
-outcome of that config at the current position (outcome.py) -> StepStats with modelled times -> observe;
-end. The position advances by the tokens the step emits (under binding budgets, along the recorded greedy
-output: teacher forcing, so fidelity is token agreement with the unbudgeted output). StepStats carry model
-times only (t_control = 0) so replay is deterministic; the policy's own decide + observe wall time is
-measured and reported separately (`control_s`). Plain decoding over the same tokens with the same latency
-model is the baseline of `speedup`.
+Each request runs through moetune.driver, the step protocol the live engine runs too, over a
+`TraceBackend`: lookahead (the n-gram index over the recorded prompt and output) -> decide(DecodeState)
+-> draft (the recorded tree of the chosen drafter at the current position) -> verify (the
+counterfactual outcome of that config there, outcome.py, with modelled times) -> accept -> commit ->
+StepStats -> observe. The position advances by the tokens the step emits (under binding budgets, along
+the recorded greedy output: teacher forcing, so fidelity is token agreement with the unbudgeted output).
+StepStats carry model times only (t_control = 0) so replay is deterministic; the policy's own begin,
+decide, observe and end wall time is measured and reported separately (`control_s`). Plain decoding over
+the same tokens with the same latency model is the baseline of `speedup`.
 
 Shape legend: S steps, L MoE layers.
 """
 from __future__ import annotations
 
 import copy
-import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,16 +23,17 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from moetune.driver import decode, step_stats
+from moetune.ngram import NgramIndex
 from moetune.policies.base import Policy
 from moetune.policies.registry import make_policy as registry_make
-from moetune.ngram import NgramIndex
-from moetune.step import DecodeState, Lookahead, Probe, StepConfig, StepStats
+from moetune.step import Lookahead, StepConfig, StepStats
 
 from .derive import prepare
 from .latency import LatencyModel
-from .outcome import StepOutcome, outcome  # noqa: F401  (re-exported: the replay API)
+from .outcome import StepOutcome, outcome, subtree  # StepOutcome and outcome are also the replay API
 from .reader import read_trace
-from .schema import Trace
+from .schema import Trace, TreeRecord
 
 LOG_COLUMNS = ("request_id", "step", "position", "config", "accepted", "emitted", "tree_size", "step_time",
                "agreed")
@@ -140,11 +142,13 @@ def replay(traces: Trace | Sequence[Trace], policy: Policy, latency: LatencyMode
     configs: dict[StepConfig, int] = {}
     log: list[tuple] = []
     requests = []
-    overhead = latency.step_overhead
+    name = getattr(policy, "name", type(policy).__name__)
     for trace in traces:
         for req in trace.requests:
-            requests.append(replay_request(req, policy, latency, shape, target, overhead, configs, log, trace))
-    return ReplayResult(getattr(policy, "name", type(policy).__name__), requests, list(configs),
+            backend = TraceBackend(trace, req, latency, target, configs, log, name)
+            backend.result.control_s = decode(policy, backend, req.request_id)
+            requests.append(backend.finish())
+    return ReplayResult(name, requests, list(configs),
                         np.array(log, dtype=float).reshape(-1, len(LOG_COLUMNS)), latency_target_ms)
 
 
@@ -154,106 +158,136 @@ def drafter_trees(trace: Trace, drafter: str) -> list:
     return [t for req in trace.requests for pos in req.positions if (t := pos.trees.get(drafter)) is not None]
 
 
-def replay_request(req, policy, latency, shape, target, overhead, configs, log, trace) -> RequestResult:
-    positions, total = req.positions, len(req.positions)
-    output = req.output
-    res = RequestResult(req.request_id, req.kind, unique=np.zeros(shape.num_layers),
-                        unique_kept=np.zeros(shape.num_layers))
-    ctx = req.prompt_len + np.arange(total)
-    res.plain_time_s = float(np.sum(latency.plain_time(shape, ctx)))
-    clock = time.perf_counter
-    unique, kept = [], []
-    t0 = clock()
-    policy.begin(req.request_id, req.prompt_len)
-    res.control_s += clock() - t0
-    limit = req.max_new_tokens or total  # the engine trims trees to the tokens still allowed
-    # A policy that keeps Policy's no-op observe (static ones) gets no StepStats: building its ~20 frozen
-    # fields was about a third of a step's own cost.
-    watches = type(policy).observe is not Policy.observe
-    look, lookup, probe_cfg = None, None, getattr(policy, "probe", None)
-    if probe_cfg is not None and req.prompt_ids is not None and probe_cfg.drafter in trace.meta.drafters:
-        # the probe drafter's lookahead, as the engine computes it before each decision, capped at the
-        # depth the trace recorded for it (no replayed step of it can draft deeper)
-        lookup, cap = NgramIndex(), trace.meta.drafters[probe_cfg.drafter].depth
-        context_ids = req.prompt_ids.tolist()
-        lookup.prefill(context_ids)
-        output_ids = output.tolist()
-    p = step = 0
-    last, index = None, 0  # the previous step's config and its index (hashing a StepConfig costs ~1 us)
-    while p < total:
-        context = req.prompt_len + p
-        if lookup is not None:  # the drafter's work (timed as draft live), not the policy's
-            order, chain = lookup.lookahead(context_ids, probe_cfg.depth)
-            look = Lookahead(probe_cfg.drafter, order, min(len(chain), cap))
-        t0 = clock()
-        config = policy.decide(DecodeState(req.request_id, step, context, p, limit - p, look))
-        t_decide = clock() - t0
-        trees = positions[p].trees
-        tree = trees.get(config.drafter) if config.speculate else next(iter(trees.values()))
+class TraceBackend:
+    """moetune.driver.Backend over one recorded request: a step's tree is the recorded tree's subtree at
+    the current position, its verdict the counterfactual outcome (outcome.py), its times the latency
+    model's; commit advances along the recorded output and keeps the replay accounting (RequestResult,
+    the decision log). StepStats carry model times only (t_control = 0) so replay is deterministic."""
+
+    keeps_steps = False  # the accounting needs no StepStats: a policy that ignores them gets none
+
+    def __init__(self, trace: Trace, req, latency: LatencyModel, target: float | None,
+                 configs: dict[StepConfig, int], log: list[tuple], policy_name: str = "policy"):
+        """target: seconds per output token to meet (None: no latency target); configs and log: the
+        replay's distinct configs and decision log, shared by its requests."""
+        self.trace, self.req, self.latency, self.target, self.configs, self.log = \
+            trace, req, latency, target, configs, log
+        self.policy_name = policy_name  # for messages
+        self.positions, self.output = req.positions, req.output
+        self.total = len(req.positions)
+        self.prompt_len = req.prompt_len
+        self.max_new_tokens = req.max_new_tokens or self.total  # the engine trims trees to the tokens allowed
+        self.generated, self.done = 0, self.total == 0
+        layers = trace.shape.num_layers
+        self.result = RequestResult(req.request_id, req.kind, unique=np.zeros(layers), unique_kept=np.zeros(layers))
+        self.overhead = latency.step_overhead
+        self.lookup = None  # the probe drafter's n-gram index, when the trace keeps the prompt ids
+        self.unique, self.kept = [], []  # per step [L]
+        self.steps, self.start, self.emitted, self.agreed = 0, 0, 0, 0
+        self.t_draft = self.t_verify = 0.0
+        self.last, self.index = None, 0  # the previous step's config and its index (hashing one costs ~1 us)
+
+    def prefill(self, probe: StepConfig | None) -> None:
+        """The plain-decoding baseline, and the probe drafter's lookup over the prompt (as the engine's)."""
+        ctx = self.prompt_len + np.arange(self.total)
+        self.result.plain_time_s = float(np.sum(self.latency.plain_time(self.trace.shape, ctx)))
+        self.output_ids = self.output.tolist()
+        limits = self.trace.meta.drafters
+        if probe is not None and self.req.prompt_ids is not None and probe.drafter in limits:
+            # capped at the depth the trace recorded for it: no replayed step of it can draft deeper
+            self.lookup, self.cap = NgramIndex(), limits[probe.drafter].depth
+            self.context_ids = self.req.prompt_ids.tolist()
+            self.lookup.prefill(self.context_ids)
+
+    def lookahead(self, probe: StepConfig) -> Lookahead | None:
+        if self.lookup is None:
+            return None
+        order, chain = self.lookup.lookahead(self.context_ids, probe.depth)
+        return Lookahead(probe.drafter, order, min(len(chain), self.cap))
+
+    def draft(self, config: StepConfig) -> TreeRecord:
+        """The recorded tree of the step's drafter here (plain steps read any tree's root routing)."""
+        trees = self.positions[self.generated].trees
+        if not config.speculate:
+            return next(iter(trees.values()))
+        tree = trees.get(config.drafter)
         if tree is None:
-            raise ValueError(f"policy {getattr(policy, 'name', policy)!r} asked for drafter {config.drafter!r}; "
-                             f"this trace recorded {sorted(trees)}")
-        if tree.batch is None and config.speculate:
-            prepare(drafter_trees(trace, config.drafter))
-        o = outcome(tree, config, limit - p - 1)
-        accepted = o.budget_accepted
-        emitted = min(accepted + 1, total - p)
+            raise ValueError(f"policy {self.policy_name!r} asked for drafter {config.drafter!r}; this trace "
+                             f"recorded {sorted(trees)}")
+        if tree.batch is None:
+            prepare(drafter_trees(self.trace, config.drafter))
+        return tree
+
+    def verify(self, config: StepConfig, tree: TreeRecord) -> StepOutcome:
+        """The counterfactual outcome of `config` here, and its modelled draft and verify times."""
+        p = self.generated
+        o = outcome(tree, config, self.max_new_tokens - p - 1)
+        lat = self.latency
+        self.t_verify = float(lat.verify_time(o.tree_size + 1, sum(o.unique_kept), self.prompt_len + p))
+        self.t_draft = float(lat.draft_time(config.drafter, o.tree_depth, o.tree_size)) if config.speculate else 0.0
+        return o
+
+    def accept(self, tree: TreeRecord, o: StepOutcome) -> int:
+        return o.budget_accepted
+
+    def commit(self, config: StepConfig, tree: TreeRecord, o: StepOutcome, accepted: int) -> None:
+        """Emit along the recorded output (teacher forcing) and account for the step."""
+        p = self.start = self.generated
+        emitted = self.emitted = min(accepted + 1, self.total - p)
         if o.budget_tokens is None:
             agreed = emitted
         else:
-            agreed = int(np.sum(np.asarray(o.budget_tokens[:emitted]) == output[p:p + emitted]))
-        t_verify = float(latency.verify_time(o.tree_size + 1, sum(o.unique_kept), context))
-        t_draft = float(latency.draft_time(config.drafter, o.tree_depth, o.tree_size)) if config.speculate else 0.0
-        if watches:
-            probe = None if probe_cfg is None else _probe(trace, trees.get(probe_cfg.drafter), probe_cfg, emitted)
-            stats = StepStats(step=step, config=config, accepted=emitted - 1, emitted=emitted,
-                              tree_size=o.tree_size, tree_depth=o.tree_depth, context_len=context,
-                              unique_experts=o.unique_experts, unique_experts_kept=o.unique_kept,
-                              router_mass_kept=o.mass_kept, tokens_substituted=o.substituted, t_draft=t_draft,
-                              t_verify=t_verify, t_accept=overhead,
-                              agreement=agreed / emitted if config.budgets is not None else None,
-                              probe=probe)
-            t0 = clock()
-            policy.observe(stats)
-            t_decide += clock() - t0
-        res.control_s += t_decide
-        step_time = t_draft + t_verify + overhead
+            agreed = int(np.sum(np.asarray(o.budget_tokens[:emitted]) == self.output[p:p + emitted]))
+        self.agreed = agreed
+        step_time = self.t_draft + self.t_verify + self.overhead
+        res = self.result
         res.tokens += emitted
         res.steps += 1
         res.time_s += step_time
-        res.accepted += emitted - 1
+        res.accepted += accepted
         res.drafted += o.tree_size
         res.agreed += agreed
         res.inexact += not o.exact
-        unique.append(o.unique_experts)
-        kept.append(o.unique_kept)
-        if target is not None and step_time <= target * emitted:
+        self.unique.append(o.unique_experts)
+        self.kept.append(o.unique_kept)
+        if self.target is not None and step_time <= self.target * emitted:
             res.on_target += emitted
-        if config is not last:
-            last, index = config, configs.setdefault(config, len(configs))
-        log.append((req.request_id, step, p, index, emitted - 1, emitted, o.tree_size, step_time, agreed))
-        if lookup is not None:
-            context_ids += output_ids[p:p + emitted]
-        p += emitted
-        step += 1
-    t0 = clock()
-    policy.end(req.request_id)
-    res.control_s += clock() - t0
-    if unique:
-        res.unique, res.unique_kept = np.sum(unique, axis=0, dtype=float), np.sum(kept, axis=0, dtype=float)
-    return res
+        if config is not self.last:
+            self.last, self.index = config, self.configs.setdefault(config, len(self.configs))
+        self.log.append((res.request_id, self.steps, p, self.index, accepted, emitted, o.tree_size, step_time, agreed))
+        if self.lookup is not None:
+            self.context_ids += self.output_ids[p:p + emitted]
+        self.steps += 1
+        self.generated = p + emitted
+        self.done = self.generated >= self.total
 
+    def stats(self, request_id: int, step: int, config: StepConfig, probe: StepConfig | None, tree: TreeRecord,
+              o: StepOutcome, accepted: int, t_control: float) -> StepStats:
+        """Model times only: the policy's own control time is measured and reported apart (control_s)."""
+        p, emitted = self.start, self.emitted
+        return step_stats(
+            request_id, step, config, accepted=accepted, emitted=self.output_ids[p:p + emitted],
+            tree_size=o.tree_size, tree_depth=o.tree_depth, context_len=self.prompt_len + p,
+            times=(self.t_draft, self.t_verify, self.overhead, 0.0), t_control=0.0, unique=o.unique_experts,
+            kept=o.unique_kept, mass_kept=o.mass_kept, substituted=o.substituted,
+            agreement=self.agreed / emitted if config.budgets is not None else None,
+            probe=probe, chain=None if probe is None else self._chain(probe, p))
 
-def _probe(trace: Trace, tree, probe: StepConfig, emitted: int) -> Probe | None:
-    """The passive draft the policy asked for (Policy.probe), as the engine reports it: checked against the
-    `emitted` tokens only (acceptance past them is unknown live). None when the trace lacks the drafter."""
-    if tree is None:
-        return None
-    if tree.batch is None:
-        prepare(drafter_trees(trace, probe.drafter))
-    o = outcome(tree, probe)
-    accepted = min(o.accepted, emitted)
-    return Probe(probe.drafter, probe.depth, o.tree_size, accepted, accepted == emitted < o.tree_size)
+    def _chain(self, probe: StepConfig, p: int) -> list[int] | None:
+        """The probe drafter's chain at position p, from its recorded tree (None: the trace lacks it)."""
+        tree = self.positions[p].trees.get(probe.drafter)
+        if tree is None:
+            return None
+        if tree.batch is None:
+            prepare(drafter_trees(self.trace, probe.drafter))
+        return tree.tokens[subtree(tree, probe).nodes].tolist()
+
+    def finish(self) -> RequestResult:
+        res = self.result
+        if self.unique:
+            res.unique = np.sum(self.unique, axis=0, dtype=float)
+            res.unique_kept = np.sum(self.kept, axis=0, dtype=float)
+        return res
 
 
 def make_policy(spec: str | Policy | Callable[[], Policy]) -> Policy:

@@ -8,6 +8,8 @@ import argparse
 import time
 
 from moetune import DEFAULT_TARGET
+from moetune.errors import UserError
+from moetune.step import Sampling
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,10 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if not args.prompt.strip():
+        raise UserError("the prompt is empty; pass some text to continue, e.g. moetune generate 'def f(x):'")
+    Sampling(args.temperature, args.top_p)
     import torch
 
     from moetune.engine.loader import load_target

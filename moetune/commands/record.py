@@ -2,7 +2,6 @@
 per-node routing, budget-grid outcomes, and one live policy run with measured step times)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from moetune import DEFAULT_DRAFT, DEFAULT_TARGET, MODELS_DIR, __version__
@@ -43,7 +42,7 @@ def _plan(args) -> tuple[dict, dict, tuple, dict]:
     """Everything checkable without models, so a bad command line fails before any output is touched:
     prompts per kind, tree limits per drafter, the budget grid (empty: E/4, E/2, 3E/4 once E is known)
     and the output file per kind (key None: one file for all kinds)."""
-    from moetune.step import DRAFTERS
+    from moetune.step import DRAFTERS, StepConfig
     from moetune.traces.replay import make_policy
     from moetune.traces.schema import TreeLimits
 
@@ -57,6 +56,8 @@ def _plan(args) -> tuple[dict, dict, tuple, dict]:
         if name not in DRAFTERS:
             raise ValueError(f"--drafters: unknown drafter {name!r}; use {', '.join(DRAFTERS)}")
     limits = {name: TreeLimits(depth=args.depth, topk=1 if name == "ngram" else args.topk) for name in names}
+    for name, lim in limits.items():  # the largest tree recorded must be one a step can afford
+        StepConfig(drafter=name, depth=lim.depth, topk=lim.topk)
     try:
         grid = tuple(int(b) for b in args.grid.split(",")) if args.grid else ()
     except ValueError:
@@ -71,10 +72,9 @@ def _plan(args) -> tuple[dict, dict, tuple, dict]:
 
 def _prompt_groups(args) -> dict[str, list]:
     """kind -> its first --per-kind prompts; every kind asked for must have some."""
-    try:
-        prompts = json.loads(Path(args.prompts).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read prompts {args.prompts}: {e}") from None
+    from moetune.prompts import read_prompts
+
+    prompts = read_prompts(args.prompts, "--prompts")
     kinds = [k for k in args.kinds.split(",") if k]
     if not kinds:
         raise ValueError(f"--kinds must name at least one prompt kind, got {args.kinds!r}")

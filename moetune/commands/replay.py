@@ -57,6 +57,9 @@ def report_traces(args, first) -> None:
 
     for i, path in enumerate(args.traces):
         trace = first if i == 0 else read_trace(path, strict=args.strict)
+        if trace.shape != first.shape:  # per-layer figures of different models cannot be added up
+            raise ValueError(f"{path} was recorded on another model shape than {args.traces[0]} ({trace.shape} vs "
+                             f"{first.shape}); replay traces of different models separately")
         if trace.truncated:
             print(f"moetune replay: warning: {path}: stopped early: {trace.truncated}; replaying what was read "
                   "(--strict fails instead)", file=sys.stderr)
@@ -65,11 +68,13 @@ def report_traces(args, first) -> None:
 
 
 def main(args) -> int:
+    from moetune.adaptive.config import check_latency_target
     from moetune.outputs import output_lock
     from moetune.traces.replay import make_policy
 
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    check_latency_target(args.latency_target_ms, "--latency-target-ms")  # the rule `moetune run` applies
     for spec in args.policy:
         make_policy(spec)  # fail early on a bad spec
     outputs = [Path(args.out) / name for name in PLOTS + ("replay.json",)] if args.out else []

@@ -10,23 +10,32 @@ which configurations ran over time, the policy's switches, and how often a laten
 from __future__ import annotations
 
 import argparse
-import json
+import os
 from dataclasses import replace
-from pathlib import Path
 
 from moetune import DEFAULT_DRAFT, DEFAULT_TARGET, MODELS_DIR
-from moetune.step import DRAFTERS, PLAIN, StepConfig
+from moetune.adaptive.config import check_latency_target
+from moetune.prompts import read_prompts
+from moetune.step import DRAFTERS, PLAIN, Sampling, StepConfig
 
 STATIC_FLAGS = {"drafter": ("--drafter", "draft_model"), "depth": ("--depth", 4), "topk": ("--topk", 1),
                 "num_draft_tokens": ("--num-draft-tokens", None)}
 SHOWN_CONFIGS = 4  # most-used configs listed per request
 FIRST_STEPS = 12  # steps of each request shown in order
+MAX_THREADS = 4 * (os.cpu_count() or 1)  # far more threads than cores only slows torch; thousands exhaust memory
 
 
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _threads(text: str) -> int:
+    value = _positive(text)
+    if value > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_THREADS} (4 per CPU core here), got {text}")
     return value
 
 
@@ -52,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
-    p.add_argument("--threads", type=_positive, default=None, help="CPU threads for torch (default: torch's)")
+    p.add_argument("--threads", type=_threads, default=None, help="CPU threads for torch (default: torch's)")
 
 
 def _config(args) -> StepConfig:
@@ -66,8 +75,7 @@ def policy_spec(args) -> str | None:
     target = args.latency_target_ms
     if args.auto and args.policy is not None:
         raise ValueError("--auto and --policy are alternatives (--auto is --policy auto); pass one of them")
-    if target is not None and not target > 0:
-        raise ValueError(f"--latency-target-ms must be > 0 (milliseconds per output token), got {target:g}")
+    check_latency_target(target, "--latency-target-ms")
     spec = "auto" if args.auto or (target is not None and args.policy is None) else args.policy
     if spec is None:
         return None
@@ -95,20 +103,12 @@ def _policy(spec: str | None):
 
 
 def _prompts(path: str, n: int) -> list[str]:
-    file = Path(path)
-    if not file.exists():
-        raise ValueError(f"prompts file {file} not found; pass --prompts-file")
-    texts = [p["text"] for p in json.loads(file.read_text())]
-    if not texts:
-        raise ValueError(f"prompts file {file} has no prompts")
+    texts = [p["text"] for p in read_prompts(path, "--prompts-file")]
     return [texts[i % len(texts)] for i in range(n)]
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.temperature < 0:
-        raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    Sampling(args.temperature, args.top_p)
     spec = policy_spec(args)
     config, policy = _config(args), _policy(spec)
     prompts = _prompts(args.prompts_file, args.prompts)
@@ -131,21 +131,19 @@ def main(args: argparse.Namespace) -> int:
     common = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                   seed=args.seed)
     generate(target, tokenizer, prompts[:1], config=PLAIN, max_new_tokens=4)  # warm-up, not timed
-    runs, events = {}, []
+    runs = {}
     name = spec or "speculative"
     with tqdm(total=2 * len(prompts), desc="moetune run", unit="prompt") as bar:
         for run, kw in (("plain", dict(config=PLAIN)),
                         (name, dict(drafter=drafters, policy=policy, config=None if policy else config))):
             runs[run] = []
-            for prompt in prompts:
-                seen = len(getattr(policy, "events", ()))
-                runs[run] += generate(target, tokenizer, [prompt], **kw, **common)
-                if run == name:  # the policy numbers requests from 0 in every call: attribute them here
-                    events += [(len(runs[run]) - 1, *e[1:]) for e in getattr(policy, "events", ())[seen:]]
+            for i, prompt in enumerate(prompts):  # request id i: the policy's decision log names prompt i
+                runs[run] += generate(target, tokenizer, [prompt], **kw, **common, request_ids=[i])
                 bar.update(1)
     print(summary(runs, config if policy is None else None))
     if policy is not None:
-        print(over_time(runs[name], events, getattr(getattr(policy, "config", None), "latency_target_ms", None)))
+        print(over_time(runs[name], policy.decision_log(),
+                        getattr(getattr(policy, "config", None), "latency_target_ms", None)))
     return 0
 
 
@@ -192,7 +190,7 @@ def short_label(config: StepConfig) -> str:
 
 def over_time(results, events: list[tuple], target_ms: float | None) -> str:
     """Which configurations a policy ran, per request: the most used (config: steps), the first steps in
-    order, the config changes and the switches the policy reported (policy.events: request, step, config,
+    order, the config changes and the switches the policy reported (policy.decision_log(): request, step, config,
     message), and with a target, how often it was met and whether it was judged infeasible."""
     lines = ["", "Configurations over time (config: steps; B~n = budgeted, n experts per layer on average), "
              "first steps in order:", "",

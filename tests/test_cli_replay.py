@@ -1,0 +1,71 @@
+"""`moetune replay` with bad input: one error line naming the bad value, exit 2, no traceback. The same
+rules as `moetune run` (latency target finite and > 0, budgets within [top_k, num_experts])."""
+import json
+from pathlib import Path
+
+import pytest
+from cli_check import fails
+
+from moetune.step import ModelShape
+from moetune.traces.latency import LatencyModel
+from moetune.traces.synthetic import synthetic_trace
+from moetune.traces.writer import write_trace
+
+SAMPLE = str(Path(__file__).resolve().parents[1] / "traces" / "samples" / "code.trace")  # L=6, E=32, K=4
+
+
+def replay(*extra):
+    return ["replay", SAMPLE, "--policy", "plain", *extra]
+
+
+@pytest.mark.parametrize("extra, names", [
+    (["--latency-target-ms", "0"], ["--latency-target-ms", "got 0"]),
+    (["--latency-target-ms", "-5"], ["--latency-target-ms", "-5"]),
+    (["--latency-target-ms", "nan"], ["--latency-target-ms", "nan"]),
+    (["--latency-target-ms", "inf"], ["--latency-target-ms", "inf"]),
+    (["--workers", "0"], ["--workers", "0"]),
+    (["--policy", "eagle"], ["unknown policy 'eagle'"]),
+    (["--policy", "static:topk=1000"], ["topk=1000", "lower topk"]),
+    (["--policy", "adaptive:hysteresis=nan"], ["hysteresis", "nan"]),
+    (["--policy", "moespec:budget=1000"], ["moespec budget", "expert budget 1000 is outside [4, 32]"]),
+    (["--policy", "moespec:budget=2"], ["moespec budget", "expert budget 2 is outside [4, 32]"]),
+    (["--policy", "static:budgets=8/8/8/8/8/100"], ["static budgets", "expert budget 100 is outside [4, 32]"]),
+    (["--profile", SAMPLE], [SAMPLE, "is not a latency profile JSON (moetune profile writes one)"]),
+    (["--profile", "/no/such/profile.json"], ["cannot read latency profile /no/such/profile.json",
+                                              "no such file or directory"]),
+])
+def test_bad_values(capsys, extra, names):
+    fails(capsys, replay(*extra), *names)
+
+
+@pytest.mark.parametrize("field, value", [("verify", [float("nan"), 0, 0, 0, 0]), ("verify", [1e-3, -1, 0, 0, 0]),
+                                          ("step_overhead", float("inf")), ("verify", "fast")])
+def test_profiles_with_bad_coefficients(capsys, tmp_path, field, value):
+    path = tmp_path / "profile.json"
+    d = json.loads(LatencyModel(verify=(1e-3, 1e-5, 1e-5, 0.0, 0.0)).to_json())
+    path.write_text(json.dumps(dict(d, **{field: value})))  # json writes NaN / Infinity, as Python reads them
+    fails(capsys, replay("--profile", str(path)), f"{path} is not a latency profile JSON")
+
+
+def test_traces_of_different_shapes(capsys, tmp_path):
+    other = tmp_path / "other.trace"
+    write_trace(synthetic_trace(ModelShape(num_layers=2, num_experts=8, top_k=2), n_requests=1, n_tokens=8), other)
+    fails(capsys, ["replay", SAMPLE, str(other), "--policy", "plain"], f"{other} was recorded on another model shape",
+          "num_layers=2", "replay traces of different models separately")
+
+
+@pytest.mark.parametrize("make, names", [
+    (lambda p: None, ["no such file"]),
+    (lambda p: p.mkdir(), ["directory"]),
+    (lambda p: p.write_text("not a trace"), []),
+])
+def test_bad_trace_paths(capsys, tmp_path, make, names):
+    path = tmp_path / "bad.trace"
+    make(path)
+    last = fails(capsys, ["replay", str(path), "--policy", "plain"], str(path))
+    assert all(n in last.lower() for n in names)
+
+
+def test_output_that_is_a_file(capsys, tmp_path):
+    (tmp_path / "out").write_text("x")
+    fails(capsys, replay("--out", str(tmp_path / "out" / "plots")), str(tmp_path / "out"))

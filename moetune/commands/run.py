@@ -159,8 +159,9 @@ def summary(runs: dict, config: StepConfig | None) -> str:
         base = base or tps
         acc = sum(s.accepted for s in steps) / len(steps) if steps else 0.0
         per_layer = [sum(s.unique_experts) / len(s.unique_experts) for s in steps if s.unique_experts]
-        experts = sum(per_layer) / len(per_layer) if per_layer else 0.0
-        rows.append(f"| {name} | {tokens} | {tps:.1f} | {tps / base if base else 0:.2f}x | {acc:.2f} | {experts:.1f} |")
+        # "-": the run captured no routing (plain and static policies skip it; see Policy.wants_routing)
+        experts = f"{sum(per_layer) / len(per_layer):.1f}" if per_layer else "-"
+        rows.append(f"| {name} | {tokens} | {tps:.1f} | {tps / base if base else 0:.2f}x | {acc:.2f} | {experts} |")
     head = ["| run | tokens | tokens/s | speedup | mean accepted | unique experts/layer |",
             "|---|---|---|---|---|---|"]
     note = f"\nconfig: {config}" if config is not None else ""

@@ -143,7 +143,8 @@ def generate(target, tokenizer, prompts, drafter=None, policy: Policy | None = N
     results = []
     for index, (request_id, prompt) in enumerate(zip(ids, prompts)):
         backend = LiveBackend(target, pool, _prompt_ids(tokenizer, prompt), max_new_tokens, sampling, eos, routing)
-        decode(policy, backend, request_id, None if on_step is None else partial(on_step, index))
+        with torch.inference_mode():  # as HF's decoders run: no autograd bookkeeping on any tensor op
+            decode(policy, backend, request_id, None if on_step is None else partial(on_step, index))
         results.append(backend.result(tokenizer))
     return results
 

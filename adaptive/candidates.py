@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moetune.step import PLAIN, StepConfig
+from moetune.step import DRAFTER_TRAITS, PLAIN, StepConfig
 
 
 def label(config: StepConfig) -> str:
@@ -22,13 +22,10 @@ def label(config: StepConfig) -> str:
     return f"{config.drafter} {shape}{budget}"
 
 
-CHAIN_ONLY = ("ngram",)  # its "tree" is a trie of several earlier continuations: rare, and traces hold its chain
-
-
 class CandidateGrid:
     """Plain decoding plus every (drafter, width, depth); width 1 is a chain, width w > 1 a top-w tree
-    capped at w * depth nodes (chains only for CHAIN_ONLY drafters). Family = (drafter, width): configs of
-    one family share one per-depth acceptance curve."""
+    capped at w * depth nodes (chains only for drafters whose DrafterTraits.chain_only is set). Family =
+    (drafter, width): configs of one family share one per-depth acceptance curve."""
 
     def __init__(self, drafters: tuple[str, ...], widths: tuple[int, ...], max_depth: int):
         self.drafters = drafters
@@ -37,7 +34,7 @@ class CandidateGrid:
         configs, family, depth, drafter = [PLAIN], [0], [0], [-1]
         self.families: list[tuple[str, int]] = []
         for di, d in enumerate(drafters):
-            for w in ((1,) if d in CHAIN_ONLY else widths):
+            for w in ((1,) if DRAFTER_TRAITS[d].chain_only else widths):
                 self.families.append((d, w))
                 for k in range(1, max_depth + 1):
                     configs.append(StepConfig(drafter=d, depth=k, topk=w, num_draft_tokens=None if w == 1 else w * k))
@@ -66,12 +63,3 @@ class CandidateGrid:
         if not config.speculate:
             return None
         return self._family_index.get((config.drafter, config.topk))
-
-    def index_of(self, config: StepConfig) -> int | None:
-        """Grid index of a config, ignoring budgets (None when off the grid)."""
-        if not config.speculate:
-            return 0
-        f = self.family_of(config)
-        if f is None or config.depth > self.max_depth:
-            return None
-        return self.first(f) + config.depth - 1

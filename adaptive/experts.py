@@ -110,9 +110,3 @@ class ExpertModel:
         pred = (self.sum[:, n] + self.prior_weight * prior) / (self.count[n] + self.prior_weight)
         cap = np.minimum(n * self.shape.top_k, self.shape.num_experts)
         return np.clip(pred, self.shape.top_k * (n > 0), cap)
-
-    def mass_dropped(self, dropped_fraction) -> np.ndarray:
-        """Router mass lost per layer when the given fraction (L, ...) of its unique experts is dropped."""
-        x = np.clip(np.asarray(dropped_fraction, dtype=float), 0.0, 1.0)
-        g = self.gamma.reshape((-1,) + (1,) * (x.ndim - 1))
-        return x ** g

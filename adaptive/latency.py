@@ -1,12 +1,10 @@
 """A global step-latency model, fitted online by least squares with forgetting and a ridge prior.
 
 Why online: step time depends on the machine, the model, the load and the context length, and a
-profile measured once drifts. Why these features: a verification pass reads every unique expert it
-computes (bandwidth, the MoE cost of speculation), processes every verified token (compute) and attends
-over the context (KV reads grow with context, per token verified). Drafting is a separate linear model
-per drafter (fixed cost + per draft step + per node). A forgetting factor tracks drift; the prior
-(seeded from a hardware profile when one exists) is never wholly forgotten, so the fit stays bounded
-where the data does not vary (class RLS).
+profile measured once drifts. The features are moetune.features' (verification: tokens, unique experts,
+context; drafting, a separate fit per drafter: depth and nodes), as the hardware profile's. A
+forgetting factor tracks drift; the prior (seeded from a hardware profile when one exists) is never
+wholly forgotten, so the fit stays bounded where the data does not vary (class RLS).
 
 Why buffered: decide + observe must stay a small share of a step (2% on the embedded CPU model), and a
 refit per step is several numpy calls. Observations are queued and applied as one exact block
@@ -18,17 +16,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 import numpy as np
 
+from moetune.features import DRAFT_FEATURES, VERIFY_FEATURES, draft_features, verify_features
+
 from .health import report_reset
 
-VERIFY_FEATURES = ("const", "tokens", "experts", "ctx_k", "tokens_x_ctx_k")
-DRAFT_FEATURES = ("const", "depth", "nodes")
+# The verify fit solves with context counted in thousands of tokens (tokens x context per token reaches
+# 1e5 and more, which would leave its information matrix ill-conditioned). Features enter that scale in
+# `fit_features` and a per-token profile's coefficients in `OnlineLatency.seed`; so the fit's theta, its
+# prior (LatencyConfig.verify_prior) and what the controller's plan reads are per thousand tokens.
+CONTEXT_SCALE = 1000.0
+FIT_SCALE = np.array([1.0, 1.0, 1.0, CONTEXT_SCALE, CONTEXT_SCALE])  # per VERIFY_FEATURES: fit = feature / scale
 ABSURD_STDS = 1e6  # a coefficient this many prior standard deviations from its prior means a broken fit
 VERIFY_NAME, DRAFT_NAME = "latency fit of verification", "latency fit of drafter {!r}"
 
 
 @dataclass(frozen=True)
 class LatencyConfig:
-    """Forgetting and prior confidence of the RLS fits. Default coefficients are seconds, CPU-ish."""
+    """Forgetting and prior confidence of the RLS fits. Default coefficients are seconds, CPU-ish; the
+    verify prior's context terms are per thousand tokens (CONTEXT_SCALE)."""
 
     forgetting: float = 0.995
     noise_s: float = 1e-3  # typical step-time noise: prior strength is measured against it
@@ -142,12 +147,9 @@ class RLS:
         return x @ self.theta
 
 
-def verify_features(tokens, experts, context_len) -> np.ndarray:
-    """Feature vector(s) of a verification pass: tokens verified, total unique experts computed, context."""
-    tokens = np.asarray(tokens, dtype=float)
-    ctx_k = np.asarray(context_len, dtype=float) / 1000.0
-    return np.stack(np.broadcast_arrays(np.ones_like(tokens), tokens, np.asarray(experts, dtype=float),
-                                        ctx_k, tokens * ctx_k), axis=-1)
+def fit_features(tokens, experts, context_len) -> np.ndarray:
+    """moetune.features.verify_features (context_len in tokens) at the verify fit's scale (FIT_SCALE)."""
+    return verify_features(tokens, experts, context_len) / FIT_SCALE
 
 
 class OnlineLatency:
@@ -166,13 +168,13 @@ class OnlineLatency:
     def seed(self, profile) -> None:
         """Start from a hardware profile (a traces.latency.LatencyModel): its coefficients become the prior.
 
-        The profile's context terms are per token; ours per thousand tokens. Accept + commit overhead
-        joins the constant, as our verify target includes them. A zero coefficient gets a small floor on
-        its prior std so data can still move it.
+        The profile's coefficients are per token; the fit's context terms per CONTEXT_SCALE tokens.
+        Accept + commit overhead joins the constant, as our verify target includes them. A zero
+        coefficient gets a small floor on its prior std so data can still move it.
         """
         c = self.config
         c0, ct, ce, cc, cct = (float(x) for x in profile.verify)
-        theta = np.array([c0 + float(profile.step_overhead), ct, ce, cc * 1e3, cct * 1e3])
+        theta = np.array([c0 + float(profile.step_overhead), ct, ce, cc, cct]) * FIT_SCALE
         floor = 0.1 * np.array(c.verify_prior)
         self.verify = RLS(theta, np.hypot(theta * c.seeded_scale, floor), c.noise_s, c.forgetting, VERIFY_NAME,
                           c.prior_floor)
@@ -196,12 +198,11 @@ class OnlineLatency:
         drafter, *cols = zip(*self._pending)
         self._pending.clear()
         tokens, experts, ctx, t_verify, depth, nodes, t_draft = (np.array(c, dtype=float) for c in cols)
-        self.verify.observe_many(verify_features(tokens, experts, ctx), t_verify)
+        self.verify.observe_many(fit_features(tokens, experts, ctx), t_verify)
         for name, rls in self.draft.items():
             sel = np.array([d == name for d in drafter])
             if sel.any():
-                X = np.stack([np.ones(int(sel.sum())), depth[sel], nodes[sel]], axis=1)
-                rls.observe_many(X, t_draft[sel])
+                rls.observe_many(draft_features(depth[sel], nodes[sel]), t_draft[sel])
 
     def check(self) -> bool:
         """Apply the queued steps and check every fit (each resets itself to its prior if degraded)."""
@@ -210,9 +211,9 @@ class OnlineLatency:
 
     def predict_verify(self, tokens, experts, context_len) -> np.ndarray:
         self.flush()
-        return self.verify.predict(verify_features(tokens, experts, context_len))
+        return self.verify.predict(fit_features(tokens, experts, context_len))
 
     def predict_draft(self, drafter: str, features: np.ndarray) -> np.ndarray:
-        """Draft seconds for rows of DRAFT_FEATURES (const, depth, nodes), built once by the caller."""
+        """Draft seconds for rows of moetune.features.draft_features, built once by the caller."""
         self.flush()
         return np.maximum(self.draft[drafter].predict(features), 0.0)

@@ -24,7 +24,7 @@ from moetune.step import PLAIN, Lookahead, StepConfig, StepStats
 
 from . import kv
 from .accept import Acceptance, accept_greedy, accept_sample
-from .drafters import DraftModelDrafter, NgramDrafter, Proposer, SelfDrafter
+from .drafters import Proposer, make_drafter
 from .loader import moe_shape
 from .telemetry import StepTimer, gpu_snapshot
 from .tree import DraftTree, depths, subtree
@@ -56,27 +56,22 @@ def _drafters(target, drafter) -> dict[str, Proposer]:
         return {drafter.name: drafter}
     if isinstance(drafter, dict):
         return dict(drafter)
-    return {"draft_model": DraftModelDrafter(drafter)}  # a bare draft model
+    return {"draft_model": make_drafter("draft_model", target, drafter)}  # a bare draft model
 
 
 def _get_drafter(pool: dict[str, Proposer], name: str, target) -> Proposer:
-    """The drafter a step asks for; the model-free ones are built on first use."""
+    """The drafter a step asks for; those that need no draft model are built on first use."""
     if name not in pool:
-        if name == "ngram":
-            pool[name] = NgramDrafter(device=target.device)
-        elif name == "self":
-            pool[name] = SelfDrafter(target)
-        else:
-            raise ValueError(f"the step asks for drafter {name!r} but none was given; pass a draft model "
-                             f"or a dict of drafters to generate")
+        pool[name] = make_drafter(name, target)
     return pool[name]
 
 
-def _lookahead(pool: dict[str, Proposer], probe: StepConfig, ids: list[int], target) -> tuple[Lookahead, list[int]]:
-    """What the policy's probe drafter (Policy.probe, checked by the driver) drafts at this step, before the
-    policy decides: the Lookahead it sees, and the chain itself (checked against the emitted tokens)."""
-    order, chain = _get_drafter(pool, probe.drafter, target).lookahead(ids, probe.depth)
-    return Lookahead(probe.drafter, order, len(chain)), chain
+def _lookahead(pool: dict[str, Proposer], passive: StepConfig, ids: list[int], target) -> tuple[Lookahead, list[int]]:
+    """What the policy's passive draft (Policy.passive_draft, checked by the driver) drafts at this step,
+    before the policy decides: the Lookahead it sees, and the chain itself (checked against the emitted
+    tokens)."""
+    order, chain = _get_drafter(pool, passive.drafter, target).lookahead(ids, passive.depth)
+    return Lookahead(passive.drafter, order, len(chain)), chain
 
 
 def _prompt_ids(tokenizer, prompt) -> list[int]:
@@ -115,7 +110,7 @@ def generate(target, tokenizer, prompts, drafter=None, policy: Policy | None = N
     model, or a dict name -> Proposer ("draft_model", "ngram", "self"); n-gram and self drafters are
     built when a step first asks for them. policy or config (not both) chooses each step; with neither,
     a draft chain of 4 when a drafter is given, plain decoding otherwise. on_step(request_index, stats).
-    routing: capture per-layer routing into StepStats (unique experts, router mass); None: as the policy
+    routing: capture per-layer routing into StepStats (unique experts); None: as the policy
     asks (Policy.wants_routing), so plain and static decoding skip it. request_ids: one id per prompt
     (DecodeState and StepStats carry it; default 0, 1, ...), so a policy serving several calls can tell
     its requests apart.
@@ -152,7 +147,7 @@ def generate(target, tokenizer, prompts, drafter=None, policy: Policy | None = N
 class LiveBackend:
     """moetune.driver.Backend on a model: one request's caches, drafters and measured phase times.
 
-    The lookahead is the probe drafter's own lookup (what it drafts when chosen), so it is timed as draft
+    The lookahead is the passive drafter's own lookup (what it drafts when chosen), so it is timed as draft
     work. On CUDA the phases are timed by events and read once per step, in `stats` (one host sync)."""
 
     keeps_steps = True  # GenerationResult.steps holds every step
@@ -169,11 +164,11 @@ class LiveBackend:
         self.empty = DraftTree.empty(target.device)  # what a plain step verifies after its root
         self.steps: list[StepStats] = []
         self.emitted: list[int] = []  # the last step's committed tokens
-        self.chain: list[int] | None = None  # the probe drafter's chain at this step
+        self.chain: list[int] | None = None  # the passive draft's chain at this step
         self.t_look = self.prefill_time = self.t_start = 0.0
         self.cache = None
 
-    def prefill(self, probe: StepConfig | None) -> None:
+    def prefill(self, passive: StepConfig | None) -> None:
         """Target cache of the prompt (all but its last token, the first root); drafters forget the last request."""
         t0 = time.perf_counter()
         self.cache = kv.new_cache(self.target)
@@ -183,9 +178,9 @@ class LiveBackend:
         self.t_start = time.perf_counter()
         self.prefill_time = self.t_start - t0
 
-    def lookahead(self, probe: StepConfig) -> Lookahead:
+    def lookahead(self, passive: StepConfig) -> Lookahead:
         t0 = time.perf_counter()
-        look, self.chain = _lookahead(self.pool, probe, self.ids, self.target)
+        look, self.chain = _lookahead(self.pool, passive, self.ids, self.target)
         self.t_look = time.perf_counter() - t0
         return look
 
@@ -222,11 +217,11 @@ class LiveBackend:
             self.done = cut is not None or self.generated >= self.max_new_tokens
             self.emitted = emitted
 
-    def stats(self, request_id: int, step: int, config: StepConfig, probe: StepConfig | None, tree: DraftTree,
+    def stats(self, request_id: int, step: int, config: StepConfig, passive: StepConfig | None, tree: DraftTree,
               ver: Verification, acc: Acceptance, t_control: float) -> StepStats:
         stats = _stats(request_id, step, config, acc.accepted, self.emitted, len(self.ids) - len(self.emitted), tree,
-                       ver, self.timer.read(), self.t_look, t_control, self.target.device, probe,
-                       self.chain if self.temperature == 0 else None)  # the probe is checked under greedy only
+                       ver, self.timer.read(), self.t_look, t_control, self.target.device, passive,
+                       self.chain if self.temperature == 0 else None)  # checked under greedy decoding only
         self.steps.append(stats)
         return stats
 
@@ -237,21 +232,18 @@ class LiveBackend:
 
 
 def _stats(request_id, step, cfg, accepted, emitted, context_len, tree, ver, times, t_look, t_control, device,
-           probe, chain) -> StepStats:
-    """StepStats of one live step (through driver.step_stats); one host transfer for the per-layer routing
-    numbers (none when the step did not capture routing: its per-layer fields stay empty)."""
+           passive, chain) -> StepStats:
+    """StepStats of one live step (through driver.step_stats); one host transfer for the per-layer unique
+    experts (none when the step did not capture routing: its per-layer fields stay empty)."""
     routing = ver.routing
-    num_layers = len(routing.layers) if routing is not None else 0
-    per_layer = (torch.cat([routing.unique_experts().float(), routing.router_mass()]).tolist()  # [2L]
-                 if num_layers else [])
-    unique = tuple(int(u) for u in per_layer[:num_layers])
+    unique = tuple(routing.unique_experts().tolist()) if routing is not None and routing.layers else ()
     report = ver.budget_report
     return step_stats(
         request_id, step, cfg, accepted=accepted, emitted=emitted, tree_size=len(tree), tree_depth=tree.depth,
         context_len=context_len, times=(times.get("draft", 0.0) + t_look, times.get("verify", 0.0),
                               times.get("accept", 0.0), times.get("commit", 0.0)),
-        t_control=t_control, unique=unique, router_mass=tuple(per_layer[num_layers:]), agreement=ver.agreement,
+        t_control=t_control, unique=unique, agreement=ver.agreement,
         kept=None if report is None else tuple(report.unique_experts_kept),
         mass_kept=None if report is None else tuple(report.router_mass_kept),
         substituted=None if report is None else tuple(report.tokens_substituted),
-        probe=probe, chain=chain, gpu=gpu_snapshot(device))
+        passive=passive, chain=chain, gpu=gpu_snapshot(device))

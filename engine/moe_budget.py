@@ -108,7 +108,7 @@ class BudgetReport:
         self._layers: list[tuple | None] = [None] * num_layers
         self._numbers: dict | None = None
 
-    def _record(self, layer: int, top_k_index: torch.Tensor, routing: selection.Routing) -> None:
+    def _record(self, layer: int, top_k_index: torch.Tensor, routing: selection.BudgetedRouting) -> None:
         self._layers[layer] = (top_k_index.detach(), routing)
         self._numbers = None
 
@@ -155,10 +155,6 @@ class BudgetReport:
     def computed_experts(self) -> tuple[tuple[int, ...], ...]:
         """Per layer: the expert ids actually computed, ascending."""
         return self._compute()["selected"]
-
-    def routing(self) -> list:
-        """Per layer: the unbudgeted top-k expert ids [T, K] as numpy (for CoactivationStats.observe)."""
-        return [r[0].cpu().numpy() for r in self._layers if r is not None]
 
 
 @dataclass(frozen=True)
@@ -216,8 +212,8 @@ def _budgeted_forward(block: torch.nn.Module, layer: int, active: _Active,
 
 
 def _is_silu(act_fn: Callable) -> bool:
-    probe = torch.linspace(-4, 4, 9)
-    return torch.allclose(act_fn(probe), F.silu(probe))
+    x = torch.linspace(-4, 4, 9)
+    return torch.allclose(act_fn(x), F.silu(x))
 
 
 class BudgetHandle:

@@ -44,16 +44,6 @@ class Routing:
         hit = torch.zeros(len(self.layers), self.num_experts, dtype=torch.bool, device=index.device)
         return hit.scatter_(1, index.flatten(1), True).sum(dim=1)
 
-    def router_mass(self, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """[L] mean over tokens of the router probability on their top-k experts (how peaked routing is)."""
-        if not self.layers:
-            return torch.zeros(0)
-        index = torch.stack([lr.top_k_index for lr in self.layers])  # [L, T, K]
-        probs = torch.softmax(torch.stack([lr.router_logits for lr in self.layers]).float(), dim=-1)  # [L, T, E]
-        if rows is not None:
-            index, probs = index[:, rows], probs[:, rows]
-        return probs.gather(2, index).sum(dim=2).mean(dim=1)
-
 
 _BLOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its MoE blocks (found once)
 

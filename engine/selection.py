@@ -29,7 +29,7 @@ from moetune.step import SELECTIONS, SUBSTITUTIONS
 
 
 @dataclass(frozen=True)
-class Routing:
+class BudgetedRouting:
     """One layer's budgeted routing: what the expert kernel computes, plus the numbers to report."""
 
     expert_ids: torch.Tensor  # [T, K] int64, -1 = slot dropped
@@ -75,7 +75,7 @@ def substitute(probs: torch.Tensor,  # [T, E] full router softmax (fp32)
                budget: int,
                method: str,
                normalized: bool,  # the router renormalises its top-k (norm_topk_prob)
-               ) -> Routing:
+               ) -> BudgetedRouting:
     """Keep the `budget` best-scoring experts and re-route every token onto them."""
     if method not in SUBSTITUTIONS:
         raise ValueError(f"substitution must be one of {SUBSTITUTIONS}, got {method!r}")
@@ -104,5 +104,5 @@ def substitute(probs: torch.Tensor,  # [T, E] full router softmax (fp32)
         lost_all = ~slot_kept.any(1, keepdim=True)  # [T, 1]
         ids = torch.where(lost_all, re_index, ids)
         weights = torch.where(lost_all, re_weights, kept_w)
-    return Routing(expert_ids=ids, weights=weights.to(top_k_weights.dtype), selected=selected, keep=keep,
-                   mass_kept=mass_kept, substituted=substituted)
+    return BudgetedRouting(expert_ids=ids, weights=weights.to(top_k_weights.dtype), selected=selected, keep=keep,
+                           mass_kept=mass_kept, substituted=substituted)

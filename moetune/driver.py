@@ -9,8 +9,9 @@ modelled times, replay accounting). Recording is the live backend plus a trace w
 
 One step, in order:
     lookahead -> decide -> draft -> verify -> accept -> commit -> observe
-- lookahead: what the policy's probe drafter (Policy.probe, an n-gram chain) would draft here, shown to
-  the policy before it decides (only when it has a probe);
+- lookahead: what the policy's passive draft (Policy.passive_draft, an n-gram chain) would draft here,
+  shown to the policy before it decides (only when it has one); after the step it is checked against the
+  emitted tokens (StepStats.probe, a moetune.step.Probe);
 - decide: the policy turns a DecodeState into a StepConfig (timed: control);
 - draft / verify / accept / commit: the backend's work; commit emits tokens and says when the request is
   done (EOS, max_new_tokens, or the end of the recorded output);
@@ -36,7 +37,7 @@ from time import perf_counter
 from typing import Any, Callable, Protocol, Sequence
 
 from moetune.policies.base import Policy
-from moetune.step import PROBE_DRAFTERS, DecodeState, Lookahead, Probe, StepConfig, StepStats
+from moetune.step import DRAFTER_TRAITS, DecodeState, Lookahead, Probe, StepConfig, StepStats
 
 
 class Backend(Protocol):
@@ -50,11 +51,11 @@ class Backend(Protocol):
     done: bool  # set by commit when the request ends
     keeps_steps: bool  # keeps every StepStats (so they are built even for a policy that ignores them)
 
-    def prefill(self, probe: StepConfig | None) -> None:
-        """Set up the request (caches, drafters, the probe drafter's lookup)."""
+    def prefill(self, passive: StepConfig | None) -> None:
+        """Set up the request (caches, drafters, the passive drafter's lookup)."""
 
-    def lookahead(self, probe: StepConfig) -> Lookahead | None:
-        """What `probe` would draft at this step (None: unknown here)."""
+    def lookahead(self, passive: StepConfig) -> Lookahead | None:
+        """What the passive draft `passive` would draft at this step (None: unknown here)."""
 
     def draft(self, config: StepConfig) -> Any:
         """The tree this step verifies."""
@@ -68,18 +69,21 @@ class Backend(Protocol):
     def commit(self, config: StepConfig, tree: Any, verdict: Any, accepted: Any) -> None:
         """Emit the step's tokens: advance `generated`, set `done`."""
 
-    def stats(self, request_id: int, step: int, config: StepConfig, probe: StepConfig | None, tree: Any,
+    def stats(self, request_id: int, step: int, config: StepConfig, passive: StepConfig | None, tree: Any,
               verdict: Any, accepted: Any, t_control: float) -> StepStats:
         """The step just committed, as a StepStats (through `step_stats`)."""
 
 
-def check_probe(probe: StepConfig | None) -> StepConfig | None:
-    """A probe must be a chain of a model-free drafter: it runs beside every step, so it must cost
-    microseconds, and a chain is what moetune.step.Probe checks against the emitted tokens."""
-    if probe is not None and (probe.drafter not in PROBE_DRAFTERS or probe.topk != 1 or probe.tree is not None):
-        raise ValueError(f"Policy.probe must be a chain (topk=1) of a model-free drafter {PROBE_DRAFTERS}; "
-                         f"got drafter={probe.drafter!r}, topk={probe.topk}")
-    return probe
+def check_passive_draft(passive: StepConfig | None) -> StepConfig | None:
+    """A passive draft must be a chain of a drafter that may run passively (DrafterTraits.passive): it
+    runs beside every step, so it must cost microseconds, and a chain is what moetune.step.Probe checks
+    against the emitted tokens."""
+    if passive is not None and (not DRAFTER_TRAITS[passive.drafter].passive or passive.topk != 1
+                                or passive.tree is not None):
+        allowed = [name for name, traits in DRAFTER_TRAITS.items() if traits.passive]
+        raise ValueError(f"Policy.passive_draft must be a chain (topk=1) of a drafter that may run passively "
+                         f"{allowed}; got drafter={passive.drafter!r}, topk={passive.topk}")
+    return passive
 
 
 def observes(policy) -> bool:
@@ -93,18 +97,18 @@ def decode(policy: Policy, backend: Backend, request_id: int,
     (begin, every decide and observe, end). Each StepStats carries t_control = this step's decide plus
     the previous step's observe (the observe of a step runs after its stats are built)."""
     clock = perf_counter
-    probe = check_probe(getattr(policy, "probe", None))  # declared by Policy; duck-typed policies may omit it
+    passive = check_passive_draft(getattr(policy, "passive_draft", None))  # duck-typed policies may omit it
     t0 = clock()
     policy.begin(request_id, backend.prompt_len)
     control = clock() - t0
-    backend.prefill(probe)  # after begin: live decode time runs from here, without the policy's set-up
+    backend.prefill(passive)  # after begin: live decode time runs from here, without the policy's set-up
     report = backend.keeps_steps or on_step is not None or observes(policy)
     prompt_len, max_new = backend.prompt_len, backend.max_new_tokens
     decide, draft, verify, accept, commit = policy.decide, backend.draft, backend.verify, backend.accept, backend.commit
     step, t_observe = 0, 0.0
     while not backend.done:
         generated = backend.generated
-        look = None if probe is None else backend.lookahead(probe)
+        look = None if passive is None else backend.lookahead(passive)
         t0 = clock()
         config = decide(DecodeState(request_id, step, prompt_len + generated, generated, max_new - generated, look))
         t_decide = clock() - t0
@@ -113,7 +117,7 @@ def decode(policy: Policy, backend: Backend, request_id: int,
         accepted = accept(tree, verdict)
         commit(config, tree, verdict, accepted)
         if report:
-            stats = backend.stats(request_id, step, config, probe, tree, verdict, accepted, t_decide + t_observe)
+            stats = backend.stats(request_id, step, config, passive, tree, verdict, accepted, t_decide + t_observe)
             t0 = clock()
             policy.observe(stats)
             t_observe = clock() - t0
@@ -130,17 +134,17 @@ def decode(policy: Policy, backend: Backend, request_id: int,
 def step_stats(request_id: int, step: int, config: StepConfig, *, accepted: int, emitted: Sequence[int],
                tree_size: int, tree_depth: int, context_len: int, times: tuple[float, float, float, float],
                t_control: float, unique: tuple = (), kept: tuple | None = None, mass_kept: tuple | None = None,
-               substituted: tuple | None = None, router_mass: tuple = (), agreement: float | None = None,
-               probe: StepConfig | None = None, chain: Sequence[int] | None = None,
+               substituted: tuple | None = None, agreement: float | None = None,
+               passive: StepConfig | None = None, chain: Sequence[int] | None = None,
                gpu: dict | None = None) -> StepStats:
     """The one place a StepStats is built, live and in replay alike.
 
-    emitted: the tokens the step committed (its count goes into StepStats.emitted; the probe is checked
-    against them). times: (draft, verify, accept, commit) seconds. Per-layer routing (`unique`, one entry
-    per MoE layer, or empty when not captured): without a budget nothing is dropped, so kept defaults to
-    unique, mass kept to 1 and substituted tokens to 0. chain: the probe drafter's chain at this step,
-    None when unknown (sampling, where emitted tokens are not the target's argmax, or a trace without
-    that drafter): then StepStats.probe is None.
+    emitted: the tokens the step committed (its count goes into StepStats.emitted; the passive draft is
+    checked against them). times: (draft, verify, accept, commit) seconds. Per-layer routing (`unique`, one
+    entry per MoE layer, or empty when not captured): without a budget nothing is dropped, so kept defaults
+    to unique, mass kept to 1 and substituted tokens to 0. passive: the policy's passive draft; chain: its
+    chain at this step, None when unknown (sampling, where emitted tokens are not the target's argmax, or a
+    trace without that drafter): then StepStats.probe is None.
     """
     layers = len(unique)
     return StepStats(
@@ -150,6 +154,7 @@ def step_stats(request_id: int, step: int, config: StepConfig, *, accepted: int,
         router_mass_kept=(1.0,) * layers if mass_kept is None else mass_kept,
         tokens_substituted=(0,) * layers if substituted is None else substituted,
         t_draft=times[0], t_verify=times[1], t_accept=times[2], t_commit=times[3], t_control=t_control,
-        agreement=agreement, gpu=gpu, router_mass=router_mass,
-        probe=None if probe is None or chain is None else Probe.check(probe.drafter, probe.depth, chain, emitted),
+        agreement=agreement, gpu=gpu,
+        probe=None if passive is None or chain is None else Probe.check(passive.drafter, passive.depth, chain,
+                                                                        emitted),
         request_id=request_id)

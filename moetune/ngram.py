@@ -26,13 +26,20 @@ after a 4-gram match), which is why the order is worth knowing before choosing a
 """
 from __future__ import annotations
 
+MAX_N, MIN_N = 4, 1  # the n-gram orders the drafter matches unless told otherwise (traces record theirs)
+
+
+def check_orders(max_n: int, min_n: int) -> None:
+    """The one rule for n-gram orders, for the drafter and for a trace's header alike."""
+    if not 1 <= min_n <= max_n:
+        raise ValueError(f"the n-gram drafter needs 1 <= min_n <= max_n, got min_n={min_n}, max_n={max_n}")
+
 
 class NgramIndex:
     """n-gram -> start positions, per n in [min_n, max_n], kept in sync with a growing context."""
 
-    def __init__(self, max_n: int = 4, min_n: int = 1):
-        if not 1 <= min_n <= max_n:
-            raise ValueError(f"the n-gram drafter needs 1 <= min_n <= max_n, got min_n={min_n}, max_n={max_n}")
+    def __init__(self, max_n: int = MAX_N, min_n: int = MIN_N):
+        check_orders(max_n, min_n)
         self.max_n, self.min_n = max_n, min_n
         self._reset()
 

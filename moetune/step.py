@@ -15,7 +15,30 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-DRAFTERS = ("draft_model", "ngram", "self")
+from moetune.ngram import MAX_N
+
+
+@dataclass(frozen=True)
+class DrafterTraits:
+    """What the engine, replay and the deciders may assume about a drafter from its name alone: code asks
+    this table rather than comparing names."""
+
+    # drafts by lookup in the context, without a model forward: it costs microseconds, and it may have
+    # fewer than topk continuations to offer where a model drafter always offers topk
+    model_free: bool
+    # drafted and recorded as a chain only: its "tree" (a trie of several earlier continuations) is rare
+    chain_only: bool
+    # may be a policy's passive draft (Policy.passive_draft), drafted beside every step
+    passive: bool
+    max_order: int = 0  # the longest n-gram it matches by default (moetune.ngram.MAX_N); 0: none
+
+
+DRAFTER_TRAITS = {
+    "draft_model": DrafterTraits(model_free=False, chain_only=False, passive=False),
+    "ngram": DrafterTraits(model_free=True, chain_only=True, passive=True, max_order=MAX_N),
+    "self": DrafterTraits(model_free=False, chain_only=False, passive=False),
+}
+DRAFTERS = tuple(DRAFTER_TRAITS)
 SELECTIONS = ("prob_sum", "hit_count", "accept_weighted")
 SUBSTITUTIONS = ("renormalize", "reselect")
 # What one step may cost, checked before anything is built: nodes verified (the attention mask and KV
@@ -154,14 +177,13 @@ class Sampling:
         if not 0 < self.top_p <= 1:
             raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
 
-PROBE_DRAFTERS = ("ngram",)  # drafters cheap enough to run passively beside the step's own drafter
-
 
 @dataclass(frozen=True)
 class Probe:
-    """A passive draft: what a model-free drafter would have proposed at this step, checked against the
-    tokens the step emitted, so a policy learns its acceptance without spending a step on it (and, on
-    that drafter's own steps, one level beyond a shallower chain that was accepted whole).
+    """The outcome of a passive draft (Policy.passive_draft): what a model-free drafter would have
+    proposed at this step, checked against the tokens the step emitted, so a policy learns its acceptance
+    without spending a step on it (and, on that drafter's own steps, one level beyond a shallower chain
+    that was accepted whole).
 
     Why it is sound: under greedy decoding a drafted token is accepted iff it equals the target's output
     there, and the step's emitted tokens are that output, so the probe's accepted length is the common
@@ -172,7 +194,7 @@ class Probe:
     """
 
     drafter: str
-    depth: int  # depth the probe asked for
+    depth: int  # depth the passive draft asked for
     drafted: int  # nodes it proposed (<= depth: a chain)
     accepted: int  # common prefix of its draft and the emitted tokens
     censored: bool  # accepted == emitted tokens < drafted: acceptance beyond is unknown
@@ -216,8 +238,7 @@ class StepStats:
     agreement: float | None = None  # eval mode: argmax agreement of budgeted vs unbudgeted verification
     # over the verified rows (root + nodes); None unless eval_agreement is set on a budgeted step
     gpu: dict | None = field(default=None, compare=False)  # pynvml snapshot when a GPU is present
-    router_mass: tuple[float, ...] = ()  # per layer, mean over verified tokens of router prob on their top-k
-    probe: Probe | None = None  # the passive draft the policy asked for (Policy.probe), if it ran
+    probe: Probe | None = None  # the outcome of the policy's passive draft (Policy.passive_draft), if it ran
     # DecodeState.request_id of the step's request (moetune.driver sets it), so a policy files what it
     # observes without remembering whom it last decided for; None in StepStats built by hand
     request_id: int | None = None
@@ -229,13 +250,13 @@ class StepStats:
 
 @dataclass(frozen=True)
 class Lookahead:
-    """What the policy's probe drafter (Policy.probe) would draft at this step, known before the policy
-    decides: a model-free lookup costs microseconds. For the n-gram drafter, `order` is the length of
+    """What the policy's passive draft (Policy.passive_draft) would draft at this step, known before the
+    policy decides: a model-free lookup costs microseconds. For the n-gram drafter, `order` is the length of
     the n-gram it matched (0: none, so it drafts nothing); acceptance depends strongly on it."""
 
     drafter: str
     order: int
-    drafted: int  # tokens its chain holds (<= the probe's depth)
+    drafted: int  # tokens its chain holds (<= the passive draft's depth)
 
 
 @dataclass(frozen=True)
@@ -247,4 +268,5 @@ class DecodeState:
     context_len: int  # committed tokens (prompt + generated)
     generated: int  # tokens generated so far
     remaining: int  # max_new_tokens - generated
-    lookahead: Lookahead | None = None  # only for a policy with a probe (live, and replay of traces with prompt ids)
+    # only for a policy with a passive draft (live, and replay of traces with prompt ids)
+    lookahead: Lookahead | None = None

@@ -43,7 +43,7 @@ class Adaptive(Policy):
             return
         super().setup(shape)
         self.controller.setup(shape)
-        self.probe = self.controller.probe
+        self.passive_draft = self.controller.probe
 
     def begin(self, request_id: int, prompt_len: int) -> None:
         self.controller.begin(request_id, prompt_len)

@@ -7,8 +7,8 @@ per-request state in a dict keyed by request id. Every DecodeState and StepStats
 policy never needs to remember which request it decided for last.
 
 `Policy` is a typing.Protocol: the driver accepts any object with these members (an object that leaves
-out `probe` or `wants_routing` gets the defaults below). Implementations may also subclass it, as the
-policies in this package do, to inherit the defaults.
+out `passive_draft` or `wants_routing` gets the defaults below). Implementations may also subclass it, as
+the policies in this package do, to inherit the defaults.
 """
 from __future__ import annotations
 
@@ -23,11 +23,11 @@ class Policy(Protocol):
     """What decides each decode step. Subclasses implement `decide`; the rest is optional."""
 
     name: str = "policy"
-    # a passive draft to run beside every step (a model-free drafter, chain only; moetune.step.Probe):
-    # the engine and replay show its Lookahead before each decision and report its outcome in
-    # StepStats.probe under greedy decoding
-    probe: StepConfig | None = None
-    # whether `observe` needs per-layer routing in StepStats (unique experts, router mass); capturing it
+    # a draft to run passively beside every step (a chain of a drafter whose DrafterTraits.passive is set):
+    # the engine and replay show its Lookahead before each decision and report its outcome, a
+    # moetune.step.Probe, in StepStats.probe under greedy decoding
+    passive_draft: StepConfig | None = None
+    # whether `observe` needs per-layer routing in StepStats (unique experts, mass kept); capturing it
     # costs every step a hook per layer and a host transfer, so policies that ignore it say False
     wants_routing: bool = True
 

@@ -2,9 +2,9 @@
 
 The model: verifying t tokens loads N(t) = E(1 - (1 - K/E)^t) unique experts per layer (i.i.d. routing),
 so verify time ~ a + b*t + c*L*N(t), fitted by least squares from a short calibration sweep over draft
-lengths (the paper fits from ~21 measurements); draft time ~ d0 + d1*gamma. Target efficiency is
-T(1)/T(gamma+1). With a global acceptance estimate alpha (i.i.d. per token, maximum likelihood from
-accepted lengths), expected tokens per step is (1 - alpha^(gamma+1)) / (1 - alpha), and the chosen gamma
+lengths (the paper fits from ~21 measurements); draft time ~ d0 + d1*gamma. With a global acceptance
+estimate alpha (i.i.d. per token, maximum likelihood from accepted lengths), expected tokens per step is
+1 + alpha + ... + alpha^gamma (adaptive.acceptance.expected_accepted), and the chosen gamma
 maximises tokens per second (gamma = 0: plain decoding). One model for all requests: no per-request or
 per-phase adaptation beyond the slowly moving alpha, as in the paper's offline analysis.
 """
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from moetune.adaptive.acceptance import expected_accepted
 from moetune.adaptive.experts import iid_unique
 from moetune.step import DRAFTERS, PLAIN, DecodeState, ModelShape, StepConfig, StepStats
 
@@ -56,7 +57,6 @@ class MoESD(Policy):
         self.calibration = [g for _ in range(c.calibration_reps) for g in self.gammas.tolist()]
         self.samples: list[tuple[int, float, float]] = []  # (gamma, verify seconds, draft seconds)
         self.time: np.ndarray | None = None  # predicted step seconds per gamma, after calibration
-        self.target_time: np.ndarray | None = None  # of which verification
         self.acc = 0.0
         self.fail = 0.0
         self.gamma = 0
@@ -75,7 +75,7 @@ class MoESD(Policy):
             self.gamma = self.calibration[len(self.samples) % len(self.calibration)]
         else:
             a = min(self.alpha, 0.999)
-            tokens = (1.0 - a ** (self.gammas + 1)) / (1.0 - a)
+            tokens = 1.0 + np.concatenate(([0.0], expected_accepted(np.full(self.config.max_depth, a))))
             self.gamma = int(np.argmax(tokens / self.time))
         return self.configs[self.gamma]
 
@@ -106,10 +106,4 @@ class MoESD(Policy):
             phi, *_ = np.linalg.lstsq(Xd, td[spec], rcond=None)
             draft[1:] = np.maximum(phi[0] + phi[1] * self.gammas[1:], 0.0)
         Xall = np.stack([np.ones(len(self.gammas)), self.gammas + 1, self.n_iid], axis=1)
-        self.target_time = np.maximum(Xall @ theta, 1e-6)
-        self.time = self.target_time + draft
-
-    @property
-    def target_efficiency(self) -> np.ndarray | None:
-        """T(1) / T(gamma + 1) per gamma, once fitted (1 = verification as cheap as one token)."""
-        return None if self.time is None else self.target_time[0] / self.target_time
+        self.time = np.maximum(Xall @ theta, 1e-6) + draft

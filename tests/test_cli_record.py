@@ -37,6 +37,8 @@ def flags(root, out, *extra, target=None, draft=None, prompts=None):
     (["--topk", "1000"], ["topk=1000", "lower topk"]),
     (["--depth", "5000"], ["depth must be <= 1024", "5000"]),
     (["--device", "tpu"], ["--device", "tpu"]),
+    (["--ngram-min-n", "5"], ["--ngram-min-n", "--ngram-max-n", "5 and 4"]),
+    (["--ngram-max-n", "65"], ["--ngram-max-n", "<= 64", "65"]),
 ])
 def test_bad_values_fail_before_models_load(capsys, root, tmp_path, extra, names):
     out = tmp_path / "x.trace"

@@ -23,12 +23,12 @@ class ListBackend:
         self.prompt_len, self.max_new_tokens, self.guess = prompt_len, max_new_tokens, guess
         self.generated, self.done, self.calls, self.emitted = 0, False, [], []
 
-    def prefill(self, probe):
-        self.calls.append(("prefill", probe))
+    def prefill(self, passive):
+        self.calls.append(("prefill", passive))
 
-    def lookahead(self, probe):
+    def lookahead(self, passive):
         self.calls.append("lookahead")
-        return Lookahead(probe.drafter, 2, probe.depth)
+        return Lookahead(passive.drafter, 2, passive.depth)
 
     def draft(self, config):
         self.calls.append("draft")
@@ -50,12 +50,12 @@ class ListBackend:
         self.generated += len(self.emitted)
         self.done = self.generated >= self.max_new_tokens
 
-    def stats(self, request_id, step, config, probe, tree, truth, accepted, t_control):
+    def stats(self, request_id, step, config, passive, tree, truth, accepted, t_control):
         self.calls.append("stats")
         return step_stats(request_id, step, config, accepted=accepted, emitted=self.emitted, tree_size=len(tree),
                           tree_depth=len(tree), context_len=self.prompt_len + self.generated - len(self.emitted),
-                          times=(1.0, 2.0, 0.0, 0.0), t_control=t_control, probe=probe,
-                          chain=None if probe is None else [7, 8])
+                          times=(1.0, 2.0, 0.0, 0.0), t_control=t_control, passive=passive,
+                          chain=None if passive is None else [7, 8])
 
 
 class Recorder(Static):
@@ -84,7 +84,7 @@ def test_phases_in_order_and_states_and_stats_follow_the_request():
     control = decode(policy, backend, request_id=42)
     assert backend.calls[0] == ("prefill", None)  # after the policy's begin
     assert backend.calls[1:6] == ["draft", "verify", "accept", "commit", "stats"]
-    assert "lookahead" not in backend.calls  # no probe, no lookahead
+    assert "lookahead" not in backend.calls  # no passive draft, no lookahead
     assert policy.begun == [(42, 4)] and policy.ended == [42] and control > 0
     # 4-chains along OUTPUT accept everything: 5 + 5 tokens
     assert [(s.request_id, s.step, s.accepted, s.emitted, s.context_len) for s in policy.seen] == \
@@ -115,12 +115,12 @@ def test_static_policy_gets_no_stats_unless_the_backend_keeps_them():
     assert [s.request_id for s in seen] == [3] * len(OUTPUT)
 
 
-def test_probe_lookahead_is_shown_before_each_decision_and_checked_after():
+def test_passive_draft_lookahead_is_shown_before_each_decision_and_checked_after():
     policy = Recorder(PLAIN)
-    policy.probe = StepConfig(drafter="ngram", depth=3)
+    policy.passive_draft = StepConfig(drafter="ngram", depth=3)
     backend = ListBackend()
     decode(policy, backend, request_id=0)
-    assert backend.calls[0] == ("prefill", policy.probe)
+    assert backend.calls[0] == ("prefill", policy.passive_draft)
     assert backend.calls[1:3] == ["lookahead", "draft"]
     assert all(st.lookahead == Lookahead("ngram", 2, 3) for st in policy.states)
     # plain steps emit one token: the chain [7, 8] against it
@@ -128,16 +128,16 @@ def test_probe_lookahead_is_shown_before_each_decision_and_checked_after():
     assert policy.seen[0].probe.censored and not policy.seen[1].probe.censored
 
 
-@pytest.mark.parametrize("probe", [StepConfig(drafter="draft_model", depth=3), StepConfig(drafter="ngram", topk=2)])
-def test_a_probe_that_is_not_a_model_free_chain_is_refused(probe):
+@pytest.mark.parametrize("passive", [StepConfig(drafter="draft_model", depth=3), StepConfig(drafter="ngram", topk=2)])
+def test_a_passive_draft_that_is_not_a_model_free_chain_is_refused(passive):
     policy = Static(PLAIN)
-    policy.probe = probe
-    with pytest.raises(ValueError, match="Policy.probe must be a chain"):
+    policy.passive_draft = passive
+    with pytest.raises(ValueError, match="Policy.passive_draft must be a chain"):
         decode(policy, ListBackend(), request_id=0)
 
 
 def test_any_object_with_the_methods_is_a_policy():
-    class Duck:  # no Policy base, no probe, no wants_routing
+    class Duck:  # no Policy base, no passive_draft, no wants_routing
         def setup(self, shape): pass
         def begin(self, request_id, prompt_len): pass
         def decide(self, state): return StepConfig(depth=2)
@@ -156,9 +156,9 @@ def test_step_stats_defaults_without_a_budget():
     assert (s.request_id, s.step, s.emitted, s.unique_experts_kept, s.router_mass_kept, s.tokens_substituted) == \
         (1, 2, 3, (4, 6), (1.0, 1.0), (0, 0))
     assert s.step_time == 15.0 and s.probe is None
-    probe = StepConfig(drafter="ngram", depth=4)
+    passive = StepConfig(drafter="ngram", depth=4)
     checked = step_stats(1, 2, PLAIN, accepted=0, emitted=[5], tree_size=0, tree_depth=0, context_len=10,
-                         times=(0.0,) * 4, t_control=0.0, probe=probe, chain=[5, 9])
+                         times=(0.0,) * 4, t_control=0.0, passive=passive, chain=[5, 9])
     assert (checked.probe.drafted, checked.probe.accepted, checked.probe.censored) == (2, 1, True)
 
 

@@ -230,12 +230,12 @@ def test_registry_rejects_non_string():
         make_policy(None)
 
 
-@pytest.mark.parametrize("probe", [StepConfig(drafter="draft_model", depth=3), StepConfig(drafter="ngram", topk=2)])
-def test_engine_rejects_a_probe_that_is_not_a_model_free_chain(probe):
+@pytest.mark.parametrize("passive", [StepConfig(drafter="draft_model", depth=3), StepConfig(drafter="ngram", topk=2)])
+def test_engine_rejects_a_passive_draft_that_is_not_a_model_free_chain(passive):
     from moetune.engine.generate import generate
     from tiny import tiny_moe
 
     policy = Static(PLAIN)
-    policy.probe = probe
-    with pytest.raises(ValueError, match="Policy.probe must be a chain"):
+    policy.passive_draft = passive
+    with pytest.raises(ValueError, match="Policy.passive_draft must be a chain"):
         generate(tiny_moe("qwen3_moe", seed=0), None, [[1, 2, 3]], policy=policy, max_new_tokens=2)

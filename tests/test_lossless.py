@@ -55,7 +55,7 @@ def test_static_steps_skip_routing(target):
     res = generate(target, None, [PROMPT], drafter=NgramDrafter(), config=StepConfig(drafter="ngram", depth=4),
                    max_new_tokens=23, eos_token_id=-1)[0]
     assert res.token_ids == hf_greedy(target, PROMPT, 23)
-    assert all(s.unique_experts == () and s.router_mass == () for s in res.steps)
+    assert all(s.unique_experts == () for s in res.steps)
 
 
 def test_eos_and_max_tokens_mid_tree(target):
@@ -76,7 +76,7 @@ def test_policy_switches_drafters_and_budget_full_is_lossless():
     configs = [StepConfig(depth=3), StepConfig(drafter="ngram", depth=2), StepConfig(speculate=False),
                StepConfig(drafter="self", depth=2, topk=2), StepConfig(depth=2, topk=2, budgets=(8, 8))]
 
-    class Cycle:  # duck-typed (no Policy base, probe or wants_routing): the driver takes any such object
+    class Cycle:  # duck-typed (no Policy base, passive_draft or wants_routing): the driver takes any such object
         def setup(self, shape): pass
         def begin(self, r, n): pass
         def decide(self, state): return configs[state.step % len(configs)]

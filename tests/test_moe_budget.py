@@ -221,7 +221,6 @@ def test_plan_from_step_config_and_per_layer_budgets():
     with mb.apply_budget(m, plan) as report:
         logits(m)
     assert report.unique_experts_kept[0] == report.unique_experts[0] and report.unique_experts_kept[1] <= 2
-    assert [r.shape for r in report.routing()] == [(12, 2), (12, 2)]
     mb.install(m).remove()
 
 

@@ -216,3 +216,25 @@ def test_lookahead_is_the_count_one_draft_and_its_order(seed):
         assert order == reference_order(full[:k], max_n, min_n)
         orders.add(order)
     assert len(orders) > 1  # several orders (or none) were seen, not one case over and over
+
+
+def test_drafters_are_built_by_name_in_one_place_and_match_their_traits():
+    from moetune.engine.drafters import DraftModelDrafter, SelfDrafter, make_drafter
+    from moetune.ngram import MAX_N
+    from moetune.step import DRAFTER_TRAITS, DRAFTERS
+    from tiny import tiny_dense, tiny_moe
+
+    target = tiny_moe("qwen3_moe", seed=0)
+    built = {name: make_drafter(name, target, tiny_dense()) for name in DRAFTERS}
+    assert [type(d) for d in built.values()] == [DraftModelDrafter, NgramDrafter, SelfDrafter]
+    assert all(d.name == name for name, d in built.items())
+    assert (built["ngram"].max_n, built["ngram"].min_n) == (MAX_N, 1) == (DRAFTER_TRAITS["ngram"].max_order, 1)
+    ngram = make_drafter("ngram", target, max_n=2, min_n=2)
+    assert (ngram.max_n, ngram.min_n) == (2, 2)
+    for name, traits in DRAFTER_TRAITS.items():  # a passive draft runs every step: a cheap chain
+        assert not traits.passive or (traits.model_free and traits.chain_only)
+        assert (traits.max_order > 0) == isinstance(built[name], NgramIndex)
+    with pytest.raises(ValueError, match="drafter 'draft_model' but none was given"):
+        make_drafter("draft_model", target)
+    with pytest.raises(ValueError, match="unknown drafter 'eagle'"):
+        make_drafter("eagle", target)

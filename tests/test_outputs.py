@@ -111,9 +111,10 @@ def test_failed_record_leaves_an_existing_trace_untouched(old_trace, capsys):
     assert str(old_trace) in err and "--force" in err
     assert old_trace.read_bytes() == before
     assert sorted(p.name for p in old_trace.parent.iterdir()) == ["old.trace"]
-    assert main(RECORD + ["--out", str(old_trace), "--force"]) == 0
+    assert main(RECORD + ["--out", str(old_trace), "--force", "--ngram-max-n", "3"]) == 0
     trace = read_trace(old_trace)
     assert [r.kind for r in trace.requests] == ["code"] and trace.requests[0].complete
+    assert (trace.meta.ngram_max_n, trace.meta.ngram_min_n) == (3, 1)  # the drafter's orders, for replay
     assert sorted(p.name for p in old_trace.parent.iterdir()) == ["old.trace"]
 
 

@@ -64,6 +64,22 @@ def test_round_trip(tmp_path):
     assert back.requests[1].prompt_ids is None  # optional: traces without prompt ids still read
 
 
+def test_ngram_orders_round_trip_and_default_in_older_traces(tmp_path):
+    """The n-gram drafter's orders travel in the header; a header written before they were reads as the
+    drafter's defaults (4, 1)."""
+    from dataclasses import replace
+    trace = small_trace()
+    trace.meta = replace(trace.meta, ngram_max_n=3, ngram_min_n=2)
+    write_trace(trace, tmp_path / "t.trace")
+    meta = read_trace(tmp_path / "t.trace").meta
+    assert (meta.ngram_max_n, meta.ngram_min_n) == (3, 2)
+    old = rewrite(tmp_path / "t.trace", tmp_path / "old.trace", 0, lambda info, arrays: info["meta"].pop("ngram"))
+    meta = read_trace(old).meta
+    assert (meta.ngram_max_n, meta.ngram_min_n) == (4, 1)
+    with pytest.raises(ValueError, match="min_n <= max_n"):
+        replace(meta, ngram_min_n=5)
+
+
 def test_prompt_ids_must_match_the_prompt_length(tmp_path):
     trace = small_trace()
     trace.requests[0].prompt_ids = np.zeros(trace.requests[0].prompt_len + 1, dtype=np.int32)
@@ -205,6 +221,9 @@ CONTENT_CASES = [  # (record, change, message): every checksum-valid content err
     (0, lambda i, a: i["meta"]["drafters"]["ngram"].update(topk=True), r"meta.drafters.ngram.topk: expected an int"),
     (0, lambda i, a: setitem(i["meta"], "router_top", 9), r"meta.router_top: 9 is out of range \[2, 8\]"),
     (0, lambda i, a: setitem(i["meta"], "hardware", dict(gpu=[[1]])), r"meta.hardware.gpu: expected a plain value"),
+    (0, lambda i, a: setitem(i["meta"], "ngram", dict(max_n=2, min_n=3)), r"meta.ngram.min_n: 3 is out of range"),
+    (0, lambda i, a: setitem(i["meta"], "ngram", dict(max_n=10**6)), r"meta.ngram.max_n: 1000000 is out of range"),
+    (0, lambda i, a: setitem(i["meta"], "ngram", dict(max_n=2.0)), r"meta.ngram.max_n: expected an integer"),
     (2, lambda i, a: setitem(i, "token", 2**31), r"record 2: token: 2147483648 is out of range"),
     (2, lambda i, a: setitem(a, "ngram.tokens", a["ngram.tokens"].astype(np.int64) + 2**32),
      r"record 2: ngram.tokens: dtype int64, expected int32"),

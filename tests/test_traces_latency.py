@@ -32,3 +32,24 @@ def test_plain_time_and_validation():
         LatencyModel.from_json('{"nothing": 1}')
     with pytest.raises(ValueError, match="at least 5"):
         LatencyModel.fit([1], [1], [1], [1.0])
+
+
+def test_one_feature_definition_for_the_profile_and_the_online_fit():
+    """LatencyModel's written-out times are the shared features' dot product, and the controller's online
+    fit, seeded from a profile (per token) and asked in tokens, predicts the profile's step times."""
+    from moetune.adaptive.latency import OnlineLatency
+    from moetune.features import draft_features, verify_features
+
+    profile = LatencyModel(verify=(2e-3, 1e-5, 4e-5, 1e-7, 3e-9), draft={"ngram": (1e-4, 2e-5, 3e-6)},
+                           step_overhead=5e-5)
+    tokens, unique, context = np.array([1, 5, 17]), np.array([8, 40, 90]), np.array([10, 900, 3500])
+    assert np.allclose(profile.verify_time(tokens, unique, context),
+                       verify_features(tokens, unique, context) @ profile.verify, rtol=1e-12)
+    assert np.allclose(profile.draft_time("ngram", tokens, unique),
+                       draft_features(tokens, unique) @ profile.draft["ngram"], rtol=1e-12)
+    online = OnlineLatency(("ngram",))
+    online.seed(profile)
+    assert np.allclose(online.predict_verify(tokens, unique, context),
+                       profile.verify_time(tokens, unique, context) + profile.step_overhead, rtol=1e-12)
+    assert np.allclose(online.predict_draft("ngram", draft_features(tokens, unique)),
+                       profile.draft_time("ngram", tokens, unique), rtol=1e-12)

@@ -135,9 +135,9 @@ def test_budget_outcomes_match_live_engine(recorded, config, grid_exact):
 
 
 class Probing(Collect):
-    """Collect, asking for the passive n-gram probe (Policy.probe); keeps the lookaheads it was shown."""
+    """Collect, asking for a passive n-gram draft (Policy.passive_draft); keeps the lookaheads it was shown."""
 
-    probe = StepConfig(drafter="ngram", depth=3)
+    passive_draft = StepConfig(drafter="ngram", depth=3)
 
     def decide(self, state):
         self.looks = getattr(self, "looks", []) + [state.lookahead]

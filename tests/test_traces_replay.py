@@ -2,12 +2,13 @@
 import numpy as np
 import pytest
 
+from moetune.adaptive.acceptance import expected_accepted
 from moetune.policies.static import Plain, Static
 from moetune.step import ModelShape, StepConfig
 from moetune.traces.latency import LatencyModel
 from moetune.traces.replay import make_policy, outcome, replay, replay_many
 from moetune.traces.schema import TreeLimits, TreeRecord
-from moetune.traces.synthetic import Phase, expected_accepted, synthetic_trace
+from moetune.traces.synthetic import Phase, synthetic_trace
 from moetune.traces.writer import write_trace
 
 SHAPE = ModelShape(num_layers=2, num_experts=8, top_k=2, hidden_size=64, expert_intermediate_size=32)
@@ -79,7 +80,7 @@ def test_synthetic_acceptance_matches_known_values():
                             drafters={"draft_model": TreeLimits(depth=3, topk=1)})
     accepted = [outcome(pos.trees["draft_model"], StepConfig(depth=3)).accepted
                 for r in trace.requests for pos in r.positions]
-    assert np.mean(accepted) == pytest.approx(expected_accepted(accept, 3), abs=0.12)
+    assert np.mean(accepted) == pytest.approx(expected_accepted(np.array([*accept, accept[-1]]))[-1], abs=0.12)
 
 
 def test_replay_plain_baseline_and_phases():
@@ -164,3 +165,28 @@ def test_replay_runs_the_driver_with_the_trace_request_ids():
     assert np.array_equal(replay(trace, Static(StepConfig(depth=3)), latency).log, res.log)
     with pytest.raises(ValueError, match="asked for drafter 'self'"):
         replay(trace, Static(StepConfig(drafter="self", depth=2)), latency)
+
+
+def test_replay_lookahead_uses_the_ngram_orders_the_trace_recorded():
+    """Replay's n-gram lookup matches with the recorded drafter's orders (meta.ngram_max_n/min_n)."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from moetune.traces.reader import read_trace
+
+    class Looking(Static):
+        passive_draft = StepConfig(drafter="ngram", depth=3)
+
+        def decide(self, state):
+            orders.append(state.lookahead.order)
+            return super().decide(state)
+
+    trace = read_trace(Path(__file__).resolve().parents[1] / "traces" / "samples" / "repetitive.trace")
+    latency = LatencyModel.analytic(trace.shape)
+    orders: list[int] = []
+    replay(trace, Looking(StepConfig(depth=3)), latency)
+    assert (trace.meta.ngram_max_n, trace.meta.ngram_min_n) == (4, 1) and max(orders) == 4
+    trace.meta = replace(trace.meta, ngram_max_n=2, ngram_min_n=2)
+    orders.clear()
+    replay(trace, Looking(StepConfig(depth=3)), latency)
+    assert set(orders) <= {0, 2} and 2 in orders

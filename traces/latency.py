@@ -1,6 +1,7 @@
 """Hardware latency model: predicted step time from what a step verifies, not from which policy ran it.
 
-Verification of T tokens that route to U_l unique experts in MoE layer l at context length C costs
+Verification of T tokens that route to U_l unique experts in MoE layer l at context length C (tokens)
+costs, on the features of moetune.features (shared with the controller's online fit),
 
     t_verify = overhead + per_token * T + per_expert * sum_l U_l + per_context * C + per_context_token * C * T
 
@@ -22,10 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from moetune.errors import path_error
+from moetune.features import draft_features, verify_features
 from moetune.step import DRAFTERS, ModelShape
 
 from .derive import prepare
 
+# coefficient names, one per moetune.features.VERIFY_FEATURES / DRAFT_FEATURES, as profile JSON lists them
 VERIFY_TERMS = ("overhead", "per_token", "per_expert", "per_context", "per_context_token")
 DRAFT_TERMS = ("d0", "per_step", "per_node")
 
@@ -54,11 +57,13 @@ class LatencyModel:
 
     # -- prediction ----------------------------------------------------------------------------------
     def verify_time(self, tokens, unique_sum, context):
-        """Verification seconds; arguments are scalars or equal-length arrays (unique_sum = sum_l U_l)."""
+        """Verification seconds; arguments are scalars or equal-length arrays (unique_sum = sum_l U_l).
+        verify_features(...) @ verify, written out: replay calls it every step, on scalars."""
         c0, ct, ce, cc, cct = self.verify
         return c0 + ct * tokens + ce * unique_sum + cc * context + cct * context * tokens
 
     def draft_time(self, drafter: str, depth, nodes):
+        """Draft seconds: draft_features(depth, nodes) @ draft[drafter], written out (as verify_time)."""
         d0, ds, dn = self.draft.get(drafter, (0.0, 0.0, 0.0))
         return d0 + ds * depth + dn * nodes
 
@@ -92,7 +97,7 @@ class LatencyModel:
         The stated error is the mean absolute percentage error on the data and, with enough points, in
         k-fold cross-validation (what to expect on configurations the profile did not measure).
         """
-        x = design(np.asarray(tokens, float), np.asarray(unique_sum, float), np.asarray(context, float))
+        x = verify_features(np.asarray(tokens, float), np.asarray(unique_sum, float), np.asarray(context, float))
         y = np.asarray(seconds, float)
         if len(y) < len(VERIFY_TERMS) or not np.all(np.isfinite(y)):
             raise ValueError(f"LatencyModel.fit needs at least {len(VERIFY_TERMS)} finite measurements, got {len(y)}")
@@ -145,11 +150,6 @@ class LatencyModel:
             raise ValueError(f"{wrong}: {e}") from None
 
 
-def design(tokens: np.ndarray, unique_sum: np.ndarray, context: np.ndarray) -> np.ndarray:
-    """[S, 5] design matrix in VERIFY_TERMS order (arguments [S])."""
-    return np.stack([np.ones_like(tokens), tokens, unique_sum, context, context * tokens], axis=1)
-
-
 def nnls(x: np.ndarray, y: np.ndarray, relative: bool = True) -> np.ndarray:
     """Non-negative least squares, on relative error (rows weighted by 1/y) unless relative=False."""
     from sklearn.linear_model import LinearRegression  # imported here: a second at import, rarely needed
@@ -169,7 +169,7 @@ def fit_draft(depth, nodes, seconds) -> tuple[float, float, float]:
     y = np.asarray(seconds, float)
     if len(y) == 0:
         return (0.0, 0.0, 0.0)
-    x = np.stack([np.ones_like(y), np.asarray(depth, float), np.asarray(nodes, float)], axis=1)
+    x = draft_features(np.asarray(depth, float), np.asarray(nodes, float))
     if len(y) < 6 or np.linalg.matrix_rank(x) < 3:
         return (float(y.mean()), 0.0, 0.0)
     return tuple(float(c) for c in nnls(x, y, relative=False))

@@ -68,7 +68,7 @@ class StepOutcome:
     budget_layers_exact: int  # leading MoE layers whose unique_kept, mass_kept and substituted are exact
 
 
-def subtree(record: TreeRecord, config: StepConfig, max_depth: int | None = None) -> Subtree:
+def config_subtree(record: TreeRecord, config: StepConfig, max_depth: int | None = None) -> Subtree:
     """`config`'s subtree of `record`: cut from the selection over the record's whole batch (select.py),
     without nodes deeper than max_depth."""
     key = (config.drafter, config.depth, config.topk, config.num_draft_tokens, config.tree, max_depth)
@@ -77,7 +77,7 @@ def subtree(record: TreeRecord, config: StepConfig, max_depth: int | None = None
         if record.batch is None:
             prepare([record])
         batch, i = record.batch
-        hit = selection(batch, config).subtree(i)
+        hit = selection(batch, config).for_tree(i)
         if max_depth is not None and hit.tree_depth > max_depth:
             nodes = hit.nodes[record.depth[hit.nodes] <= max_depth]
             depth = int(record.depth[nodes].max()) if len(nodes) else 0
@@ -95,7 +95,7 @@ def outcome(record: TreeRecord, config: StepConfig, max_depth: int | None = None
         layers = record.experts.shape[1]
         unique = (record.top_k,) * layers
         return StepOutcome(0, 0, 0, unique, True, unique, (1.0,) * layers, (0,) * layers, 0, None, True, layers)
-    sub = subtree(record, config, max_depth)
+    sub = config_subtree(record, config, max_depth)
     layers = len(sub.unique_experts)
     if config.budgets is None or all(b >= u for b, u in zip(config.budgets, sub.unique_experts)):
         if config.budgets is not None and len(config.budgets) != layers:

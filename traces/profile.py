@@ -23,9 +23,10 @@ from huggingface_hub.errors import StrictDataclassError
 from moetune.engine import kv
 from moetune.engine.loader import moe_blocks, moe_shape
 from moetune.errors import UserError, read_json
+from moetune.features import VERIFY_FEATURES
 from moetune.step import MAX_DRAFT_NODES
 
-from .latency import VERIFY_TERMS, LatencyModel
+from .latency import LatencyModel
 
 MAX_TOKENS = MAX_DRAFT_NODES + 1  # a verification pass is at most the largest draft tree plus its root
 MAX_PASSES = 10_000  # forward passes a grid may ask for (grid points x (repeats + 1))
@@ -144,9 +145,9 @@ def measure(model, grid: ProfileGrid, seed: int = 0, log=None) -> list[dict]:
     grid.check_positions(getattr(model.config, "max_position_embeddings", None))
     shape = moe_shape(model)
     points = grid.points(shape.top_k, shape.num_experts)
-    if len(points) < len(VERIFY_TERMS):  # fail before measuring, not at the fit
+    if len(points) < len(VERIFY_FEATURES):  # fail before measuring, not at the fit
         raise ValueError(f"ProfileGrid gives {len(points)} distinct measurements on this model, but the fit needs "
-                         f"at least {len(VERIFY_TERMS)}; pass more --tokens, --unique or --contexts values")
+                         f"at least {len(VERIFY_FEATURES)}; pass more --tokens, --unique or --contexts values")
     device = model.device
     vocab = model.get_output_embeddings().weight.shape[0]
     gen = torch.Generator().manual_seed(seed)

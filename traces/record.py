@@ -25,7 +25,7 @@ from moetune.engine.loader import moe_shape
 from moetune.engine.tree import DraftTree
 from moetune.engine.verify import verify
 from moetune.policies.base import Policy
-from moetune.step import StepConfig, StepStats
+from moetune.step import DRAFTER_TRAITS, StepConfig, StepStats
 
 from .schema import LIVE_TIMES, LiveRun, TreeLimits, TreeRecord
 from .writer import TraceWriter, expert_dtype
@@ -138,7 +138,7 @@ def _draft_largest(drafter: Proposer, name: str, lim: TreeLimits, context: list[
     tree = drafter.draft(context, StepConfig(drafter=name, depth=lim.depth, topk=lim.topk))
     _sync(device)
     t_draft = time.perf_counter() - t0
-    if name != "ngram" and lim.topk > 1:
+    if not DRAFTER_TRAITS[name].chain_only and lim.topk > 1:
         narrower = [drafter.draft(context, StepConfig(drafter=name, depth=lim.depth, topk=k))
                     for k in sorted({1, 2} - {lim.topk}) if k < lim.topk]
         tree = union([tree, *narrower])

@@ -2,7 +2,8 @@
 model instead of a GPU.
 
 Each request runs through moetune.driver, the step protocol the live engine runs too, over a
-`TraceBackend`: lookahead (the n-gram index over the recorded prompt and output) -> decide(DecodeState)
+`TraceBackend`: lookahead (the n-gram index, with the trace's recorded orders, over the recorded prompt
+and output) -> decide(DecodeState)
 -> draft (the recorded tree of the chosen drafter at the current position) -> verify (the
 counterfactual outcome of that config there, outcome.py, with modelled times) -> accept -> commit ->
 StepStats -> observe. The position advances by the tokens the step emits (under binding budgets, along
@@ -31,7 +32,7 @@ from moetune.step import Lookahead, StepConfig, StepStats
 
 from .derive import prepare
 from .latency import LatencyModel
-from .outcome import StepOutcome, outcome, subtree  # StepOutcome and outcome are also the replay API
+from .outcome import StepOutcome, config_subtree, outcome  # StepOutcome and outcome are also the replay API
 from .reader import read_trace
 from .schema import Trace, TreeRecord
 
@@ -181,29 +182,30 @@ class TraceBackend:
         layers = trace.shape.num_layers
         self.result = RequestResult(req.request_id, req.kind, unique=np.zeros(layers), unique_kept=np.zeros(layers))
         self.overhead = latency.step_overhead
-        self.lookup = None  # the probe drafter's n-gram index, when the trace keeps the prompt ids
+        self.lookup = None  # the passive drafter's n-gram index, when the trace keeps the prompt ids
         self.unique, self.kept = [], []  # per step [L]
         self.steps, self.start, self.emitted, self.agreed = 0, 0, 0, 0
         self.t_draft = self.t_verify = 0.0
         self.last, self.index = None, 0  # the previous step's config and its index (hashing one costs ~1 us)
 
-    def prefill(self, probe: StepConfig | None) -> None:
-        """The plain-decoding baseline, and the probe drafter's lookup over the prompt (as the engine's)."""
+    def prefill(self, passive: StepConfig | None) -> None:
+        """The plain-decoding baseline, and the passive drafter's lookup over the prompt (as the engine's)."""
         ctx = self.prompt_len + np.arange(self.total)
         self.result.plain_time_s = float(np.sum(self.latency.plain_time(self.trace.shape, ctx)))
         self.output_ids = self.output.tolist()
-        limits = self.trace.meta.drafters
-        if probe is not None and self.req.prompt_ids is not None and probe.drafter in limits:
+        meta = self.trace.meta
+        if passive is not None and self.req.prompt_ids is not None and passive.drafter in meta.drafters:
             # capped at the depth the trace recorded for it: no replayed step of it can draft deeper
-            self.lookup, self.cap = NgramIndex(), limits[probe.drafter].depth
+            self.lookup = NgramIndex(meta.ngram_max_n, meta.ngram_min_n)
+            self.cap = meta.drafters[passive.drafter].depth
             self.context_ids = self.req.prompt_ids.tolist()
             self.lookup.prefill(self.context_ids)
 
-    def lookahead(self, probe: StepConfig) -> Lookahead | None:
+    def lookahead(self, passive: StepConfig) -> Lookahead | None:
         if self.lookup is None:
             return None
-        order, chain = self.lookup.lookahead(self.context_ids, probe.depth)
-        return Lookahead(probe.drafter, order, min(len(chain), self.cap))
+        order, chain = self.lookup.lookahead(self.context_ids, passive.depth)
+        return Lookahead(passive.drafter, order, min(len(chain), self.cap))
 
     def draft(self, config: StepConfig) -> TreeRecord:
         """The recorded tree of the step's drafter here (plain steps read any tree's root routing)."""
@@ -261,7 +263,7 @@ class TraceBackend:
         self.generated = p + emitted
         self.done = self.generated >= self.total
 
-    def stats(self, request_id: int, step: int, config: StepConfig, probe: StepConfig | None, tree: TreeRecord,
+    def stats(self, request_id: int, step: int, config: StepConfig, passive: StepConfig | None, tree: TreeRecord,
               o: StepOutcome, accepted: int, t_control: float) -> StepStats:
         """Model times only: the policy's own control time is measured and reported apart (control_s)."""
         p, emitted = self.start, self.emitted
@@ -271,16 +273,16 @@ class TraceBackend:
             times=(self.t_draft, self.t_verify, self.overhead, 0.0), t_control=0.0, unique=o.unique_experts,
             kept=o.unique_kept, mass_kept=o.mass_kept, substituted=o.substituted,
             agreement=self.agreed / emitted if config.budgets is not None else None,
-            probe=probe, chain=None if probe is None else self._chain(probe, p))
+            passive=passive, chain=None if passive is None else self._chain(passive, p))
 
-    def _chain(self, probe: StepConfig, p: int) -> list[int] | None:
-        """The probe drafter's chain at position p, from its recorded tree (None: the trace lacks it)."""
-        tree = self.positions[p].trees.get(probe.drafter)
+    def _chain(self, passive: StepConfig, p: int) -> list[int] | None:
+        """The passive draft's chain at position p, from its recorded tree (None: the trace lacks it)."""
+        tree = self.positions[p].trees.get(passive.drafter)
         if tree is None:
             return None
         if tree.batch is None:
-            prepare(drafter_trees(self.trace, probe.drafter))
-        return tree.tokens[subtree(tree, probe).nodes].tolist()
+            prepare(drafter_trees(self.trace, passive.drafter))
+        return tree.tokens[config_subtree(tree, passive).nodes].tolist()
 
     def finish(self) -> RequestResult:
         res = self.result

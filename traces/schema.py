@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
+from moetune.ngram import MAX_N, MIN_N, check_orders
 from moetune.step import DRAFTERS, SELECTIONS, SUBSTITUTIONS, ModelShape, StepConfig
 
 from .derive import Derived, prepare, routed_bits
@@ -32,6 +33,7 @@ MAX_LAYERS = 1024
 MAX_EXPERTS = 4096
 MAX_TREE_DEPTH = 256
 MAX_TREE_TOPK = 64
+MAX_NGRAM_ORDER = 64  # the n-gram drafter's max_n
 MAX_NODES = 2**15 - 1
 MAX_MODEL_DIM = 2**20  # hidden_size, expert_intermediate_size
 MAX_SECONDS = 1e6  # one recorded timing
@@ -71,6 +73,10 @@ class TraceMeta:
     moetune_version: str = ""
     seed: int = 0
     synthetic: str = ""  # non-empty for generated traces: what was made up and how
+    # the n-gram drafter's orders when recording (moetune.ngram.NgramIndex), so replay's lookahead matches
+    # what the live drafter looked up; traces written before they were recorded read as the defaults
+    ngram_max_n: int = MAX_N
+    ngram_min_n: int = MIN_N
     version: int = SCHEMA_VERSION
 
     def __post_init__(self):
@@ -90,6 +96,7 @@ class TraceMeta:
         if self.selection not in SELECTIONS or self.substitution not in SUBSTITUTIONS:
             raise ValueError(f"TraceMeta.selection/substitution must be in {SELECTIONS}/{SUBSTITUTIONS}, "
                              f"got {self.selection!r}/{self.substitution!r}")
+        check_orders(self.ngram_max_n, self.ngram_min_n)
 
 
 @dataclass(eq=False)
@@ -250,7 +257,8 @@ def meta_to_dict(meta: TraceMeta) -> dict:
                 drafters={k: dict(depth=v.depth, topk=v.topk) for k, v in meta.drafters.items()},
                 router_top=meta.router_top, budget_grid=list(meta.budget_grid), selection=meta.selection,
                 substitution=meta.substitution, target=meta.target, draft=meta.draft, hardware=meta.hardware,
-                moetune_version=meta.moetune_version, seed=meta.seed, synthetic=meta.synthetic)
+                moetune_version=meta.moetune_version, seed=meta.seed, synthetic=meta.synthetic,
+                ngram=dict(max_n=meta.ngram_max_n, min_n=meta.ngram_min_n))
 
 
 def meta_from_dict(d: dict) -> TraceMeta:
@@ -274,11 +282,14 @@ def meta_from_dict(d: dict) -> TraceMeta:
     for k, v in hardware.d.items():
         if not isinstance(v, (str, int, float, bool, type(None))):
             raise ValueError(f"{hardware.name(k)}: expected a plain value, got {show(v)}")
+    ngram = f.obj("ngram", {})  # absent in traces recorded before the orders were: the defaults
+    max_n = ngram.integer("max_n", 1, MAX_NGRAM_ORDER, MAX_N)
     return TraceMeta(shape=shape, drafters=limits, router_top=f.integer("router_top", shape.top_k, e),
                      budget_grid=grid, selection=f.text("selection"), substitution=f.text("substitution"),
                      target=f.text("target", ""), draft=f.text("draft", ""), hardware=dict(hardware.d),
                      moetune_version=f.text("moetune_version", ""), seed=f.integer("seed", -2**63, 2**64 - 1, 0),
-                     synthetic=f.text("synthetic", ""))
+                     synthetic=f.text("synthetic", ""), ngram_max_n=max_n,
+                     ngram_min_n=ngram.integer("min_n", 1, max_n, MIN_N))
 
 
 def check_version(v) -> None:

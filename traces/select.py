@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moetune.step import StepConfig
+from moetune.step import DRAFTER_TRAITS, StepConfig
 
 from .derive import Batch, bit_table, children
 
@@ -49,7 +49,8 @@ class Selection:
     # only for the trees a step visits: a replay visits a fraction of the batch's trees)
     exact: list  # [T] the recording holds the whole subtree
 
-    def subtree(self, i: int) -> Subtree:
+    def for_tree(self, i: int) -> Subtree:
+        """Tree i's part of the selection."""
         return Subtree(self.nodes[self.bounds[i]:self.bounds[i + 1]], self.accepted[i], self.depth[i],
                        tuple(self.unique[i]), self.exact[i])
 
@@ -66,18 +67,18 @@ def selection(batch: Batch, config: StepConfig) -> Selection:
 
 def grow(b: Batch, config: StepConfig) -> tuple[np.ndarray, np.ndarray]:
     """EAGLE-2 growth in every tree: chosen [S] bool and exact [T] bool (outcome.py's docstring)."""
-    k = config.topk
+    k, traits = config.topk, DRAFTER_TRAITS[config.drafter]
     lim_depth, lim_topk = b.limit_table[:, 0], b.limit_table[:, 1]
     known = lim_depth > 0  # trees whose recorded growth limits are known
     exact = ~known | ((config.depth <= lim_depth) & (k <= lim_topk))  # [T]
-    if config.drafter == "ngram" and k > 1:
+    if traits.chain_only and k > 1:  # its trie of several continuations is approximated (outcome.py)
         exact[:] = False
     chosen = np.zeros(len(b.order), dtype=bool)
     frontier = children(b.order, b.start, b.count, b.row_off[:-1], k)
     chosen[frontier] = True
     for level in range(1, config.depth):
         rows = b.node_row[frontier]
-        if config.drafter != "ngram":  # a model drafter always has k children where the recording expanded
+        if not traits.model_free:  # a model drafter always has k children where the recording expanded
             short = b.tree_of[frontier[b.count[rows] < k]]
             exact[short[known[short] & (level < lim_depth[short])]] = False
         cands = children(b.order, b.start, b.count, rows, k)

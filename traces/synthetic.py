@@ -4,7 +4,8 @@ What is made up (and stated in the trace's `meta.synthetic`):
 - Acceptance: per phase and drafter, `accept[j-1]` is the probability that the most probable child of an
   accepted node at depth j-1 matches the target (the last value repeats for deeper nodes); when it does
   not, the next-ranked child matches with probability `alt`, and so on. So a chain of depth d accepts
-  expected_accepted(accept, d) tokens on average, and wider trees gain from `alt`.
+  adaptive.acceptance.expected_accepted(accept padded to d)[d - 1] tokens on average, and wider trees
+  gain from `alt`.
 - Draft probabilities: the top child's probability tracks the phase's acceptance (a calibrated drafter)
   with noise; siblings share the rest geometrically. Trees grow as the engine's EAGLE-2 drafter grows
   them (TreeLimits: `topk` children per frontier node, a frontier of `topk` per level, to `depth`).
@@ -58,15 +59,6 @@ class Phase:
         if isinstance(self.accept, dict):
             return tuple(self.accept.get(drafter, (0.0,)))
         return tuple(self.accept)
-
-
-def expected_accepted(accept: Sequence[float], depth: int) -> float:
-    """Expected accepted length of a chain of `depth` (top-1 children only) under `accept`."""
-    total, run = 0.0, 1.0
-    for j in range(depth):
-        run *= accept[min(j, len(accept) - 1)]
-        total += run
-    return total
 
 
 def synthetic_trace(shape: ModelShape, n_requests: int = 4, n_tokens: int = 128,

@@ -2,6 +2,7 @@
 from .base import Proposer
 from .draft_model import DraftModelDrafter
 from .ngram import NgramDrafter
+from .registry import make_drafter
 from .self_spec import SelfDrafter
 
-__all__ = ["Proposer", "DraftModelDrafter", "NgramDrafter", "SelfDrafter"]
+__all__ = ["Proposer", "DraftModelDrafter", "NgramDrafter", "SelfDrafter", "make_drafter"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from moetune.ngram import NgramIndex
+from moetune.ngram import MAX_N, MIN_N, NgramIndex
 from moetune.step import StepConfig
 
 from ..tree import DraftTree
@@ -19,7 +19,7 @@ from .base import Proposer
 class NgramDrafter(NgramIndex, Proposer):
     name = "ngram"
 
-    def __init__(self, max_n: int = 4, min_n: int = 1, device: torch.device | str = "cpu"):
+    def __init__(self, max_n: int = MAX_N, min_n: int = MIN_N, device: torch.device | str = "cpu"):
         super().__init__(max_n, min_n)
         self.device = torch.device(device)
 

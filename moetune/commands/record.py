@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from moetune import DEFAULT_DRAFT, DEFAULT_TARGET, MODELS_DIR, __version__
+from moetune.ngram import MAX_N, MIN_N
 
 
 def add_arguments(p) -> None:
@@ -18,7 +19,9 @@ def add_arguments(p) -> None:
     p.add_argument("--policy", default="static:depth=4", help="the policy that runs live while recording")
     p.add_argument("--drafters", default="draft_model,ngram", help="drafters whose trees are recorded")
     p.add_argument("--depth", type=int, default=6, help="largest tree depth recorded")
-    p.add_argument("--topk", type=int, default=4, help="largest branching recorded (draft_model, self)")
+    p.add_argument("--topk", type=int, default=4, help="largest branching recorded (drafters that draft trees)")
+    p.add_argument("--ngram-max-n", type=int, default=MAX_N, help="longest n-gram the n-gram drafter matches")
+    p.add_argument("--ngram-min-n", type=int, default=MIN_N, help="shortest n-gram the n-gram drafter matches")
     p.add_argument("--grid", default="", help="uniform expert budgets whose outcomes are recorded "
                                               "(comma list; default: E/4, E/2, 3E/4)")
     p.add_argument("--router-top", type=int, help="router entries kept per token and layer (default: top-k)")
@@ -42,9 +45,9 @@ def _plan(args) -> tuple[dict, dict, tuple, dict]:
     """Everything checkable without models, so a bad command line fails before any output is touched:
     prompts per kind, tree limits per drafter, the budget grid (empty: E/4, E/2, 3E/4 once E is known)
     and the output file per kind (key None: one file for all kinds)."""
-    from moetune.step import DRAFTERS, StepConfig
+    from moetune.step import DRAFTER_TRAITS, DRAFTERS, StepConfig
     from moetune.traces.replay import make_policy
-    from moetune.traces.schema import TreeLimits
+    from moetune.traces.schema import MAX_NGRAM_ORDER, TreeLimits
 
     make_policy(args.policy)
     for flag, value in (("--per-kind", args.per_kind), ("--max-new-tokens", args.max_new_tokens),
@@ -55,7 +58,11 @@ def _plan(args) -> tuple[dict, dict, tuple, dict]:
     for name in names or [args.drafters]:
         if name not in DRAFTERS:
             raise ValueError(f"--drafters: unknown drafter {name!r}; use {', '.join(DRAFTERS)}")
-    limits = {name: TreeLimits(depth=args.depth, topk=1 if name == "ngram" else args.topk) for name in names}
+    if not 1 <= args.ngram_min_n <= args.ngram_max_n <= MAX_NGRAM_ORDER:
+        raise ValueError(f"--ngram-min-n and --ngram-max-n need 1 <= min <= max <= {MAX_NGRAM_ORDER}, got "
+                         f"{args.ngram_min_n} and {args.ngram_max_n}")
+    limits = {name: TreeLimits(depth=args.depth, topk=1 if DRAFTER_TRAITS[name].chain_only else args.topk)
+              for name in names}
     for name, lim in limits.items():  # the largest tree recorded must be one a step can afford
         StepConfig(drafter=name, depth=lim.depth, topk=lim.topk)
     try:
@@ -89,7 +96,7 @@ def _prompt_groups(args) -> dict[str, list]:
 def _record(args, groups: dict, limits: dict, grid: tuple, files: dict) -> int:
     import torch
 
-    from moetune.engine.drafters import DraftModelDrafter, NgramDrafter, SelfDrafter
+    from moetune.engine.drafters import make_drafter
     from moetune.engine.loader import load_draft, load_target, moe_shape
     from moetune.outputs import atomic_output
     from moetune.traces.profile import hardware
@@ -101,19 +108,14 @@ def _record(args, groups: dict, limits: dict, grid: tuple, files: dict) -> int:
     torch.manual_seed(args.seed)
     target, tokenizer = load_target(args.target, args.device, args.dtype)
     shape = moe_shape(target)
-    pool = {}
-    for name in limits:
-        if name == "draft_model":
-            pool[name] = DraftModelDrafter(load_draft(args.draft, tokenizer, args.device, args.dtype)[0])
-        elif name == "ngram":
-            pool[name] = NgramDrafter(device=target.device)
-        else:
-            pool[name] = SelfDrafter(target)
+    draft = load_draft(args.draft, tokenizer, args.device, args.dtype)[0] if "draft_model" in limits else None
+    pool = {name: make_drafter(name, target, draft, args.ngram_max_n, args.ngram_min_n) for name in limits}
     e = shape.num_experts
     grid = grid or tuple(sorted({e // 4, e // 2, 3 * e // 4}))
     meta = TraceMeta(shape=shape, drafters=limits, router_top=args.router_top or shape.top_k, budget_grid=grid,
                      target=str(args.target), draft=str(args.draft), hardware=hardware(target.device),
-                     moetune_version=__version__, seed=args.seed)
+                     moetune_version=__version__, seed=args.seed, ngram_max_n=args.ngram_max_n,
+                     ngram_min_n=args.ngram_min_n)
     rid = 0
     for key, path in files.items():
         items = [(kind, item) for kind, its in groups.items() if key in (None, kind) for item in its]

@@ -98,6 +98,7 @@ class AcceptanceModel:
         mu = (self.global_s + c.base_alpha) / (self.global_s + self.global_f + c.base_alpha + c.base_beta)
         self._mu = mu
         self._floor = c.floor_strength * np.stack([mu, 1.0 - mu])  # (2, families, max_depth)
+        self._floor_rows = self._floor.tolist()
 
     def prior_mean(self) -> np.ndarray:
         self.refresh()
@@ -117,6 +118,14 @@ class AcceptanceModel:
         out *= scale
         out += self._floor
         return out
+
+    def posterior_rows(self, request_id: int, rows: list[int]) -> tuple[list, list]:
+        """posterior_stacked's alpha and beta for the given family rows, as lists of lists: a decision
+        works on them in plain Python (numpy calls cost ~5 us each right after a forward pass)."""
+        s, f, scale = self._request(request_id)
+        floor_a, floor_b = self._floor_rows
+        return ([[x * scale + y for x, y in zip(s[r], floor_a[r])] for r in rows],
+                [[x * scale + y for x, y in zip(f[r], floor_b[r])] for r in rows])
 
     def mean(self, request_id: int) -> np.ndarray:
         a, b = self.posterior(request_id)

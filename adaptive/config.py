@@ -40,11 +40,16 @@ class ControllerConfig:
     exploration: str = "thompson"
     ucb_c: float = 1.0
     explore_slack: float = 0.1  # explore only options predicted within this fraction of the best goodput
+    # a drafter not observed for explore_every steps (scaled by what its try costs, adaptive/explore.py)
+    # is tried once although its posterior advises against it; the wait doubles after each try, up to
+    # explore_every_max, and is back at explore_every after a try that pays (0: never forced)
+    explore_every: int = 16
+    explore_every_max: int = 128
     hysteresis: float = 0.05  # switch only for a predicted gain above this fraction
     min_dwell: int = 1  # steps a choice is kept before it may change (unless it became infeasible)
-    decide_every: int = 3  # full decisions every this many steps of a request; the choice is held between
+    decide_every: int = 4  # full decisions every this many steps of a request; the choice is held between
     decide_every_max: int = 12  # ... and up to this many while full decisions keep confirming the choice
-    refresh_every: int = 64  # steps between plan recomputations (each costs ~1 ms live on a CPU)
+    refresh_every: int = 128  # steps between plan recomputations (each costs ~1.5 ms live on a CPU)
     # calibration steps when no hardware profile seeds the latency model; None = one pass over the
     # calibration configs (a costly drafter, e.g. self-speculation on a CPU, is then tried only once)
     warmup_steps: int | None = None
@@ -53,7 +58,7 @@ class ControllerConfig:
     probe: bool = True
     prior_strength: float = 4.0
     request_decay: float = 0.94  # per speculative step: forgetting of a request's acceptance evidence
-    idle_decay: float = 0.98  # per plain step: slower, so speculation is re-tried now and then
+    idle_decay: float = 0.98  # per plain step: slower (such a step says nothing about acceptance)
     global_decay: float = 0.998
     latency_forgetting: float = 0.995
     seed: int = 0
@@ -100,6 +105,9 @@ class ControllerConfig:
         for name in ("min_dwell", "warmup_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"ControllerConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.explore_every < 0 or self.explore_every_max < self.explore_every:
+            raise ValueError(f"ControllerConfig.explore_every must be >= 0 (0 = never force a try) and "
+                             f"explore_every_max >= explore_every, got {self.explore_every}, {self.explore_every_max}")
         if self.refresh_every < 1:
             raise ValueError(f"ControllerConfig.refresh_every must be >= 1, got {self.refresh_every}")
         if self.decide_every < 1:

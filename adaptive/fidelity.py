@@ -42,7 +42,8 @@ class FidelityModel:
 
     @property
     def lam(self) -> float:
-        return float(np.clip(self._lam_num / self._lam_den, 0.0, 20.0))
+        # Python, not np.clip: the learners read it on every budgeted step, right after a forward pass
+        return min(max(self._lam_num / self._lam_den, 0.0), 20.0)
 
     def agreement_loss(self, drop: np.ndarray) -> np.ndarray:
         """Predicted 1 - agreement for per-layer mass dropped, drop shape (L, ...)."""

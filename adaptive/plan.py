@@ -11,9 +11,14 @@ cheap enough to recompute often (it was the largest share of decide + observe wi
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from itertools import accumulate, chain
+from operator import mul
 
 import numpy as np
+
+from .candidates import CandidateGrid
 
 
 @dataclass(frozen=True)
@@ -58,3 +63,167 @@ def allocate(U: np.ndarray, levels: np.ndarray, w: np.ndarray, gamma: np.ndarray
         valid[:, 1:] = (m > 0) & (m > np.concatenate([np.zeros((T, 1), dtype=int), m[:, :-1]], axis=1))
         kept[:, 1:] = Ui.sum(axis=1)[:, None] - removed[:, 1:].sum(axis=2)
     return Allocation(kept, loss, valid, Ui[:, None, :] - removed)
+
+
+@dataclass(frozen=True, eq=False)
+class Menu:
+    """The fixed menu of options: every grid candidate at every budget level, flattened as option =
+    candidate * levels_per_candidate + level (level 0: no budget). Built once per model shape, so a plan
+    or a decision never recomputes what the grid fixes."""
+
+    grid: CandidateGrid
+    levels: np.ndarray  # (J - 1,) agreement-loss levels of the budgeted columns
+    token_counts: np.ndarray  # distinct verified-token counts of the candidates
+    token_index: np.ndarray  # (C,) each candidate's index into token_counts
+    drafting: tuple  # per drafter: (name, candidates it drafts (C,) bool, draft features (const, depth, nodes))
+    drafter_options: dict  # drafter -> its unbudgeted options (flat indices)
+    probe_family: int | None  # the passive n-gram probe's acceptance family (None: no probe)
+    # [m]: the n-gram options deeper than the m tokens a lookahead holds (they draft the same m tokens as
+    # depth m: masked; m = 0: every n-gram option)
+    masked: tuple
+
+    @property
+    def levels_per_candidate(self) -> int:
+        return 1 + len(self.levels)
+
+
+def build_menu(grid: CandidateGrid, levels: np.ndarray, probe_family: int | None) -> Menu:
+    J, D = 1 + len(levels), grid.max_depth
+    token_counts, token_index = np.unique(grid.tokens, return_inverse=True)
+    drafting, options = [], {}
+    for di, d in enumerate(grid.drafters):
+        sel = grid.drafter == di
+        features = np.stack([np.ones(int(sel.sum())), grid.depth[sel], grid.nodes[sel]], axis=1).astype(float)
+        drafting.append((d, sel, features))
+        options[d] = tuple((np.flatnonzero(sel) * J).tolist())
+    depth = np.repeat(np.where(grid.family == probe_family, grid.depth, 0) if probe_family is not None
+                      else np.zeros(len(grid), dtype=int), J)
+    masked = tuple(tuple(np.flatnonzero(depth > m).tolist()) for m in range(D + 1))
+    return Menu(grid, levels, token_counts, token_index, tuple(drafting), options, probe_family, masked)
+
+
+@dataclass(frozen=True, eq=False)
+class Estimates:
+    """What the global models predict when a plan is built: the only inputs of build_plan."""
+
+    unique: np.ndarray  # (L, len(token_counts)) unique experts per layer at each verified-token count
+    layer_weights: np.ndarray  # (L,) agreement loss per unit of router mass dropped
+    gamma: np.ndarray  # (L,) mass dropped ~= (fraction of unique experts dropped) ** gamma
+    acceptance_loss_rate: float  # lambda: each depth's acceptance is multiplied by exp(-lambda * loss)
+    verify_theta: np.ndarray  # verify-time coefficients (adaptive.latency.VERIFY_FEATURES)
+    draft_seconds: np.ndarray  # (C,) predicted draft time of every candidate
+    num_experts: int
+    max_agreement_loss: float
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """Every option's predicted cost and yield for the next refresh_every steps.
+
+    Step seconds = t0 + t1 * ctx - (n0 + n1 * ctx) * short_f (short_f: the share of family f's requested
+    nodes this request is not expected to draft); expected emitted tokens = 1 + sum_i w_i * P_f(i) (P_f(i):
+    the chance that depths 1..i + 1 are all accepted; w_i = exp(-lambda * loss) ** (i + 1), 1 without a
+    budget). A decision evaluates them for every option right after a forward pass has evicted the CPU
+    caches, where each numpy call costs ~5 us: a menu without budget levels (~40 options) is evaluated in
+    plain Python (a prefix sum per family), a budgeted one (100-400 options) with two matrix products
+    (time_terms @ [1, ctx, short_1..F, short_1..F * ctx], emitted_weights @ [P_f(i) for all f, i; 1])."""
+
+    time_terms: np.ndarray  # (C * J, 2 + 2F): t0 (+inf for an invalid option: never chosen), t1, -n0, -n1
+    emitted_weights: np.ndarray  # (C * J, F * D + 1): each option's w_i in its family's block, then 1
+    loss: tuple  # per option: predicted agreement loss
+    valid: tuple  # per option: False for a budget level that removes nothing new (a duplicate)
+    over_loss: tuple  # per option: -inf where the loss exceeds max_agreement_loss, else 0
+    budgets: tuple  # per option: its per-layer expert budgets (L ints)
+    layer_weights: list  # per-layer sensitivity as floats: observe prices a budgeted step's loss with it
+    terms: tuple | None  # without budget levels: per option (family, t0, t1, n0, n1), else None
+    positions: tuple | None  # ... and per option (family, depth)
+
+    def step_times(self, short: list, context_len: int, masked: tuple = ()) -> list | np.ndarray:
+        """Predicted step seconds of every option (a list without budget levels, else an array); +inf
+        for the `masked` ones."""
+        if self.terms is None:
+            out = self.time_terms.dot([1.0, context_len, *short, *(x * context_len for x in short)])
+            if masked:
+                out[list(masked)] = math.inf
+            return out
+        out = [t0 + t1 * context_len - (n0 + n1 * context_len) * short[f] for f, t0, t1, n0, n1 in self.terms]
+        for o in masked:
+            out[o] = math.inf
+        return out
+
+    def emitted(self, curves: list, remaining: int) -> list | np.ndarray:
+        """Expected emitted tokens of every option, at most `remaining`, for each acceptance curve (F lists
+        of D): a list of lists without budget levels, else an array (curves, options)."""
+        cap = float(max(remaining, 1))
+        if self.terms is None:
+            x = np.array([[*chain.from_iterable(accumulate(row, mul) for row in curve), 1.0] for curve in curves])
+            out = x @ self.emitted_weights.T
+            return out if cap > len(curves[0][0]) else np.minimum(out, cap)
+        sums = [[list(accumulate(accumulate(row, mul), initial=1.0)) for row in curve] for curve in curves]
+        out = [[s[f][d] for f, d in self.positions] for s in sums]
+        return out if cap > len(curves[0][0]) else [[min(e, cap) for e in row] for row in out]
+
+
+def build_plan(menu: Menu, est: Estimates) -> Plan:
+    """The plan for the menu under the current estimates (pure: the same inputs give the same plan)."""
+    g, J = menu.grid, menu.levels_per_candidate
+    C, F, D = len(g), len(g.families), g.max_depth
+    a = allocate(est.unique, menu.levels, est.layer_weights, est.gamma, est.num_experts)
+    inv = menu.token_index
+    kept, loss, valid = a.kept[inv], a.loss[inv], a.valid[inv]
+    valid[0, 1:] = False  # plain decoding has nothing to budget
+    factor = np.exp(-est.acceptance_loss_rate * np.asarray(loss))
+    mpow = (factor[:, :, None] ** np.arange(1, D + 1, dtype=float)) * g.depth_mask[:, None, :]  # (C, J, D)
+    M = np.zeros((C, J, F, D))
+    M[np.arange(C)[:, None], np.arange(J)[None, :], g.family[:, None]] = mpow
+    M = np.concatenate([M.reshape(C * J, F * D), np.ones((C * J, 1))], axis=1)  # 1: the token every step emits
+    valid = valid.ravel()
+    X = _time_terms(menu, est, kept, valid)
+    terms = positions = None
+    if J == 1:
+        fam = g.family.tolist()
+        terms = tuple(zip(fam, X[:, 0].tolist(), X[:, 1].tolist(), (-X[np.arange(C), 2 + g.family]).tolist(),
+                          (-X[np.arange(C), 2 + F + g.family]).tolist()))
+        positions = tuple(zip(fam, g.depth.tolist()))
+    loss, budgets = loss.ravel(), a.budgets[inv].reshape(C * J, -1).astype(int)
+    return Plan(X, M, tuple(loss.tolist()), tuple(valid.tolist()),
+                tuple(np.where(loss > est.max_agreement_loss, -np.inf, 0.0).tolist()),
+                tuple(map(tuple, budgets.tolist())), est.layer_weights.tolist(), terms, positions)
+
+
+def _time_terms(menu: Menu, est: Estimates, kept: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """(C * J, 2 + 2F) step-time terms: verify(tokens, experts, context) + draft, with the context folded
+    out, less the verify time of an option's draft nodes (what a step that drafts fewer saves)."""
+    g, J, th = menu.grid, menu.levels_per_candidate, est.verify_theta
+    C, F = len(g), len(g.families)
+    n = np.repeat(g.tokens.astype(float), J)
+    # clamped: a step takes some time, and a longer context never makes it faster
+    t0 = np.maximum(th[0] + th[1] * n + th[2] * kept.ravel() + np.repeat(est.draft_seconds, J), 1e-6)
+    t1 = np.maximum(th[3] + th[4] * n, 0.0) / 1000.0
+    n0 = np.maximum(th[1] * (n - 1) + th[2] * (kept.ravel() - kept[0, 0]), 0.0)
+    n1 = np.maximum(th[4] * (n - 1), 0.0) / 1000.0
+    fam = np.repeat(g.family, J)
+    X = np.zeros((C * J, 2 + 2 * F))
+    X[:, 0], X[:, 1] = np.where(valid, t0, np.inf), t1
+    X[np.arange(C * J), 2 + fam] = -n0
+    X[np.arange(C * J), 2 + F + fam] = -n1
+    return X
+
+
+def calibration_options(menu: Menu, plan: Plan) -> list[int]:
+    """Options that make the latency fit identifiable before it has data, cheapest first: per drafter its
+    shallowest chain and its widest family at half depth, which separate the draft fit's (const, depth,
+    nodes), then the first drafter's deepest chain (the verify fit's widest token range) and its most
+    budgeted valid level. Why cheapest first: calibration steps are paid at full cost whatever they accept,
+    and a drafter that accepts nothing on a new request cost a depth-8 chain at the very first step. Why
+    not every drafter's deepest chain: the deepest chain of a slow drafter (self-speculation d8 on a CPU:
+    14 plain steps) cost more than the rest of the warm-up together; draft costs are linear in depth and
+    nodes, and every later step refines the fit."""
+    g, D, J = menu.grid, menu.grid.max_depth, menu.levels_per_candidate
+    cands = [0]
+    for d in g.drafters:
+        fams = sorted((f for f, (name, _) in enumerate(g.families) if name == d), key=lambda f: g.families[f][1])
+        cands += [g.first(fams[0]), g.first(fams[-1]) + max(D // 2 - 1, 0)]
+    cands = list(dict.fromkeys(sorted(cands, key=lambda c: g.tokens[c]) + [D]))  # some coincide on small grids
+    budgeted = [D * J + j for j in range(1, J) if plan.valid[D * J + j]]
+    return [c * J for c in cands] + budgeted[-1:]

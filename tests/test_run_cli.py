@@ -86,7 +86,8 @@ def test_auto_considers_every_drafter_and_shows_configs_over_time(models, capsys
     assert "| 0 |" in table and "| 1 |" in table  # one row per request
     for drafter in ("draft_model chain", "ngram chain", "self chain"):  # the n-gram and self drafters ran live
         assert drafter in table
-    assert "Policy switches:" in out and "- request 0 step 1: -> draft_model chain d8" in out
+    # calibration (no profile) starts with the cheapest configs: plain, then the draft model's shortest chain
+    assert "Policy switches:" in out and "- request 0 step 1: -> draft_model chain d1" in out
 
 
 def test_latency_target_reports_attainment_and_infeasibility(models, capsys):

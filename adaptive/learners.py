@@ -5,7 +5,7 @@ latency, unique experts and fidelity) under rules that depend on the lookahead a
 one short method per lesson, each rule can be read on its own.
 
 Acceptance rows: with a lookahead (moetune.step.Lookahead) n-gram acceptance is learned per match order
-(rows F .. F + NGRAM_ORDERS - 1 past the grid's F families, `rows[o]` mapping families to rows at order
+(rows F .. F + max_order - 1 past the grid's F families, `rows[o]` mapping families to rows at order
 o), and conditional on the levels drafted (the chain's length was known when deciding). Without one,
 levels a drafter did not draft count as not accepted, so expected emitted tokens include its draft yield,
 priced by it.
@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from moetune.step import ModelShape, Probe, StepStats
+from moetune.step import DRAFTER_TRAITS, ModelShape, Probe, StepStats
 
 from .acceptance import AcceptanceConfig, AcceptanceModel
 from .candidates import CandidateGrid
@@ -27,7 +27,6 @@ from .latency import LatencyConfig, OnlineLatency
 from .plan import Estimates, Menu
 from .yields import DraftYield, YieldConfig
 
-NGRAM_ORDERS = 4  # n-gram match orders with their own acceptance curves (the drafter's max_n; longer share)
 
 
 class Learners:
@@ -41,7 +40,8 @@ class Learners:
         self.num_layers = shape.num_layers
         self.probe_drafter = probe_drafter
         self.probe_family = probe_family
-        self.orders = NGRAM_ORDERS if probe_family is not None else 0
+        # one acceptance curve per n-gram match order the passive drafter can report (its max order)
+        self.orders = DRAFTER_TRAITS[probe_drafter].max_order if probe_family is not None else 0
         self.rows = [list(range(F)) for _ in range(self.orders + 1)]
         for order in range(1, self.orders + 1):
             self.rows[order][probe_family] = F + order - 1

@@ -53,8 +53,10 @@ class TreeLimits:
     topk: int
 
     def __post_init__(self):
-        if self.depth < 1 or self.topk < 1:
-            raise ValueError(f"TreeLimits needs depth and topk >= 1, got {self}")
+        if not (1 <= self.depth <= MAX_TREE_DEPTH and 1 <= self.topk <= MAX_TREE_TOPK):
+            raise ValueError(f"recorded trees need 1 <= depth <= {MAX_TREE_DEPTH} and 1 <= topk <= {MAX_TREE_TOPK} "
+                             f"(the largest a trace holds), got depth={self.depth}, topk={self.topk}; lower "
+                             f"--depth or --topk")
 
 
 @dataclass(frozen=True)

@@ -156,7 +156,7 @@ class Controller:
                 self.step_configs.clear()
             cfg = self.step_configs[(c, budgets)] = StepConfig(
                 drafter=base.drafter, depth=base.depth, topk=base.topk, num_draft_tokens=base.num_draft_tokens,
-                budgets=budgets)
+                budgets=budgets, budget_mode="substitute")
         return cfg
 
     # ---- per request --------------------------------------------------------------------------------

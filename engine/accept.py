@@ -57,18 +57,27 @@ def sampling_probs(logits: torch.Tensor,  # [R, V]
     return torch.softmax(scaled, dim=-1)
 
 
-def accept_greedy(tree: DraftTree, logits: torch.Tensor) -> Acceptance:  # logits [N+1, V]
-    """Longest path agreeing with the target's argmax, plus the bonus token (one host transfer)."""
+def accept_greedy(tree: DraftTree, logits: torch.Tensor,  # [N+1, V]
+                  alive: torch.Tensor | None = None,  # [N+1] bool, rows an eviction budget kept (None: all)
+                  ) -> Acceptance:
+    """Longest path of kept nodes agreeing with the target's argmax, plus the bonus token (one host transfer).
+
+    Evicted rows (alive False) have no valid logits and are never accepted; the kept rows are closed under
+    ancestors, so the bonus token always comes from a kept row."""
     target = logits.argmax(dim=-1)  # [N+1]
     n = len(tree)
     if n == 0:
         return Acceptance((), (int(target[0]),))
+    tokens = tree.tokens.to(target.device)
     if is_chain(tree.parents):  # node i's parent row is i: the accepted path is the agreeing prefix
-        host = torch.cat([target, tree.tokens.to(target.device)]).tolist()
-        a = next((i for i in range(n) if host[n + 1 + i] != host[i]), n)
+        host = torch.cat([target, tokens] + ([] if alive is None else [alive[1:].long()])).tolist()
+        kept = n if alive is None else sum(host[2 * n + 1:])  # a chain's kept nodes are a prefix
+        a = next((i for i in range(kept) if host[n + 1 + i] != host[i]), kept)
         return Acceptance(tuple(range(a)), tuple(host[n + 1:n + 1 + a]) + (host[a],))
     parent_rows = torch.tensor(tree.parents, device=target.device) + 1
-    match = tree.tokens.to(target.device) == target[parent_rows]  # [N]
+    match = tokens == target[parent_rows]  # [N]
+    if alive is not None:
+        match &= alive[1:]
     host = torch.cat([target, match.long()]).cpu()
     target_h, match_h = host[:n + 1], host[n + 1:].bool()
     ok = ~(ancestors(tree.parents)[1:, 1:] & ~match_h[None, :]).any(dim=1)  # [N] whole path agrees
@@ -82,11 +91,17 @@ def accept_greedy(tree: DraftTree, logits: torch.Tensor) -> Acceptance:  # logit
 
 
 def accept_sample(tree: DraftTree, logits: torch.Tensor,  # [N+1, V]
-                  temperature: float, top_p: float, generator: torch.Generator) -> Acceptance:
-    """Walk down the tree trying each node's children in order; lossless for point proposals."""
+                  temperature: float, top_p: float, generator: torch.Generator,
+                  alive: torch.Tensor | None = None,  # [N+1] bool, rows an eviction budget kept (None: all)
+                  ) -> Acceptance:
+    """Walk down the tree trying each kept node's children in order; lossless for point proposals (which
+    children were kept depends on the tree and context only, not on the walk's random draws)."""
     probs = sampling_probs(logits, temperature, top_p).cpu()  # [N+1, V]
     tokens = tree.tokens.cpu().tolist()
     kids = children(tree.parents)
+    if alive is not None:
+        kept = alive.cpu().tolist()
+        kids = tuple(tuple(c for c in row if kept[c + 1]) for row in kids)
     path: list[int] = []
     row = 0
     while True:

@@ -199,8 +199,8 @@ class LiveBackend:
     def accept(self, tree: DraftTree, ver: Verification) -> Acceptance:
         with self.timer.phase("accept"):
             if self.temperature == 0:
-                return accept_greedy(tree, ver.logits)
-            return accept_sample(tree, ver.logits, self.temperature, self.top_p, self.generator)
+                return accept_greedy(tree, ver.logits, ver.alive)
+            return accept_sample(tree, ver.logits, self.temperature, self.top_p, self.generator, ver.alive)
 
     def commit(self, config: StepConfig, tree: DraftTree, ver: Verification, acc: Acceptance) -> None:
         """Keep the root and the accepted rows in the cache; emit up to max_new_tokens, through EOS."""
@@ -235,9 +235,11 @@ def _stats(request_id, step, cfg, accepted, emitted, context_len, tree, ver, tim
            passive, chain) -> StepStats:
     """StepStats of one live step (through driver.step_stats); one host transfer for the per-layer unique
     experts (none when the step did not capture routing: its per-layer fields stay empty)."""
-    routing = ver.routing
-    unique = tuple(routing.unique_experts().tolist()) if routing is not None and routing.layers else ()
-    report = ver.budget_report
+    routing, report = ver.routing, ver.budget_report
+    if report is not None:  # the budget's own count of what each layer asked for (see BudgetReport)
+        unique = tuple(report.unique_experts)
+    else:
+        unique = tuple(routing.unique_experts().tolist()) if routing is not None and routing.layers else ()
     return step_stats(
         request_id, step, cfg, accepted=accepted, emitted=emitted, tree_size=len(tree), tree_depth=tree.depth,
         context_len=context_len, times=(times.get("draft", 0.0) + t_look, times.get("verify", 0.0),
@@ -246,4 +248,5 @@ def _stats(request_id, step, cfg, accepted, emitted, context_len, tree, ver, tim
         kept=None if report is None else tuple(report.unique_experts_kept),
         mass_kept=None if report is None else tuple(report.router_mass_kept),
         substituted=None if report is None else tuple(report.tokens_substituted),
+        nodes_kept=None if ver.alive is None else int(report.last_kept_rows) - 1,
         passive=passive, chain=chain, gpu=gpu_snapshot(device))

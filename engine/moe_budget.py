@@ -1,9 +1,13 @@
-"""Verification-time expert budgeting over Hugging Face MoE blocks (MoE-Spec, made per layer and measured).
+"""Verification-time expert budgeting over Hugging Face MoE blocks, in one of two modes.
 
 In one verification pass every draft-tree node is routed to its own top-k experts, so a tree touches
 many unique experts per layer and the pass becomes bound by reading expert weights. A budget B_l caps
-the unique experts layer l computes; the rest are skipped (tokens grouped per selected expert, so time
-falls with B), and tokens that lost an expert are re-routed (see selection.py).
+the unique experts layer l computes; only those are computed (tokens grouped per expert, so time falls
+with B). What happens to the rest is the mode:
+- evict (lossless, eviction.py): tree nodes whose experts do not fit are evicted, with their subtrees;
+  every kept node keeps all its experts, so its logits are exact and only acceptance is lost.
+- substitute (lossy, MoE-Spec): the B_l best experts are kept and tokens that lost an expert are
+  re-routed onto them (selection.py).
 
 Usage (what the engine's verify does):
     plan = BudgetPlan.from_step_config(config, node_weights=w)  # w: [N+1] root first, or None
@@ -33,10 +37,10 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from moetune.engine import selection
+from moetune.engine import eviction, selection
 from moetune.engine.kernels import reference
 from moetune.engine.loader import moe_blocks, moe_shape
-from moetune.step import SELECTIONS, SUBSTITUTIONS, ModelShape, StepConfig
+from moetune.step import BUDGET_MODES, SELECTIONS, SUBSTITUTIONS, ModelShape, StepConfig
 
 
 @dataclass(frozen=True)
@@ -44,15 +48,19 @@ class BudgetPlan:
     """How one verification pass budgets experts.
 
     budgets: one int for every MoE layer, or one per MoE layer (a 1-tuple counts as one for all).
+    mode: "evict" (lossless; needs `rank`) or "substitute" (lossy; uses selection and substitution).
     node_weights: [T] (or [N+1], root first, tiled over a batch) acceptance estimates used by
     selection="accept_weighted"; without them accept_weighted equals prob_sum. (Evaluation mode is a
     StepConfig setting the engine's verify acts on, not part of the plan; see evaluate_agreement.)
+    rank: [T] rows in the order eviction keeps them (eviction.node_rank), root first.
     """
 
     budgets: int | tuple[int, ...]
     selection: str = "prob_sum"
     substitution: str = "renormalize"
     node_weights: torch.Tensor | Sequence[float] | None = field(default=None, compare=False)
+    mode: str = "substitute"
+    rank: torch.Tensor | None = field(default=None, compare=False)
 
     def __post_init__(self):
         if isinstance(self.budgets, int):
@@ -66,6 +74,11 @@ class BudgetPlan:
             raise ValueError(f"BudgetPlan.selection must be one of {SELECTIONS}, got {self.selection!r}")
         if self.substitution not in SUBSTITUTIONS:
             raise ValueError(f"BudgetPlan.substitution must be one of {SUBSTITUTIONS}, got {self.substitution!r}")
+        if self.mode not in BUDGET_MODES:
+            raise ValueError(f"BudgetPlan.mode must be one of {BUDGET_MODES}, got {self.mode!r}")
+        if self.mode == "evict" and (self.rank is None or self.rank.dim() != 1):
+            raise ValueError("BudgetPlan(mode='evict') needs rank: the verified rows in keep order, root (row 0) "
+                             "first; build it with eviction.node_rank(tree)")
         w = self.node_weights
         if w is not None:
             ndim = w.dim() if isinstance(w, torch.Tensor) else 1
@@ -74,11 +87,11 @@ class BudgetPlan:
                                  "root first) or None")
 
     @classmethod
-    def from_step_config(cls, config: StepConfig, node_weights=None) -> "BudgetPlan":
+    def from_step_config(cls, config: StepConfig, node_weights=None, rank=None) -> "BudgetPlan":
         if config.budgets is None:
             raise ValueError("StepConfig.budgets is None (no budget): verify without apply_budget instead")
         return cls(budgets=tuple(config.budgets), selection=config.selection, substitution=config.substitution,
-                   node_weights=node_weights)
+                   node_weights=node_weights, mode=config.budget_mode, rank=rank)
 
     def validate(self, shape: ModelShape) -> tuple[int, ...]:
         """Per-layer budgets for `shape`; ValueError naming the limit when a budget cannot apply."""
@@ -107,6 +120,12 @@ class BudgetReport:
     def __init__(self, num_layers: int):
         self._layers: list[tuple | None] = [None] * num_layers
         self._numbers: dict | None = None
+        self.kept_rows: list[torch.Tensor | None] = [None] * num_layers  # evict mode: [] rows kept per layer
+
+    @property
+    def last_kept_rows(self) -> torch.Tensor | None:
+        """Evict mode: [] rows kept at the last MoE layer (the survivors: the only rows acceptance may use)."""
+        return self.kept_rows[-1]
 
     def _record(self, layer: int, top_k_index: torch.Tensor, routing: selection.BudgetedRouting) -> None:
         self._layers[layer] = (top_k_index.detach(), routing)
@@ -133,7 +152,8 @@ class BudgetReport:
 
     @property
     def unique_experts(self) -> tuple[int, ...]:
-        """Per layer: unique experts the unbudgeted routing would compute."""
+        """Per layer: unique experts the layer's tokens are routed to, before the budget (under eviction,
+        the tokens that entered the layer: rows evicted earlier no longer ask for experts)."""
         return self._compute()["unique"]
 
     @property
@@ -192,22 +212,64 @@ def _node_weights(plan: BudgetPlan, T: int, device: torch.device) -> torch.Tenso
     return w.repeat(T // w.numel())
 
 
-def _budgeted_forward(block: torch.nn.Module, layer: int, active: _Active,
-                      hidden_states: torch.Tensor) -> torch.Tensor:  # [..., H] -> [..., H]
-    x = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, H]
-    router_logits, top_k_weights, top_k_index = block.gate(x)  # [T, E], [T, K], [T, K]; hooks fire
+def _substitute(block: torch.nn.Module, layer: int, active: _Active, x: torch.Tensor,  # [T, H]
+                router_logits: torch.Tensor, top_k_weights: torch.Tensor, top_k_index: torch.Tensor,  # [T, E], [T, K] x2
+                ) -> selection.BudgetedRouting:
     probs = torch.softmax(router_logits.float(), dim=-1)  # [T, E]
     plan = active.plan
     scores = selection.selection_scores(probs, top_k_index, plan.selection,
                                         _node_weights(plan, x.shape[0], x.device))
-    routing = selection.substitute(probs, top_k_index, top_k_weights, scores, active.budgets[layer],
-                                   plan.substitution, getattr(block.gate, "norm_topk_prob", True))
+    return selection.substitute(probs, top_k_index, top_k_weights, scores, active.budgets[layer],
+                                plan.substitution, getattr(block.gate, "norm_topk_prob", True))
+
+
+def _evict(layer: int, active: _Active, top_k_weights: torch.Tensor, top_k_index: torch.Tensor,  # [T, K] x2
+           num_experts: int) -> tuple[selection.BudgetedRouting, torch.Tensor]:
+    """The layer's routing under eviction, and the routing of the rows that entered it alive ([T, K], -1
+    elsewhere: an earlier layer's evicted rows route meaningless hidden states, so they are not demand)."""
+    rank = active.plan.rank.to(top_k_index.device)
+    if rank.numel() != top_k_index.shape[0]:
+        raise ValueError(f"eviction ranks {rank.numel()} rows but the pass verifies {top_k_index.shape[0]} tokens: "
+                         f"evict budgets apply to one tree per forward")
+    report = active.report
+    previous = report.kept_rows[layer - 1] if layer else None  # layer 0 starts each forward afresh
+    ids, count = eviction.evict(top_k_index, num_experts, rank, active.budgets[layer], previous)
+    report.kept_rows[layer] = count
+    demand = top_k_index if previous is None else torch.where(
+        eviction.alive_rows(rank, previous)[:, None], top_k_index, -1)
+    return selection.BudgetedRouting(
+        expert_ids=ids, weights=top_k_weights, selected=torch.arange(num_experts, device=ids.device),
+        keep=selection.hit_mask(ids, num_experts).any(0), mass_kept=torch.ones_like(top_k_weights[:, 0]),
+        substituted=torch.zeros_like(ids[:, 0], dtype=torch.bool)), demand  # kept rows keep every expert
+
+
+def _kept_experts(experts: torch.nn.Module, x: torch.Tensor,  # [T, H]
+                  routing: selection.BudgetedRouting) -> torch.Tensor:  # [T, H]
+    """The experts of the kept rows, through HF's own experts implementation (what an unbudgeted pass runs):
+    evicted rows point at the root's first expert, which is computed anyway, with weight 0, so no other
+    expert's weights are read, shapes stay static (no host sync) and their output is 0."""
+    ids = routing.expert_ids  # [T, K], -1 on evicted rows
+    evicted = ids < 0
+    return experts(x, torch.where(evicted, ids[0, 0], ids), routing.weights.masked_fill(evicted, 0.0))
+
+
+def _budgeted_forward(block: torch.nn.Module, layer: int, active: _Active,
+                      hidden_states: torch.Tensor) -> torch.Tensor:  # [..., H] -> [..., H]
+    x = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, H]
+    router_logits, top_k_weights, top_k_index = block.gate(x)  # [T, E], [T, K], [T, K]; hooks fire
+    if active.plan.mode == "evict":
+        routing, demand = _evict(layer, active, top_k_weights, top_k_index, router_logits.shape[-1])
+    else:
+        routing, demand = _substitute(block, layer, active, x, router_logits, top_k_weights, top_k_index), top_k_index
     experts = block.experts
-    out = _expert_fn(x.device)(x, routing.expert_ids, routing.weights, experts.gate_up_proj, experts.down_proj,
-                               routing.selected)  # [T, H]
+    if active.plan.mode == "evict":
+        out = _kept_experts(experts, x, routing)  # [T, H]
+    else:
+        out = _expert_fn(x.device)(x, routing.expert_ids, routing.weights, experts.gate_up_proj, experts.down_proj,
+                                   routing.selected)  # [T, H]
     if hasattr(block, "shared_expert"):
         out = out + F.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
-    active.report._record(layer, top_k_index, routing)
+    active.report._record(layer, demand, routing)
     return out.reshape(hidden_states.shape)
 
 

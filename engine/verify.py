@@ -7,7 +7,9 @@ when the caller needs routing (a policy that learns from it, a trace writer, a b
 budget, when the step asks for one, is applied by moetune.engine.moe_budget inside the same scoped
 forward. In evaluation mode (StepConfig.eval_agreement on a budgeted step) the same tree is first
 verified unbudgeted, the cache is cropped back, and the argmax agreement of the two passes is reported;
-the budgeted pass then sees exactly the cache it would have seen.
+the budgeted pass then sees exactly the cache it would have seen. Under an eviction budget
+(budget_mode="evict") the verification also says which rows survived (`alive`): acceptance may use only
+those, and their logits are exact.
 
 Shape legend: N drafted nodes, C cached tokens, V vocabulary, L MoE layers.
 """
@@ -20,6 +22,7 @@ import torch
 
 from moetune.step import StepConfig
 
+from . import eviction
 from .kv import cache_len, crop
 from .routing import Routing, capture_routing
 from .tree import DraftTree, attention_mask, is_chain, path_weights, position_ids
@@ -32,14 +35,18 @@ class Verification:
     past_len: int  # C, cache length before verification
     budget_report: object | None = None  # moe_budget's report when the step was budgeted
     agreement: float | None = None  # eval mode: argmax agreement with the unbudgeted pass over the N+1 rows
+    alive: torch.Tensor | None = None  # [N+1] bool, evict mode: rows that survived every layer (exact logits)
 
 
-def _budget(model, tree: DraftTree, config: StepConfig):
+def _budget(model, tree: DraftTree, config: StepConfig, rank: torch.Tensor | None):  # rank [N+1] or None
     """The budget context for this step (a no-op context without budgets)."""
     if config.budgets is None:
         return nullcontext()
     from . import moe_budget  # lazily: unbudgeted decoding never needs it
-    plan = moe_budget.BudgetPlan.from_step_config(config, node_weights=path_weights(tree))
+    if config.budget_mode == "evict":
+        plan = moe_budget.BudgetPlan.from_step_config(config, rank=rank)
+    else:
+        plan = moe_budget.BudgetPlan.from_step_config(config, node_weights=path_weights(tree))
     return moe_budget.apply_budget(model, plan)
 
 
@@ -68,10 +75,13 @@ def verify(model, cache, root: int, tree: DraftTree, config: StepConfig, routing
         unbudgeted = model(**args).logits[0]  # [N+1, V]
         crop(cache, past)
     capture = capture_routing(model) if routing or config.budgets is not None else nullcontext()
-    with capture as captured, _budget(model, tree, config) as report:
+    rank = eviction.node_rank(tree) if config.budgets is not None and config.budget_mode == "evict" else None
+    with capture as captured, _budget(model, tree, config, rank) as report:
         out = model(**args)
+    alive = None if rank is None else eviction.alive_rows(rank.to(out.logits.device), report.last_kept_rows)
     agreement = None
-    if unbudgeted is not None:
+    if unbudgeted is not None:  # over the rows acceptance may use (under eviction, the survivors)
         from .moe_budget import argmax_agreement
-        agreement = argmax_agreement(out.logits[0], unbudgeted)
-    return Verification(out.logits[0], captured, past, report, agreement)
+        rows = slice(None) if alive is None else alive
+        agreement = argmax_agreement(out.logits[0][rows], unbudgeted[rows])
+    return Verification(out.logits[0], captured, past, report, agreement, alive)

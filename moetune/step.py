@@ -41,6 +41,9 @@ DRAFTER_TRAITS = {
 DRAFTERS = tuple(DRAFTER_TRAITS)
 SELECTIONS = ("prob_sum", "hit_count", "accept_weighted")
 SUBSTITUTIONS = ("renormalize", "reselect")
+# What a budget does to what does not fit: "evict" drops tree nodes (lossless: kept nodes are exact, only
+# acceptance is lost), "substitute" drops experts and re-routes tokens onto the kept ones (lossy, MoE-Spec).
+BUDGET_MODES = ("evict", "substitute")
 # What one step may cost, checked before anything is built: nodes verified (the attention mask and KV
 # grow with it; topk=1000 at depth 4 would ask for terabytes) and candidates grown before num_draft_tokens
 # keeps the best (topk + (depth - 1) * topk**2, each a Python object and a draft-forward row).
@@ -83,9 +86,11 @@ class StepConfig:
     topk > 1 the drafter grows a tree by top-k expansion, keeping at most `num_draft_tokens` nodes
     ranked by cumulative draft probability (EAGLE-2 style); `tree` (a parent array, -1 = child of the
     root/last committed token) fixes a static shape instead. `budgets` caps unique experts per MoE
-    layer during verification (None: no budget, lossless). eval_agreement (evaluation mode) also runs
-    each budgeted verification unbudgeted, so StepStats.agreement measures what the budget cost; it
-    roughly doubles verification time and is a no-op without budgets.
+    layer during verification (None: no budget). budget_mode says how: "evict" (the default) drops the
+    tree nodes whose experts do not fit and stays lossless; "substitute" drops experts, re-routing tokens
+    by `selection` and `substitution` (lossy). eval_agreement (evaluation mode) also runs each budgeted
+    verification unbudgeted, so StepStats.agreement measures what the budget cost; it roughly doubles
+    verification time and is a no-op without budgets.
     """
 
     speculate: bool = True
@@ -98,6 +103,7 @@ class StepConfig:
     selection: str = "prob_sum"
     substitution: str = "renormalize"
     eval_agreement: bool = False  # also verify unbudgeted and report argmax agreement (StepStats.agreement)
+    budget_mode: str = "evict"  # BUDGET_MODES: evict nodes (lossless) or substitute experts (lossy)
 
     def __post_init__(self):
         if self.drafter not in DRAFTERS:
@@ -120,6 +126,9 @@ class StepConfig:
             raise ValueError(f"StepConfig.selection must be one of {SELECTIONS}, got {self.selection!r}")
         if self.substitution not in SUBSTITUTIONS:
             raise ValueError(f"StepConfig.substitution must be one of {SUBSTITUTIONS}, got {self.substitution!r}")
+        if self.budget_mode not in BUDGET_MODES:
+            raise ValueError(f"StepConfig.budget_mode must be one of {BUDGET_MODES} (evict: lossless, drops tree "
+                             f"nodes; substitute: lossy, drops experts), got {self.budget_mode!r}")
         if not isinstance(self.eval_agreement, bool):
             raise ValueError(f"StepConfig.eval_agreement must be True or False, got {self.eval_agreement!r}")
 
@@ -242,6 +251,7 @@ class StepStats:
     # DecodeState.request_id of the step's request (moetune.driver sets it), so a policy files what it
     # observes without remembering whom it last decided for; None in StepStats built by hand
     request_id: int | None = None
+    nodes_kept: int | None = None  # eviction budget: drafted nodes that survived every layer (None: no eviction)
 
     @property
     def step_time(self) -> float:

@@ -2,7 +2,7 @@
 
 The baseline our per-layer, online budgets must beat: B is tuned by hand per deployment and is the same
 for all layers. Experts are ranked by `selection` over the tree's nodes; dropped experts are handled by
-`substitution`. B must lie in [top_k, num_experts] of the model (ModelShape.check_budgets), checked at setup.
+`substitution` (MoE-Spec's lossy mode; static:budgets=...,budget_mode=evict is the lossless one). B must lie in [top_k, num_experts] of the model (ModelShape.check_budgets), checked at setup.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ class MoESpecConfig:
     def step_config(self, budgets: tuple[int, ...]) -> StepConfig:
         return StepConfig(drafter=self.drafter, depth=self.depth, topk=self.topk,
                           num_draft_tokens=self.num_draft_tokens, budgets=budgets, selection=self.selection,
-                          substitution=self.substitution)
+                          substitution=self.substitution, budget_mode="substitute")
 
 
 class MoESpec(Policy):

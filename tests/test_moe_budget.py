@@ -216,7 +216,8 @@ def test_bad_budgets_name_the_limit():
 
 def test_plan_from_step_config_and_per_layer_budgets():
     m = tiny_moe("qwen3_moe")
-    plan = mb.BudgetPlan.from_step_config(StepConfig(budgets=(8, 2), substitution="reselect"))
+    plan = mb.BudgetPlan.from_step_config(StepConfig(budgets=(8, 2), substitution="reselect",
+                                                                    budget_mode="substitute"))
     assert plan.budgets == (8, 2) and plan.substitution == "reselect"
     with mb.apply_budget(m, plan) as report:
         logits(m)
@@ -244,7 +245,7 @@ def test_eval_mode_reports_agreement_without_disturbing_decoding():
     prompt = [5, 17, 33, 17, 33, 90, 4, 17, 33]
 
     def run(budget, eval_agreement):
-        cfg = StepConfig(depth=3, topk=2, budgets=budget, eval_agreement=eval_agreement)
+        cfg = StepConfig(depth=3, topk=2, budgets=budget, eval_agreement=eval_agreement, budget_mode="substitute")
         return generate(m, None, [prompt], drafter=draft, config=cfg, max_new_tokens=12, eos_token_id=-1)[0]
 
     full = run((8,), True)

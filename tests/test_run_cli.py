@@ -32,13 +32,17 @@ def flags(root, *extra):
     (["--topk", "0"], "StepConfig.topk must be >= 1"),
     (["--top-p", "0"], "--top-p must be in (0, 1]"),
     (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--budget-mode", "evict"], "--budget-mode needs --budget"),
+    (["--budget", "4,4,4"], "--budget has 3 entries but the target has 2 MoE layers"),
+    (["--budget", "1"], "--budget: expert budget 1 is outside [2, 8]"),
 ])
 def test_bad_values_exit_2_with_message(models, capsys, extra, message):
     assert main(flags(models, *extra)) == 2
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("extra", [["--drafter", "eagle"], ["--depth", "x"], ["--prompts", "0"]])
+@pytest.mark.parametrize("extra", [["--drafter", "eagle"], ["--depth", "x"], ["--prompts", "0"], ["--budget", "x"],
+                                   ["--budget", "4,0"], ["--budget", "4", "--budget-mode", "drop"]])
 def test_bad_flags_are_argparse_errors(models, capsys, extra):
     with pytest.raises(SystemExit) as e:
         main(flags(models, *extra))
@@ -46,7 +50,8 @@ def test_bad_flags_are_argparse_errors(models, capsys, extra):
 
 
 @pytest.mark.parametrize("extra", [["--depth", "3", "--topk", "2", "--num-draft-tokens", "4"],
-                                   ["--drafter", "ngram"]])
+                                   ["--drafter", "ngram"], ["--depth", "3", "--topk", "2", "--budget", "3"],
+                                   ["--depth", "3", "--budget", "2,3", "--budget-mode", "substitute"]])
 def test_tiny_end_to_end(models, capsys, extra):
     threads = torch.get_num_threads()
     try:

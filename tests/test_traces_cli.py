@@ -43,13 +43,13 @@ def test_replay_command_writes_table_json_and_plots(tmp_path, capsys):
     write_trace(synthetic_trace(shape, n_requests=2, n_tokens=24, seed=1), path)
     prof = tmp_path / "lat.json"
     LatencyModel.analytic(shape).to_json(prof)
-    rc = main(["replay", str(path), "--policy", "plain", "--policy", "static:depth=3,topk=2,budgets=2/2",
+    rc = main(["replay", str(path), "--policy", "plain", "--policy", "static:depth=3,topk=2,budgets=2/2,budget_mode=substitute",
                "--profile", str(prof), "--latency-target-ms", "5", "--out", str(tmp_path / "out")])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "| plain |" in printed and "static:depth=3,topk=2,budgets=2/2" in printed
+    assert "| plain |" in printed and "static:depth=3,topk=2,budgets=2/2,budget_mode=substitute" in printed
     report = json.loads((tmp_path / "out" / "replay.json").read_text())
-    assert [r["policy"] for r in report["overall"]] == ["plain", "static:depth=3,topk=2,budgets=2/2"]
+    assert [r["policy"] for r in report["overall"]] == ["plain", "static:depth=3,topk=2,budgets=2/2,budget_mode=substitute"]
     assert abs(report["overall"][0]["speedup"] - 1.0) < 1e-9 and report["overall"][1]["fidelity"] < 1.0
     for png in ("goodput_vs_fidelity.png", "budgets_over_time.png", "acceptance_over_time.png"):
         assert (tmp_path / "out" / png).stat().st_size > 1000

@@ -55,7 +55,7 @@ def recorded(tmp_path_factory):
 def same_step(s):
     """What a live step and its replay must agree on (both are built by moetune.driver.step_stats)."""
     return (s.request_id, s.step, s.config, s.context_len, s.accepted, s.emitted, s.tree_size, s.tree_depth,
-            s.unique_experts, s.unique_experts_kept, s.tokens_substituted, s.probe)
+            s.unique_experts, s.unique_experts_kept, s.tokens_substituted, s.nodes_kept, s.probe)
 
 
 @pytest.mark.parametrize("config", [
@@ -65,6 +65,9 @@ def same_step(s):
     StepConfig(drafter="self", depth=3, topk=2, num_draft_tokens=4),
     StepConfig(drafter="self", tree=(-1, -1, 0)),
     StepConfig(drafter="ngram", depth=2),
+    StepConfig(drafter="self", depth=3, topk=2, budgets=(3, 3)),  # eviction: replay derives it exactly
+    StepConfig(drafter="self", depth=3, topk=2, num_draft_tokens=4, budgets=(4, 2)),
+    StepConfig(drafter="ngram", depth=3, budgets=(2, 3)),
 ])
 def test_counterfactual_matches_live_engine(recorded, config):
     """Live and replay run the same driver: every step agrees field by field, request id included."""
@@ -100,11 +103,12 @@ def test_self_check_live_policy_replays_to_measured_goodput(recorded):
 
 
 @pytest.mark.parametrize("config, grid_exact", [
-    (StepConfig(drafter="ngram", depth=3, budgets=(4, 4)), True),  # the whole recorded tree, a grid budget
-    (StepConfig(drafter="ngram", depth=3, budgets=(2, 2)), True),
-    (StepConfig(drafter="self", depth=2, topk=2, budgets=(3, 5)), False),
-    (StepConfig(drafter="self", depth=3, budgets=(3, 3), selection="hit_count"), False),
-    (StepConfig(drafter="self", depth=2, topk=2, budgets=(4, 3), selection="accept_weighted"), False),
+    (StepConfig(drafter="ngram", depth=3, budgets=(4, 4), budget_mode="substitute"), True),  # the whole recorded tree, a grid budget
+    (StepConfig(drafter="ngram", depth=3, budgets=(2, 2), budget_mode="substitute"), True),
+    (StepConfig(drafter="self", depth=2, topk=2, budgets=(3, 5), budget_mode="substitute"), False),
+    (StepConfig(drafter="self", depth=3, budgets=(3, 3), selection="hit_count", budget_mode="substitute"), False),
+    (StepConfig(drafter="self", depth=2, topk=2, budgets=(4, 3), selection="accept_weighted",
+                budget_mode="substitute"), False),
 ])
 def test_budget_outcomes_match_live_engine(recorded, config, grid_exact):
     """Each live budgeted step, while the live output still equals the recorded one (same context), has

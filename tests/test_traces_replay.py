@@ -61,17 +61,30 @@ def test_budget_keeps_best_experts_and_uses_grid():
     # Verifying A, B under budget 2 in layer 0: {0,1} (root+A) outrank {2,3} (B); B loses its experts.
     grid_argmax = np.array([[10, 12, 55, 98, 97, 96]], np.int32)  # at B=2, B's argmax would change
     rec = hand_tree(grid=(2,), budget_argmax=grid_argmax)
-    o = outcome(rec, StepConfig(depth=1, topk=2, budgets=(2, 2)))
+    o = outcome(rec, StepConfig(depth=1, topk=2, budgets=(2, 2), budget_mode="substitute"))
     assert o.unique_experts == (4, 2) and o.unique_kept == (2, 2)
     assert o.substituted == (1, 0) and o.mass_kept[0] == pytest.approx(2 / 3)
     assert o.budget_accepted == 1 and o.budget_tokens == (10, 12)  # root and A were not affected
     # The whole tree at an on-grid uniform budget is exactly what was recorded.
-    full = outcome(rec, StepConfig(depth=2, topk=2, budgets=(2, 2)))
+    full = outcome(rec, StepConfig(depth=2, topk=2, budgets=(2, 2), budget_mode="substitute"))
     assert full.budget_exact and full.budget_tokens == (10, 12, 98)
     # Budgets that do not bind are lossless.
-    assert outcome(rec, StepConfig(depth=1, topk=2, budgets=(8, 8))).budget_tokens is None
+    assert outcome(rec, StepConfig(depth=1, topk=2, budgets=(8, 8), budget_mode="substitute")).budget_tokens is None
     with pytest.raises(ValueError, match="2 MoE layers"):
-        outcome(rec, StepConfig(depth=1, topk=2, budgets=(2,)))
+        outcome(rec, StepConfig(depth=1, topk=2, budgets=(2,), budget_mode="substitute"))
+
+
+@pytest.mark.parametrize("budget, kept, nodes_kept, accepted", [(2, (2, 2), 1, 1), (4, (4, 2), 3, 2),
+                                                                 (6, (6, 2), 4, 2), (8, (8, 2), 5, 2)])
+def test_eviction_keeps_the_most_probable_prefix_that_fits(budget, kept, nodes_kept, accepted):
+    """Ranked by path probability (float16 draft probabilities): A .6001, B .30005 (depth 1), C .30005
+    (depth 2: the tie goes to the shallower node), E .27, D .24. Layer 0 routes root/A/C to {0,1}, B to
+    {2,3}, E to {6,7}, D to {4,5}; A and C are the accepted path."""
+    o = outcome(hand_tree(), StepConfig(depth=2, topk=2, budgets=(budget, budget)))
+    assert (o.unique_kept, o.nodes_kept, o.budget_accepted, o.budget_tokens) == (kept, nodes_kept, accepted, None)
+    assert o.unique_experts == (8, 2) and o.substituted == (0, 0) and o.budget_exact == o.exact
+    with pytest.raises(ValueError, match="2 MoE layers"):
+        outcome(hand_tree(), StepConfig(depth=2, topk=2, budgets=(2,)))
 
 
 def test_synthetic_acceptance_matches_known_values():
@@ -104,11 +117,15 @@ def test_replay_budget_fidelity_and_latency_target():
     latency = LatencyModel.analytic(SHAPE)
     trace = synthetic_trace(SHAPE, n_requests=2, n_tokens=60, seed=4)
     free = replay(trace, Static(StepConfig(depth=3, topk=2)), latency, latency_target_ms=1e6).summary()
-    tight = replay(trace, Static(StepConfig(depth=3, topk=2, budgets=(2, 2))), latency, latency_target_ms=1e-3)
+    tight = replay(trace, Static(StepConfig(depth=3, topk=2, budgets=(2, 2), budget_mode="substitute")), latency,
+                   latency_target_ms=1e-3)
     s = tight.summary()
     assert free["fidelity"] == 1.0 and free["attainment"] == 1.0
     assert s["fidelity"] < 1.0 and s["attainment"] == 0.0
     assert max(s["unique_kept"]) <= 2 < min(free["unique_kept"])
+    evicted = replay(trace, Static(StepConfig(depth=3, topk=2, budgets=(2, 2))), latency).summary()
+    assert evicted["fidelity"] == 1.0 and max(evicted["unique_kept"]) <= 2  # eviction is lossless
+    assert evicted["mean_accepted"] < free["mean_accepted"]
 
 
 def test_make_policy_gives_fresh_policies():

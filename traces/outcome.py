@@ -17,7 +17,12 @@ accepted path. `exact` is also False when the config is deeper or wider than the
 n-gram trie of several continuations (approximated by the rule above); missing nodes can only
 under-state acceptance.
 
-Budgets: per layer, experts routed by the root or a selected node are ranked as engine/selection.py
+Eviction budgets (budget_mode="evict", engine/eviction.py) follow exactly from the recorded routing and
+draft probabilities: nodes are ranked by cumulative draft probability (ties: depth, then node id), each
+layer keeps the longest ranked prefix whose routed experts fit its budget (and the previous layer's),
+and the accepted length is the number of surviving nodes on the recorded accepted path.
+
+Substitution budgets: per layer, experts routed by the root or a selected node are ranked as engine/selection.py
 ranks them (reimplemented in numpy; replay imports no torch): prob_sum: router probability summed over
 those tokens; hit_count: routed-token count + prob_sum / (tokens + 1) (so ties in the count go to the
 larger probability); accept_weighted: router probability weighted by the node's cumulative draft
@@ -66,6 +71,7 @@ class StepOutcome:
     budget_tokens: tuple[int, ...] | None  # tokens emitted under binding budgets; None: the greedy ones
     budget_exact: bool
     budget_layers_exact: int  # leading MoE layers whose unique_kept, mass_kept and substituted are exact
+    nodes_kept: int | None = None  # eviction budget: selected nodes that survive every layer
 
 
 def config_subtree(record: TreeRecord, config: StepConfig, max_depth: int | None = None) -> Subtree:
@@ -97,6 +103,8 @@ def outcome(record: TreeRecord, config: StepConfig, max_depth: int | None = None
         return StepOutcome(0, 0, 0, unique, True, unique, (1.0,) * layers, (0,) * layers, 0, None, True, layers)
     sub = config_subtree(record, config, max_depth)
     layers = len(sub.unique_experts)
+    if config.budgets is not None and config.budget_mode == "evict":
+        return evicted(record, config, sub)
     if config.budgets is None or all(b >= u for b, u in zip(config.budgets, sub.unique_experts)):
         if config.budgets is not None and len(config.budgets) != layers:
             raise ValueError(f"StepConfig.budgets has {len(config.budgets)} entries; this trace's model has "
@@ -104,6 +112,33 @@ def outcome(record: TreeRecord, config: StepConfig, max_depth: int | None = None
         return StepOutcome(len(sub.nodes), sub.tree_depth, sub.accepted, sub.unique_experts, sub.exact,
                            sub.unique_experts, (1.0,) * layers, (0,) * layers, sub.accepted, None, True, layers)
     return budgeted(record, config, sub)
+
+
+def evicted(record: TreeRecord, config: StepConfig, sub: Subtree) -> StepOutcome:
+    """An eviction budget's outcome (engine/eviction.py), exact: it needs only the recorded routing (which
+    every kept node sees, being exact) and the draft probabilities that rank the nodes."""
+    layers = len(sub.unique_experts)
+    if len(config.budgets) != layers:
+        raise ValueError(f"StepConfig.budgets has {len(config.budgets)} entries; this trace's model has "
+                         f"{layers} MoE layers")
+    nodes = sub.nodes
+    order = np.lexsort((nodes, record.depth[nodes], -record.cum_prob[nodes]))  # last key first
+    rows = np.concatenate(([0], nodes[order] + 1))  # [n+1] ranked rows, root first
+    routed = record.experts[rows, :, :record.top_k].astype(np.int64)  # [n+1, L, K]
+    hits = np.zeros((len(rows), layers, int(routed.max()) + 1), dtype=bool)  # [n+1, L, E]
+    np.put_along_axis(hits, routed, True, axis=2)
+    union = np.logical_or.accumulate(hits, axis=0)  # [n+1, L, E] experts of each ranked prefix
+    sizes = union.sum(axis=2)  # [n+1, L]
+    counts, demand, kept = [], [], []
+    count = len(rows)
+    for layer, budget in enumerate(config.budgets):
+        demand.append(int(sizes[count - 1, layer]))  # the rows that entered this layer
+        count = min(count, int(np.count_nonzero(sizes[:, layer] <= budget)))
+        kept.append(int(sizes[count - 1, layer]))
+    survivors = rows[1:count] - 1
+    accepted = int(np.count_nonzero(record.on_path[survivors]))
+    return StepOutcome(len(nodes), sub.tree_depth, sub.accepted, tuple(demand), sub.exact, tuple(kept),
+                       (1.0,) * layers, (0,) * layers, accepted, None, sub.exact, layers, count - 1)
 
 
 def budgeted(record: TreeRecord, config: StepConfig, sub: Subtree) -> StepOutcome:

@@ -160,7 +160,8 @@ def _verify_recorded(target, cache, root: int, tree: DraftTree, config: StepConf
     kv.crop(cache, ver.past_len)
     grid_argmax = np.zeros((len(budget_grid), len(tree) + 1), dtype=np.int32)  # [G, N+1]
     for g, b in enumerate(budget_grid):
-        budgeted = verify(target, cache, root, tree, replace(config, budgets=(b,) * shape.num_layers))
+        budgeted = verify(target, cache, root, tree, replace(config, budgets=(b,) * shape.num_layers,
+                                                             budget_mode="substitute"))
         grid_argmax[g] = budgeted.logits.argmax(dim=-1).cpu().numpy()
         kv.crop(cache, budgeted.past_len)
     return TreeRecord(parents=np.array(tree.parents, dtype=np.int16), tokens=tree.tokens.cpu().numpy().astype(np.int32),

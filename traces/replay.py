@@ -271,7 +271,7 @@ class TraceBackend:
             request_id, step, config, accepted=accepted, emitted=self.output_ids[p:p + emitted],
             tree_size=o.tree_size, tree_depth=o.tree_depth, context_len=self.prompt_len + p,
             times=(self.t_draft, self.t_verify, self.overhead, 0.0), t_control=0.0, unique=o.unique_experts,
-            kept=o.unique_kept, mass_kept=o.mass_kept, substituted=o.substituted,
+            kept=o.unique_kept, mass_kept=o.mass_kept, substituted=o.substituted, nodes_kept=o.nodes_kept,
             agreement=self.agreed / emitted if config.budgets is not None else None,
             passive=passive, chain=None if passive is None else self._chain(passive, p))
 

@@ -2,7 +2,7 @@
 
 Plain decoding runs first on the same prompts and settings, so the speedup compares like with like on
 this machine right now. The speculative run is either one static config (--drafter/--depth/--topk/
---num-draft-tokens), a policy by name (--policy NAME[:k=v,...]), auto-tuning (--auto: the adaptive
+--num-draft-tokens, and an expert budget with --budget/--budget-mode), a policy by name (--policy NAME[:k=v,...]), auto-tuning (--auto: the adaptive
 controller over every drafter) or auto-tuning to a latency target (--latency-target-ms). Flags only
 build a StepConfig or a policy spec; those validate themselves. For policy runs the summary also shows
 which configurations ran over time, the policy's switches, and how often a latency target was met.
@@ -16,10 +16,11 @@ from dataclasses import replace
 from moetune import DEFAULT_DRAFT, DEFAULT_TARGET, MODELS_DIR
 from moetune.adaptive.config import check_latency_target
 from moetune.prompts import read_prompts
-from moetune.step import DRAFTERS, PLAIN, Sampling, StepConfig
+from moetune.step import BUDGET_MODES, DRAFTERS, PLAIN, Sampling, StepConfig
 
 STATIC_FLAGS = {"drafter": ("--drafter", "draft_model"), "depth": ("--depth", 4), "topk": ("--topk", 1),
-                "num_draft_tokens": ("--num-draft-tokens", None)}
+                "num_draft_tokens": ("--num-draft-tokens", None), "budgets": ("--budget", None),
+                "budget_mode": ("--budget-mode", "evict")}
 SHOWN_CONFIGS = 4  # most-used configs listed per request
 FIRST_STEPS = 12  # steps of each request shown in order
 MAX_THREADS = 4 * (os.cpu_count() or 1)  # far more threads than cores only slows torch; thousands exhaust memory
@@ -30,6 +31,17 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
+
+
+def _budgets(text: str) -> tuple[int, ...]:
+    """`--budget 12` (every MoE layer) or `--budget 16,12,12,8,8,8` (one per MoE layer)."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an expert count or a comma list of them, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expert budgets must be positive, got {text!r}")
+    return values
 
 
 def _threads(text: str) -> int:
@@ -50,6 +62,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--depth", type=int, default=None, help="static run: draft steps per tree (default 4)")
     p.add_argument("--topk", type=int, default=None, help="static run: children per expanded node (default 1 = chain)")
     p.add_argument("--num-draft-tokens", type=int, default=None, help="static run: node budget of a dynamic tree")
+    p.add_argument("--budget", dest="budgets", type=_budgets, default=None,
+                   help="static run: experts each MoE layer may compute per verification, one count or one per "
+                        "layer (comma list)")
+    p.add_argument("--budget-mode", choices=BUDGET_MODES, default=None,
+                   help="static run: evict (default; lossless, drops tree nodes) or substitute (lossy, MoE-Spec)")
     p.add_argument("--policy", default=None,
                    help="a policy spec NAME[:key=value,...] (plain, static, moespec, cascade, moesd, adaptive, auto)")
     p.add_argument("--auto", action="store_true",
@@ -66,7 +83,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _config(args) -> StepConfig:
     values = {k: default if getattr(args, k) is None else getattr(args, k) for k, (_, default) in STATIC_FLAGS.items()}
+    if args.budget_mode is not None and args.budgets is None:
+        raise ValueError("--budget-mode needs --budget (the experts each MoE layer may compute)")
     return StepConfig(**values)
+
+
+def _layer_budgets(config: StepConfig, shape) -> StepConfig:
+    """--budget for this model: one count repeated over its MoE layers, each in [top_k, num_experts]."""
+    if config.budgets is None:
+        return config
+    budgets = config.budgets * shape.num_layers if len(config.budgets) == 1 else config.budgets
+    if len(budgets) != shape.num_layers:
+        raise ValueError(f"--budget has {len(budgets)} entries but the target has {shape.num_layers} MoE layers; "
+                         f"give one count or {shape.num_layers}")
+    shape.check_budgets(budgets, "--budget")
+    return replace(config, budgets=budgets)
 
 
 def policy_spec(args) -> str | None:
@@ -124,6 +155,7 @@ def main(args: argparse.Namespace) -> int:
     target, tokenizer = load_target(args.target, device=args.device, dtype=args.dtype)
     if policy is not None:
         policy.setup(moe_shape(target))  # a latency target a profile proves infeasible fails here, before any run
+    config = _layer_budgets(config, moe_shape(target))
     drafters = {}
     if policy is not None or config.drafter == "draft_model":
         draft, _ = load_draft(args.draft, tokenizer, device=args.device, dtype=args.dtype)
@@ -158,11 +190,11 @@ def summary(runs: dict, config: StepConfig | None) -> str:
         tps = tokens / seconds if seconds > 0 else 0.0
         base = base or tps
         acc = sum(s.accepted for s in steps) / len(steps) if steps else 0.0
-        per_layer = [sum(s.unique_experts) / len(s.unique_experts) for s in steps if s.unique_experts]
+        per_layer = [sum(s.unique_experts_kept) / len(s.unique_experts_kept) for s in steps if s.unique_experts_kept]
         # "-": the run captured no routing (plain and static policies skip it; see Policy.wants_routing)
         experts = f"{sum(per_layer) / len(per_layer):.1f}" if per_layer else "-"
         rows.append(f"| {name} | {tokens} | {tps:.1f} | {tps / base if base else 0:.2f}x | {acc:.2f} | {experts} |")
-    head = ["| run | tokens | tokens/s | speedup | mean accepted | unique experts/layer |",
+    head = ["| run | tokens | tokens/s | speedup | mean accepted | experts computed/layer |",
             "|---|---|---|---|---|---|"]
     note = f"\nconfig: {config}" if config is not None else ""
     return "\n".join(head + rows) + note

@@ -1,0 +1,71 @@
+"""Lossless expert budgets by node eviction: at each MoE layer keep the tree nodes whose experts fit.
+
+Why it is lossless: a node attends only to the cached context, its ancestors and itself. If the nodes
+kept at every layer are closed under ancestors, every kept node's hidden states are exactly those of
+the unbudgeted pass, so its logits are exact; an evicted node computes no expert at that layer or
+after, and it and its subtree leave the acceptance. Greedy output therefore equals plain greedy
+decoding at every budget >= top_k (the root alone needs top_k experts). The price is acceptance.
+
+The rule (one ranking per step, a handful of tensor ops per layer, no host sync):
+- Rank the rows once by the draft's path probability, root first and always kept, ties in
+  breadth-first order. A child's path probability never exceeds its parent's (draft probabilities are at
+  most 1), so every prefix of the ranking is closed under ancestors.
+- At layer l the kept rows are the longest prefix of the ranking whose union of top-k experts holds at
+  most B_l experts, never longer than the previous layer's prefix: a cumulative OR over the ranked
+  [T, E] hit mask, a count per prefix, and one comparison.
+
+Example: ranked rows r0 (experts {1,2}), r1 ({2,3}), r2 ({4,5}) with top_k 2 and B = 3: the prefix
+unions hold 2, 3, 5 experts, so r0 and r1 are kept (3 experts computed) and r2 is evicted.
+
+Sampling stays exact too: moetune's drafters propose their children deterministically (point
+proposals), and which nodes survive depends only on the context and the tree, never on the random
+draws of the acceptance walk, so the walk over the surviving children emits each token with exactly the
+target's probability (tests/test_eviction.py measures it against the sampling test's null).
+
+Shape legend: T verified rows (root + N nodes), E experts, K top-k.
+"""
+from __future__ import annotations
+
+import torch
+
+from .selection import hit_mask
+from .tree import DraftTree, depths
+
+
+def node_rank(tree: DraftTree) -> torch.Tensor:  # [N+1] rows, root first
+    """Rows in the order they are kept: path probability descending, ties by depth then row.
+
+    Path probabilities are products of the draft probabilities at the precision traces record them
+    (float16), multiplied in float64 parents first, exactly as traces/derive.py does, so replay ranks
+    every recorded tree as the engine did. N is small (tens of nodes): plain Python on the host."""
+    probs = tree.probs.to(torch.float16).double().cpu().tolist()
+    path: list[float] = []
+    for node, parent in enumerate(tree.parents):
+        path.append(probs[node] * (path[parent] if parent >= 0 else 1.0))
+    depth = depths(tree.parents)
+    order = sorted(range(len(path)), key=lambda i: (-path[i], depth[i], i))
+    return torch.tensor([0, *(i + 1 for i in order)], dtype=torch.long, device=tree.tokens.device)
+
+
+def alive_rows(rank: torch.Tensor,  # [T]
+               count: torch.Tensor,  # [] kept prefix length
+               ) -> torch.Tensor:  # [T] bool in verification order
+    """Which rows are kept, given the kept prefix length of the ranking."""
+    kept_ranked = torch.arange(rank.numel(), device=rank.device) < count
+    return torch.empty_like(kept_ranked).scatter_(0, rank, kept_ranked)
+
+
+def evict(top_k_index: torch.Tensor,  # [T, K]
+          num_experts: int,
+          rank: torch.Tensor,  # [T]
+          budget: int,
+          previous: torch.Tensor | None,  # [] or None
+          ) -> tuple[torch.Tensor, torch.Tensor]:  # [T, K] expert ids (-1 = not computed), [] kept count
+    """One layer's eviction: the routing slots the expert kernel computes, and the kept prefix length."""
+    hits = hit_mask(top_k_index, num_experts)[rank]  # [T, E] ranked
+    union_sizes = (hits.int().cumsum(0) > 0).sum(1)  # [T]
+    count = (union_sizes <= budget).sum()
+    if previous is not None:
+        count = torch.minimum(count, previous)
+    alive = alive_rows(rank, count)
+    return torch.where(alive[:, None], top_k_index.long(), -1), count

@@ -20,6 +20,7 @@ COMMANDS = {
     "record": ("moetune.commands.record", "record counterfactual traces for offline replay"),
     "profile": ("moetune.commands.profile", "measure and fit a verification latency profile"),
     "replay": ("moetune.commands.replay", "replay traces offline against policies"),
+    "widen": ("moetune.commands.widen", "build a wider, expert-bound stand-in of a MoE target (function-preserving)"),
 }
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from moetune.step import DRAFTERS, StepConfig
 
 from .acceptance import AcceptanceConfig
+from .eviction import EvictionConfig
 from .latency import LatencyConfig
 
 EXPLORATIONS = ("thompson", "ucb", "greedy")
@@ -33,6 +34,9 @@ class ControllerConfig:
     widths: tuple[int, ...] = (1, 2)  # 1 = chain; w > 1 = top-w tree of at most w * depth nodes
     max_depth: int = 8
     budgets: bool = True  # may use per-layer expert budgets (lossy); False = always lossless
+    # lossless eviction budgets (adaptive/eviction.py) it may apply to a chosen option: fractions of the
+    # option's predicted unique experts per layer; () = never evict
+    eviction_levels: tuple[float, ...] = (0.5, 0.75)
     max_agreement_loss: float = 0.03  # without a latency target: most predicted fidelity loss allowed
     loss_levels: tuple[float, ...] = (0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2)
     latency_target_ms: float | None = None  # per output token
@@ -89,6 +93,8 @@ class ControllerConfig:
             raise ValueError(f"ControllerConfig.loss_levels must be strictly increasing values in (0, 1), "
                              f"got {self.loss_levels}")
         check_latency_target(self.latency_target_ms, "ControllerConfig.latency_target_ms")
+        if self.eviction_levels:
+            EvictionConfig(levels=self.eviction_levels)
         if not 0.0 <= self.target_margin < 0.5:
             raise ValueError(f"ControllerConfig.target_margin must be in [0, 0.5), got {self.target_margin}")
         if self.exploration not in EXPLORATIONS:

@@ -28,7 +28,8 @@ online is flagged in the decision.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -36,6 +37,7 @@ from moetune.step import DecodeState, Lookahead, ModelShape, StepConfig, StepSta
 
 from .candidates import CandidateGrid, label
 from .config import ControllerConfig
+from .eviction import EvictionChooser, EvictionConfig
 from .explore import ExplorationSchedule
 from .learners import Learners
 from .plan import Menu, Plan, build_menu, build_plan, calibration_options
@@ -63,6 +65,8 @@ class Decision:
     switched: bool = False
     infeasible: bool = False
     message: str = ""
+    # an eviction budget applied to the chosen option: (its acceptance family, level); None: not evicting
+    eviction: tuple[int, int] | None = None
 
 
 class Controller:
@@ -84,6 +88,10 @@ class Controller:
         self.learners: Learners | None = None
         self.ranking: Ranking | None = None
         self.exploration: ExplorationSchedule | None = None  # when a drafter is tried against the odds
+        self.eviction: EvictionChooser | None = None  # lossless eviction budgets on chosen options
+        self.unique: list = []  # per candidate: the plan's predicted unique experts per layer (L floats)
+        self.floor: list = []  # per layer: predicted unique experts of the root and one node (L ints)
+        self.evictable: list = []  # per candidate: experts are predicted to be a sizeable share of its verify
         self.calibration: list[int] = []  # options tried in turn before the latency model has data
         self.warmup = 0  # calibration steps
         # running state:
@@ -109,6 +117,8 @@ class Controller:
         self.ranking = Ranking(c.exploration, c.ucb_c, self.rng, len(grid.families), c.max_depth)
         self.exploration = ExplorationSchedule(c.drafters, 0 if c.exploration == "greedy" else c.explore_every,
                                                c.explore_every_max)
+        self.eviction = EvictionChooser(EvictionConfig(levels=c.eviction_levels), len(grid.families), self.rng) \
+            if c.eviction_levels else None
         self.requests, self.handed, self.current, self.unlearned = {}, {}, None, []
         self.steps = 0
         self.step_configs = {}
@@ -140,7 +150,15 @@ class Controller:
     # ---- plan (global, every refresh_every steps) ---------------------------------------------------
     def replan(self) -> None:
         self.learn().check()
-        self.plan = build_plan(self.menu, self.learners.estimates(self.menu))
+        estimates = self.learners.estimates(self.menu)
+        self.plan = build_plan(self.menu, estimates)
+        self.unique = estimates.unique[:, self.menu.token_index].T.tolist()
+        self.floor = [math.ceil(u) for u in self.learners.experts.predict([2])[:, 0].tolist()]
+        if self.eviction is not None:
+            th, tokens = estimates.verify_theta, self.menu.grid.tokens
+            experts = np.array([sum(u) for u in self.unique])
+            share = th[2] * experts / np.maximum(th[0] + th[1] * tokens + th[2] * experts, 1e-9)
+            self.evictable = (share >= self.eviction.config.min_expert_share).tolist()
         self.steps_since_plan = 0
 
     def _config(self, option: int) -> StepConfig:
@@ -186,7 +204,7 @@ class Controller:
         self.current = state.request_id
         slot = r.enter(self._order(state.lookahead))
         if slot.hold > 0:
-            d = slot.held()
+            d = r.decision = slot.held()
             r.loss = d.agreement_loss
             return d
         self.learn()
@@ -225,7 +243,7 @@ class Controller:
         best = self.calibration[self.steps % len(self.calibration)]
         r.mean = self.learners.mean(state.request_id, r.order)
         [E] = self.plan.emitted((r.mean,), state.remaining)
-        return self._commit(r, best, E, T, switched=best != r.slot.option)
+        return self._commit(r, best, E, T, switched=best != r.slot.option, evict=False)
 
     def _trial(self, r: RequestState, E, T) -> int | None:
         """A forced try due now (adaptive/explore.py): the due drafter's unbudgeted option of the best
@@ -244,7 +262,7 @@ class Controller:
         self.exploration.tried(self.menu.grid.configs[option // self.menu.levels_per_candidate].drafter,
                                max(e / t for e, t in zip(mean_E, T)), T[0])
         slot.reschedule(False, True, self.config.decide_every, self.config.decide_every_max)
-        return self._commit(r, option, mean_E, T, switched=option != slot.option)
+        return self._commit(r, option, mean_E, T, switched=option != slot.option, evict=False)
 
     def _choose(self, r: RequestState, slot: Slot, E, mean_E, T) -> Decision:
         """Goodput mode: the option of the best ranked goodput, kept unless beaten by the hysteresis. The
@@ -314,11 +332,36 @@ class Controller:
                             message=msg)
 
     def _commit(self, r: RequestState, option: int, E, T, switched: bool, infeasible: bool = False,
-                message: str = "") -> Decision:
+                message: str = "", evict: bool = True) -> Decision:
+        """Commit `option` (evict=False: as it is; calibration and forced tries measure the option itself)."""
         r.loss = self.plan.loss[option]
         e, t = float(E[option]), float(T[option])
-        return r.slot.commit(option, Decision(self._config(option), e / t, t / e * 1e3, r.loss, switched,
-                                              infeasible, message))
+        config, eviction = self._evict(option) if evict else (self._config(option), None)
+        r.decision = r.slot.commit(option, Decision(config, e / t, t / e * 1e3, r.loss, switched, infeasible,
+                                                    message, eviction))
+        return r.decision
+
+    def _evict(self, option: int) -> tuple[StepConfig, tuple[int, int] | None]:
+        """The option's config, with the eviction level the chooser draws for its family applied (a
+        speculative option without a lossy budget only); the (family, level) drawn, None for no choice."""
+        config = self._config(option)
+        c, j = divmod(option, self.menu.levels_per_candidate)
+        family = self.menu.grid.family_of(config)
+        if self.eviction is None or j or family is None or not self.evictable[c]:
+            return config, None
+        level = self.eviction.choose(family)
+        if level == 0:
+            return config, (family, 0)
+        budgets = self.eviction.budgets(level, self.unique[c], self.floor, self.shape.num_experts)
+        if budgets is None:
+            return config, (family, 0)
+        key = (c, budgets, "evict")
+        cfg = self.step_configs.get(key)
+        if cfg is None:
+            if len(self.step_configs) > CONFIG_CACHE:
+                self.step_configs.clear()
+            cfg = self.step_configs[key] = replace(config, budgets=budgets, budget_mode="evict")
+        return cfg, (family, level)
 
     # ---- observe ------------------------------------------------------------------------------------
     def observe(self, stats: StepStats) -> None:
@@ -333,6 +376,7 @@ class Controller:
         if self.learners.beaten(stats, r.order):
             r.slot.release()  # the probe would have done clearly better: decide afresh next step
         self.unlearned.append((rid, stats, r.order, r.loss, r.mean))
+        self._judge_eviction(r.decision, stats)
         r.count(stats.step_time, stats.emitted)
         self.steps += 1
         self._seen(stats)
@@ -340,6 +384,14 @@ class Controller:
         if self.steps_since_plan >= self.config.refresh_every or \
                 (not self.learners.latency.seeded and self.steps == self.warmup):
             self.replan()
+
+    def _judge_eviction(self, decision: Decision | None, stats: StepStats) -> None:
+        """Teach the eviction chooser what the step delivered against its option's predicted goodput."""
+        if self.eviction is None or decision is None or decision.eviction is None or stats.step_time <= 0 \
+                or decision.config != stats.config:
+            return
+        family, level = decision.eviction
+        self.eviction.observe(family, level, stats.emitted / stats.step_time / decision.goodput)
 
     def learn(self) -> Learners:
         """Learn from the steps observed since the last call (each with its decision's lookahead order,

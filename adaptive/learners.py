@@ -29,6 +29,15 @@ from .yields import DraftYield, YieldConfig
 
 
 
+def _observed_depth(stats: StepStats) -> int:
+    """Depths whose acceptance the step observed: all of them, unless an eviction budget dropped nodes. A
+    chain keeps its first nodes_kept levels; a tree's evicted nodes may sit at any depth, so only its
+    accepted levels are known (the level after them may have failed by eviction, not by the draft)."""
+    if stats.nodes_kept is None or stats.nodes_kept >= stats.tree_size:
+        return stats.config.depth
+    return stats.nodes_kept if stats.config.topk == 1 and stats.config.tree is None else stats.accepted
+
+
 class Learners:
     """The estimators, and the rules by which a step's statistics update them."""
 
@@ -106,7 +115,7 @@ class Learners:
         """A budgeted step's agreement loss from the router mass it kept (the prediction otherwise); an
         eval-mode step's measured agreement also teaches the per-layer weights."""
         kept = stats.router_mass_kept
-        if stats.config.budgets is None or len(kept) != self.num_layers:
+        if stats.config.budgets is None or stats.config.budget_mode == "evict" or len(kept) != self.num_layers:
             return predicted
         # plain Python over L numbers: right after a forward pass a numpy call costs ~10 us
         drop = [1.0 - m for m in kept]
@@ -119,7 +128,8 @@ class Learners:
         """The step's passive probe, unless checked against budgeted outputs, not ours, or (without a
         lookahead) beside an n-gram step whose own outcome, yield included, already tells."""
         probe = stats.probe
-        if probe is None or stats.config.budgets is not None or probe.drafter != self.probe_drafter \
+        lossy = stats.config.budgets is not None and stats.config.budget_mode != "evict"
+        if probe is None or lossy or probe.drafter != self.probe_drafter \
                 or (order is None and family == self.probe_family):
             return None
         return probe
@@ -138,6 +148,7 @@ class Learners:
             depth = min(depth, stats.tree_size)
         else:
             self.yields.observe(request_id, family, stats.tree_size, cfg.max_nodes)
+        depth = min(depth, _observed_depth(stats))
         fail_weight = 1.0
         if loss > 0.0:
             fail_weight = self._budget_fail_weight(request_id, family, loss, stats.accepted, depth, mean)
@@ -172,10 +183,13 @@ class Learners:
         """Unique experts per layer, and the step's verify and draft times."""
         cfg, L = stats.config, self.num_layers
         tokens = stats.tree_size + 1
-        if len(stats.unique_experts) == L:
+        evicted = stats.nodes_kept is not None and stats.nodes_kept < stats.tree_size
+        if len(stats.unique_experts) == L and not evicted:  # evicted rows ask no experts past their layer
             self.experts.observe(tokens, stats.unique_experts, stats.unique_experts_kept, stats.router_mass_kept)
             kept = stats.unique_experts_kept
             computed = sum(kept) if len(kept) == L else sum(stats.unique_experts)
+        elif len(stats.unique_experts_kept) == L:
+            computed = sum(stats.unique_experts_kept)
         else:
             computed = float(self.experts.predict([tokens]).sum())
         self.latency.observe(cfg.drafter if cfg.speculate else None, tokens, computed, stats.context_len,

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import torch
 
-from .selection import hit_mask
 from .tree import DraftTree, depths
 
 
@@ -47,25 +46,25 @@ def node_rank(tree: DraftTree) -> torch.Tensor:  # [N+1] rows, root first
     return torch.tensor([0, *(i + 1 for i in order)], dtype=torch.long, device=tree.tokens.device)
 
 
-def alive_rows(rank: torch.Tensor,  # [T]
-               count: torch.Tensor,  # [] kept prefix length
-               ) -> torch.Tensor:  # [T] bool in verification order
-    """Which rows are kept, given the kept prefix length of the ranking."""
-    kept_ranked = torch.arange(rank.numel(), device=rank.device) < count
-    return torch.empty_like(kept_ranked).scatter_(0, rank, kept_ranked)
+def rank_positions(rank: torch.Tensor) -> torch.Tensor:  # [T] -> [T]
+    """Each row's position in the ranking (the inverse permutation), computed once per step."""
+    return torch.empty_like(rank).scatter_(0, rank, torch.arange(rank.numel(), device=rank.device))
 
 
-def evict(top_k_index: torch.Tensor,  # [T, K]
+def evict(top_k_index: torch.Tensor,  # [T, K] this layer's routing, rows in verification order
           num_experts: int,
-          rank: torch.Tensor,  # [T]
+          rank: torch.Tensor,  # [T] from node_rank
+          position: torch.Tensor,  # [T] from rank_positions
           budget: int,
-          previous: torch.Tensor | None,  # [] or None
-          ) -> tuple[torch.Tensor, torch.Tensor]:  # [T, K] expert ids (-1 = not computed), [] kept count
-    """One layer's eviction: the routing slots the expert kernel computes, and the kept prefix length."""
-    hits = hit_mask(top_k_index, num_experts)[rank]  # [T, E] ranked
-    union_sizes = (hits.int().cumsum(0) > 0).sum(1)  # [T]
-    count = (union_sizes <= budget).sum()
-    if previous is not None:
+          previous: torch.Tensor | int,  # [] rows kept at the layer before (an int: all T rows)
+          ) -> tuple[torch.Tensor, torch.Tensor]:  # [T] bool rows kept, [] their count
+    """One layer's eviction: the longest prefix of the ranking whose expert union fits `budget`, never
+    longer than the previous layer's. About ten small ops, no host sync."""
+    T = top_k_index.shape[0]
+    hits = torch.zeros(T, num_experts, dtype=torch.int32, device=top_k_index.device)
+    hits.scatter_(1, top_k_index[rank], 1)  # [T, E] ranked
+    union_sizes = (hits.cumsum(0) > 0).sum(1)  # [T] experts in the union of each prefix
+    count = (union_sizes <= budget).sum()  # unions only grow, so the fitting prefixes are the first ones
+    if not isinstance(previous, int):
         count = torch.minimum(count, previous)
-    alive = alive_rows(rank, count)
-    return torch.where(alive[:, None], top_k_index.long(), -1), count
+    return position < count, count

@@ -248,5 +248,5 @@ def _stats(request_id, step, cfg, accepted, emitted, context_len, tree, ver, tim
         kept=None if report is None else tuple(report.unique_experts_kept),
         mass_kept=None if report is None else tuple(report.router_mass_kept),
         substituted=None if report is None else tuple(report.tokens_substituted),
-        nodes_kept=None if ver.alive is None else int(report.last_kept_rows) - 1,
+        nodes_kept=None if ver.rows_kept is None else int(ver.rows_kept) - 1,
         passive=passive, chain=chain, gpu=gpu_snapshot(device))

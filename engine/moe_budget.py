@@ -120,12 +120,6 @@ class BudgetReport:
     def __init__(self, num_layers: int):
         self._layers: list[tuple | None] = [None] * num_layers
         self._numbers: dict | None = None
-        self.kept_rows: list[torch.Tensor | None] = [None] * num_layers  # evict mode: [] rows kept per layer
-
-    @property
-    def last_kept_rows(self) -> torch.Tensor | None:
-        """Evict mode: [] rows kept at the last MoE layer (the survivors: the only rows acceptance may use)."""
-        return self.kept_rows[-1]
 
     def _record(self, layer: int, top_k_index: torch.Tensor, routing: selection.BudgetedRouting) -> None:
         self._layers[layer] = (top_k_index.detach(), routing)
@@ -177,12 +171,53 @@ class BudgetReport:
         return self._compute()["selected"]
 
 
+class EvictionReport(BudgetReport):
+    """Per-layer outcome of one pass under an eviction budget: which rows each layer kept. Every kept row
+    keeps all its experts, so router mass kept is 1 and no token is substituted."""
+
+    def __init__(self, num_layers: int, num_experts: int):
+        super().__init__(num_layers)
+        self.num_experts = num_experts
+        self.kept_rows: list[torch.Tensor | int | None] = [None] * num_layers  # [] rows kept (int: all)
+        self.alive: list[torch.Tensor | None] = [None] * num_layers  # [T] bool rows kept (None: all)
+
+    @property
+    def survivors(self) -> torch.Tensor | None:
+        """[T] bool rows kept at every layer (None: all): the only rows whose logits acceptance may use."""
+        return self.alive[-1]
+
+    def _record_eviction(self, layer: int, top_k_index: torch.Tensor, count, alive) -> None:
+        self._layers[layer] = top_k_index.detach()
+        self.kept_rows[layer], self.alive[layer] = count, alive
+        self._numbers = None
+
+    def _compute(self) -> dict:
+        """Demand (experts of the rows entering each layer) and experts computed, all layers at once."""
+        if self._numbers is None:
+            index = torch.stack(self._layers)  # [L, T, K]
+            L, T, _ = index.shape
+            everyone = torch.ones(T, dtype=torch.bool, device=index.device)
+            kept = torch.stack([everyone if a is None else a for a in self.alive])  # [L, T]
+            entered = torch.cat([everyone[None], kept[:-1]])  # [L, T]
+            E = self.num_experts
+            hits = torch.zeros(L, T, E, dtype=torch.bool, device=index.device).scatter_(2, index, True)
+            demand = (hits & entered[..., None]).any(1).sum(1)  # [L]
+            used = (hits & kept[..., None]).any(1)  # [L, E]
+            values = torch.cat([demand[:, None], used.long()], dim=1).tolist()  # one host transfer
+            sets = [tuple(e for e, u in enumerate(v[1:]) if u) for v in values]
+            self._numbers = {"unique": tuple(v[0] for v in values), "kept": tuple(len(u) for u in sets),
+                             "mass": (1.0,) * L, "subst": (0,) * L, "selected": tuple(sets)}
+        return self._numbers
+
+
+
 @dataclass(frozen=True)
 class _Active:
     handle: "BudgetHandle"
     plan: BudgetPlan
     budgets: tuple[int, ...]
     report: BudgetReport
+    position: torch.Tensor | None = None  # evict mode: [T] each row's position in plan.rank
 
 
 _ACTIVE: contextvars.ContextVar[_Active | None] = contextvars.ContextVar("moetune_budget", default=None)
@@ -223,34 +258,26 @@ def _substitute(block: torch.nn.Module, layer: int, active: _Active, x: torch.Te
                                 plan.substitution, getattr(block.gate, "norm_topk_prob", True))
 
 
-def _evict(layer: int, active: _Active, top_k_weights: torch.Tensor, top_k_index: torch.Tensor,  # [T, K] x2
-           num_experts: int) -> tuple[selection.BudgetedRouting, torch.Tensor]:
-    """The layer's routing under eviction, and the routing of the rows that entered it alive ([T, K], -1
-    elsewhere: an earlier layer's evicted rows route meaningless hidden states, so they are not demand)."""
-    rank = active.plan.rank.to(top_k_index.device)
-    if rank.numel() != top_k_index.shape[0]:
-        raise ValueError(f"eviction ranks {rank.numel()} rows but the pass verifies {top_k_index.shape[0]} tokens: "
+def _evicted_forward(block: torch.nn.Module, layer: int, active: _Active, x: torch.Tensor,  # [T, H]
+                     top_k_weights: torch.Tensor, top_k_index: torch.Tensor,  # [T, K] x2
+                     num_experts: int) -> torch.Tensor:  # [T, H]
+    """The layer's experts for the rows it keeps, through HF's own experts implementation (what an
+    unbudgeted pass runs). Evicted rows point at the root's first expert, which is computed anyway, with
+    weight 0: no other expert's weights are read, shapes stay static (no host sync) and their output is 0.
+    A budget that cannot bind (>= the experts T tokens could touch) costs nothing."""
+    plan, report, budget = active.plan, active.report, active.budgets[layer]
+    T = top_k_index.shape[0]
+    if plan.rank.numel() != T:
+        raise ValueError(f"eviction ranks {plan.rank.numel()} rows but the pass verifies {T} tokens: "
                          f"evict budgets apply to one tree per forward")
-    report = active.report
-    previous = report.kept_rows[layer - 1] if layer else None  # layer 0 starts each forward afresh
-    ids, count = eviction.evict(top_k_index, num_experts, rank, active.budgets[layer], previous)
-    report.kept_rows[layer] = count
-    demand = top_k_index if previous is None else torch.where(
-        eviction.alive_rows(rank, previous)[:, None], top_k_index, -1)
-    return selection.BudgetedRouting(
-        expert_ids=ids, weights=top_k_weights, selected=torch.arange(num_experts, device=ids.device),
-        keep=selection.hit_mask(ids, num_experts).any(0), mass_kept=torch.ones_like(top_k_weights[:, 0]),
-        substituted=torch.zeros_like(ids[:, 0], dtype=torch.bool)), demand  # kept rows keep every expert
-
-
-def _kept_experts(experts: torch.nn.Module, x: torch.Tensor,  # [T, H]
-                  routing: selection.BudgetedRouting) -> torch.Tensor:  # [T, H]
-    """The experts of the kept rows, through HF's own experts implementation (what an unbudgeted pass runs):
-    evicted rows point at the root's first expert, which is computed anyway, with weight 0, so no other
-    expert's weights are read, shapes stay static (no host sync) and their output is 0."""
-    ids = routing.expert_ids  # [T, K], -1 on evicted rows
-    evicted = ids < 0
-    return experts(x, torch.where(evicted, ids[0, 0], ids), routing.weights.masked_fill(evicted, 0.0))
+    previous = report.kept_rows[layer - 1] if layer else T  # layer 0 starts each forward afresh
+    if isinstance(previous, int) and budget >= min(num_experts, T * top_k_index.shape[1]):
+        report._record_eviction(layer, top_k_index, previous, None)
+        return block.experts(x, top_k_index, top_k_weights)
+    alive, count = eviction.evict(top_k_index, num_experts, plan.rank, active.position, budget, previous)
+    report._record_eviction(layer, top_k_index, count, alive)
+    keep = alive[:, None]  # [T, 1]
+    return block.experts(x, torch.where(keep, top_k_index, top_k_index[0, 0]), top_k_weights * keep)
 
 
 def _budgeted_forward(block: torch.nn.Module, layer: int, active: _Active,
@@ -258,18 +285,15 @@ def _budgeted_forward(block: torch.nn.Module, layer: int, active: _Active,
     x = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, H]
     router_logits, top_k_weights, top_k_index = block.gate(x)  # [T, E], [T, K], [T, K]; hooks fire
     if active.plan.mode == "evict":
-        routing, demand = _evict(layer, active, top_k_weights, top_k_index, router_logits.shape[-1])
+        out = _evicted_forward(block, layer, active, x, top_k_weights, top_k_index, router_logits.shape[-1])
     else:
-        routing, demand = _substitute(block, layer, active, x, router_logits, top_k_weights, top_k_index), top_k_index
-    experts = block.experts
-    if active.plan.mode == "evict":
-        out = _kept_experts(experts, x, routing)  # [T, H]
-    else:
+        routing = _substitute(block, layer, active, x, router_logits, top_k_weights, top_k_index)
+        experts = block.experts
         out = _expert_fn(x.device)(x, routing.expert_ids, routing.weights, experts.gate_up_proj, experts.down_proj,
                                    routing.selected)  # [T, H]
+        active.report._record(layer, top_k_index, routing)
     if hasattr(block, "shared_expert"):
         out = out + F.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
-    active.report._record(layer, demand, routing)
     return out.reshape(hidden_states.shape)
 
 
@@ -333,8 +357,12 @@ def apply_budget(model: torch.nn.Module, plan: BudgetPlan):
     """Budget the model's MoE layers for the duration of the with-block; yields the BudgetReport."""
     handle = install(model)
     budgets = plan.validate(handle.shape)
-    report = BudgetReport(len(budgets))
-    token = _ACTIVE.set(_Active(handle=handle, plan=plan, budgets=budgets, report=report))
+    if plan.mode == "evict":
+        report = EvictionReport(len(budgets), handle.shape.num_experts)
+        position = eviction.rank_positions(plan.rank)
+    else:
+        report, position = BudgetReport(len(budgets)), None
+    token = _ACTIVE.set(_Active(handle=handle, plan=plan, budgets=budgets, report=report, position=position))
     try:
         yield report
     finally:

@@ -35,7 +35,8 @@ class Verification:
     past_len: int  # C, cache length before verification
     budget_report: object | None = None  # moe_budget's report when the step was budgeted
     agreement: float | None = None  # eval mode: argmax agreement with the unbudgeted pass over the N+1 rows
-    alive: torch.Tensor | None = None  # [N+1] bool, evict mode: rows that survived every layer (exact logits)
+    alive: torch.Tensor | None = None  # [N+1] bool, evict mode: rows that survived every layer (None: all)
+    rows_kept: torch.Tensor | int | None = None  # evict mode: [] how many rows survived (None: no eviction)
 
 
 def _budget(model, tree: DraftTree, config: StepConfig, rank: torch.Tensor | None):  # rank [N+1] or None
@@ -67,21 +68,21 @@ def forward_args(model, cache, root: int, tree: DraftTree) -> dict:
 def verify(model, cache, root: int, tree: DraftTree, config: StepConfig, routing: bool = True) -> Verification:
     """Run the target on the tree; the cache grows by N+1 entries (see kv.commit to keep the accepted ones).
 
-    routing=False skips routing capture unless the step is budgeted (a budget needs it for its report)."""
+    routing=False skips routing capture (a budgeted step still reports its own per-layer counts)."""
     past = cache_len(cache)
     args = forward_args(model, cache, root, tree)
     unbudgeted = None
     if config.budgets is not None and config.eval_agreement:
         unbudgeted = model(**args).logits[0]  # [N+1, V]
         crop(cache, past)
-    capture = capture_routing(model) if routing or config.budgets is not None else nullcontext()
+    capture = capture_routing(model) if routing else nullcontext()
     rank = eviction.node_rank(tree) if config.budgets is not None and config.budget_mode == "evict" else None
     with capture as captured, _budget(model, tree, config, rank) as report:
         out = model(**args)
-    alive = None if rank is None else eviction.alive_rows(rank.to(out.logits.device), report.last_kept_rows)
+    alive, kept = (None, None) if rank is None else (report.survivors, report.kept_rows[-1])
     agreement = None
     if unbudgeted is not None:  # over the rows acceptance may use (under eviction, the survivors)
         from .moe_budget import argmax_agreement
         rows = slice(None) if alive is None else alive
         agreement = argmax_agreement(out.logits[0][rows], unbudgeted[rows])
-    return Verification(out.logits[0], captured, past, report, agreement, alive)
+    return Verification(out.logits[0], captured, past, report, agreement, alive, kept)

@@ -6,6 +6,7 @@ import pytest
 
 from moetune.adaptive.acceptance import AcceptanceConfig, AcceptanceModel, expected_accepted
 from moetune.adaptive.controller import Controller, ControllerConfig, InfeasibleTarget
+from moetune.adaptive.eviction import EvictionChooser, EvictionConfig
 from moetune.adaptive.experts import ExpertModel, iid_unique
 from moetune.adaptive.fidelity import FidelityModel
 from moetune.adaptive.latency import RLS, OnlineLatency
@@ -29,17 +30,23 @@ class Env:
         kept = u if config.budgets is None else np.minimum(u, config.budgets)
         mass = 1.0 - (1.0 - kept / u) ** 2
         keep_p = float(np.exp(-2.0 * np.mean(1.0 - mass)))
+        depth, nodes_kept = config.depth if config.speculate else 0, None
+        if config.budgets is not None and config.budget_mode == "evict":  # lossless: nodes go, not experts
+            nodes_kept = max(k for k in range(n + 1) if round(iid_unique(32, 4, k + 1)) <= min(config.budgets))
+            kept = np.minimum(u, round(iid_unique(32, 4, nodes_kept + 1)))
+            mass, keep_p = np.ones(SHAPE.num_layers), 1.0
+            depth = min(depth, nodes_kept // config.topk)
         acc = 0
-        for _ in range(config.depth if config.speculate else 0):
+        for _ in range(depth):
             if self.rng.random() >= self.p * keep_p:
                 break
             acc += 1
         t_verify = self.base + self.per_token * (n + 1) + self.per_expert * kept.sum()
         t_draft = self.draft_step * config.depth if config.speculate else 0.0
-        agreement = None if config.budgets is None else keep_p
+        agreement = None if config.budgets is None or nodes_kept is not None else keep_p
         return StepStats(i, config, acc, acc + 1, n, config.depth if config.speculate else 0, ctx,
                          tuple(u.tolist()), tuple(kept.tolist()), tuple(mass.tolist()), (), t_draft, t_verify,
-                         agreement=agreement)
+                         agreement=agreement, nodes_kept=nodes_kept)
 
     def profile(self):
         return LatencyModel(verify=(self.base, self.per_token, self.per_expert, 0.0, 0.0),
@@ -150,7 +157,7 @@ def test_high_acceptance_picks_deep_speculation_lossless():
     c = make(ControllerConfig(budgets=False))
     late = [d.config for d, _ in run(c, Env(p=0.95, per_expert=1e-6))[-50:]]
     assert np.mean([cfg.depth if cfg.speculate else 0 for cfg in late]) >= 5
-    assert all(cfg.budgets is None for cfg in late)
+    assert all(cfg.budgets is None or cfg.budget_mode == "evict" for cfg in late)  # eviction is lossless
 
 
 def test_zero_acceptance_turns_speculation_off():
@@ -217,7 +224,7 @@ def test_feasible_latency_target_is_met_lossless():
         c = make(ControllerConfig(latency_target_ms=3.0, seed=seed), profile=env.profile())
         out = run(c, env, steps=200)[50:]
         assert ms_per_token(out) <= 3.0
-        lossless.append(np.mean([d.config.budgets is None for d, _ in out]))
+        lossless.append(np.mean([d.config.budgets is None or d.config.budget_mode == "evict" for d, _ in out]))
     assert np.mean(lossless) > 0.85  # lossless when the target allows
 
 
@@ -243,7 +250,7 @@ def test_target_stays_lossless_when_behind_but_a_lossless_config_meets_it():
         c = make(ControllerConfig(latency_target_ms=3.0, seed=seed), profile=env.profile())
         out = run(c, env, steps=120)[env.slow:]
         assert ms_per_token(out) <= 3.0
-        lossless.append(np.mean([d.config.budgets is None for d, _ in out]))
+        lossless.append(np.mean([d.config.budgets is None or d.config.budget_mode == "evict" for d, _ in out]))
     assert np.mean(lossless) > 0.75
 
 
@@ -432,3 +439,26 @@ def test_deferred_learning_decides_as_learning_every_step_at_once():
     eager.observe = lambda stats: (observe(stats), eager.learn())
     a, b = run(deferred, Env(p=0.8, seed=3), steps=150), run(eager, Env(p=0.8, seed=3), steps=150)
     assert [d for d, _ in a] == [d for d, _ in b] and not eager.unlearned
+
+
+@pytest.mark.parametrize("gain, preferred", [(1.3, 2), (0.8, 0)])
+def test_eviction_chooser_follows_the_goodput_it_measures(gain, preferred):
+    """Level 2 (rho 0.75) delivers `gain` times the plan's prediction, level 1 0.9 times, no eviction 1.0:
+    the chooser ends up taking the best one nearly always, whichever way the gain goes."""
+    chooser = EvictionChooser(EvictionConfig(levels=(0.5, 0.75)), families=1, rng=np.random.default_rng(0))
+    rng = np.random.default_rng(1)
+    picks = []
+    for _ in range(600):
+        level = chooser.choose(0)
+        picks.append(level)
+        delivered = (1.0, 0.9, gain)[level]
+        chooser.observe(0, level, delivered * float(np.exp(0.2 * rng.standard_normal())))
+    assert np.mean(np.array(picks[-200:]) == preferred) > 0.85
+
+
+def test_eviction_budgets_keep_a_node_and_evict_something():
+    chooser = EvictionChooser(EvictionConfig(levels=(0.5,)), families=1, rng=np.random.default_rng(0))
+    assert chooser.budgets(1, [20.0, 10.0], [7, 7], 32) == (10, 7)  # 0.5 * 10 = 5 < the floor of 7
+    assert chooser.budgets(1, [7.0, 6.5], [7, 7], 32) is None  # nothing above the floor to evict
+    with pytest.raises(ValueError, match="strictly increasing fractions"):
+        ControllerConfig(eviction_levels=(0.8, 0.5))

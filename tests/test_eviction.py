@@ -64,13 +64,14 @@ def test_evict_equals_a_loop_reference_on_random_routing():
         tree = random_tree(rng, T - 1)
         rank = eviction.node_rank(tree)
         budgets = [rng.randrange(K, E + 1) for _ in range(L)]
-        previous, counts = None, []
+        position = eviction.rank_positions(rank)
+        assert torch.equal(rank[position], torch.arange(T))
+        previous, counts = T, []
         for layer in range(L):
-            ids, previous = eviction.evict(index[layer], E, rank, budgets[layer], previous)
+            alive, previous = eviction.evict(index[layer], E, rank, position, budgets[layer], previous)
             counts.append(int(previous))
-            alive = eviction.alive_rows(rank, previous)
-            assert torch.equal(ids >= 0, alive[:, None].expand(-1, K))
-            assert hit_mask(ids, E).any(0).sum() <= budgets[layer]
+            assert torch.equal(alive, position < previous)
+            assert hit_mask(index[layer][alive], E).any(0).sum() <= budgets[layer]
         assert counts == reference_counts(index, rank.tolist(), budgets)
 
 
@@ -93,7 +94,7 @@ def test_survivors_are_exact_and_within_budget_at_every_layer(family):
             ver = verify(model, cache, 7, tree, config)
         crop(cache, len(PROMPT))
         assert [len(c) for c in computed] == list(ver.budget_report.unique_experts_kept)  # only kept experts run
-        alive = ver.alive
+        alive = ver.alive if ver.alive is not None else torch.ones(len(tree) + 1, dtype=torch.bool)
         rows = alive.nonzero().flatten()
         assert alive[0] and set(ancestors(tree.parents)[rows].nonzero()[:, 1].tolist()) <= set(rows.tolist())
         torch.testing.assert_close(ver.logits[rows], full.logits[rows], atol=1e-5, rtol=1e-5)

@@ -258,13 +258,19 @@ def _substitute(block: torch.nn.Module, layer: int, active: _Active, x: torch.Te
                                 plan.substitution, getattr(block.gate, "norm_topk_prob", True))
 
 
+def _gathers_kept_rows(device: torch.device) -> bool:
+    """On CPU a host sync is free and computing only the kept rows saves work; elsewhere shapes stay static."""
+    return device.type == "cpu"
+
+
 def _evicted_forward(block: torch.nn.Module, layer: int, active: _Active, x: torch.Tensor,  # [T, H]
                      top_k_weights: torch.Tensor, top_k_index: torch.Tensor,  # [T, K] x2
                      num_experts: int) -> torch.Tensor:  # [T, H]
     """The layer's experts for the rows it keeps, through HF's own experts implementation (what an
-    unbudgeted pass runs). Evicted rows point at the root's first expert, which is computed anyway, with
-    weight 0: no other expert's weights are read, shapes stay static (no host sync) and their output is 0.
-    A budget that cannot bind (>= the experts T tokens could touch) costs nothing."""
+    unbudgeted pass runs); evicted rows get 0. On CPU the kept rows are gathered; on an accelerator
+    evicted rows point at the root's first expert, which is computed anyway, with weight 0: no other
+    expert's weights are read and shapes stay static (no host sync). A budget that cannot bind (>= the
+    experts T tokens could touch) costs nothing."""
     plan, report, budget = active.plan, active.report, active.budgets[layer]
     T = top_k_index.shape[0]
     if plan.rank.numel() != T:
@@ -276,6 +282,10 @@ def _evicted_forward(block: torch.nn.Module, layer: int, active: _Active, x: tor
         return block.experts(x, top_k_index, top_k_weights)
     alive, count = eviction.evict(top_k_index, num_experts, plan.rank, active.position, budget, previous)
     report._record_eviction(layer, top_k_index, count, alive)
+    if _gathers_kept_rows(x.device):
+        rows = alive.nonzero().flatten()  # [T'] kept rows
+        out = torch.zeros_like(x)
+        return out.index_copy_(0, rows, block.experts(x[rows], top_k_index[rows], top_k_weights[rows]))
     keep = alive[:, None]  # [T, 1]
     return block.experts(x, torch.where(keep, top_k_index, top_k_index[0, 0]), top_k_weights * keep)
 

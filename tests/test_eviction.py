@@ -75,8 +75,12 @@ def test_evict_equals_a_loop_reference_on_random_routing():
         assert counts == reference_counts(index, rank.tolist(), budgets)
 
 
+@pytest.mark.parametrize("gather", [True, False], ids=["gather-kept-rows", "static-shapes"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_survivors_are_exact_and_within_budget_at_every_layer(family):
+def test_survivors_are_exact_and_within_budget_at_every_layer(family, gather, monkeypatch):
+    """Both ways of computing only the kept experts: gathering the kept rows (CPU) and static shapes with
+    evicted rows on the root's first expert at weight 0 (accelerators)."""
+    monkeypatch.setattr(mb, "_gathers_kept_rows", lambda device: gather)
     model = tiny_moe(family)
     tree = DraftTree((-1, -1, 0, 0, 1, 2, 2, 4, 5, 8), torch.tensor([5, 9, 17, 3, 99, 42, 8, 64, 23, 11]),
                      torch.tensor([0.6, 0.3, 0.5, 0.4, 0.9, 0.2, 0.7, 0.5, 0.8, 0.3]))

@@ -39,6 +39,7 @@ from .candidates import CandidateGrid, label
 from .config import ControllerConfig
 from .eviction import EvictionChooser, EvictionConfig
 from .explore import ExplorationSchedule
+from .fidelity import EvalSampler
 from .learners import Learners
 from .plan import Menu, Plan, build_menu, build_plan, calibration_options
 from .ranking import Ranking
@@ -48,6 +49,7 @@ __all__ = ["Controller", "ControllerConfig", "Decision", "InfeasibleTarget"]
 
 MIN_EVIDENCE = 8  # steps of a request before its target is declared infeasible online
 CONFIG_CACHE = 4096  # budgeted StepConfigs kept for reuse
+EVAL_EVERY = 32  # one lossy budgeted step in this many (on average) also verifies unbudgeted (eval mode)
 
 
 class InfeasibleTarget(ValueError):
@@ -89,6 +91,7 @@ class Controller:
         self.ranking: Ranking | None = None
         self.exploration: ExplorationSchedule | None = None  # when a drafter is tried against the odds
         self.eviction: EvictionChooser | None = None  # lossless eviction budgets on chosen options
+        self.eval_sampler: EvalSampler | None = None  # which lossy steps also measure their agreement
         self.unique: list = []  # per candidate: the plan's predicted unique experts per layer (L floats)
         self.floor: list = []  # per layer: predicted unique experts of the root and one node (L ints)
         self.evictable: list = []  # per candidate: experts are predicted to be a sizeable share of its verify
@@ -120,6 +123,7 @@ class Controller:
         self.eviction = EvictionChooser(EvictionConfig(levels=c.eviction_levels), len(grid.families), self.rng) \
             if c.eviction_levels else None
         self.requests, self.handed, self.current, self.unlearned = {}, {}, None, []
+        self.eval_sampler = EvalSampler(EVAL_EVERY, c.seed)
         self.steps = 0
         self.step_configs = {}
         self.replan()
@@ -200,6 +204,12 @@ class Controller:
 
     # ---- decide -------------------------------------------------------------------------------------
     def decide(self, state: DecodeState) -> Decision:
+        d = self._decide(state)
+        if self.eval_sampler.want(d.config):  # eval mode: the fidelity model learns from measured agreement
+            d = replace(d, config=replace(d.config, eval_agreement=True))
+        return d
+
+    def _decide(self, state: DecodeState) -> Decision:
         r = self._request(state.request_id)
         self.current = state.request_id
         slot = r.enter(self._order(state.lookahead))

@@ -9,10 +9,18 @@ exp(-lambda * A), lambda fitted from budgeted steps (observed vs expected accept
 
 Why queued: observe runs every decode step; agreement observations are folded into the weights' fit as
 one block update when the weights are next read (the controller reads them when it replans).
+
+Live learning: agreement is measured only in eval mode (StepConfig.eval_agreement), which verifies each
+tree twice. EvalSampler picks which lossy budgeted steps the controller runs in eval mode (one in
+`every`, on average), so the weights are fitted from the steps the controller actually takes.
 """
 from __future__ import annotations
 
+import random
+
 import numpy as np
+
+from moetune.step import StepConfig
 
 from .health import report_reset
 from .latency import RLS
@@ -79,3 +87,34 @@ class FidelityModel:
             self._lam_num, self._lam_den = self._lam_prior
             healthy = False
         return healthy
+
+
+class EvalSampler:
+    """Which lossy budgeted steps also verify unbudgeted (eval mode), so the fidelity model learns live.
+
+    Why sampled: an eval step verifies the tree twice, so evaluating one lossy step in `every` costs about
+    1/every of their verification time, carried by those steps' own times. Why random gaps (uniform in
+    [1, 2 every - 1], mean `every`) rather than a fixed period: a controller that alternates budget
+    levels with a period dividing `every` would otherwise be measured at one level only. The first lossy
+    step is evaluated: the model starts from its prior. Eviction budgets are exact, so never evaluated.
+
+    State: `countdown`, lossy budgeted steps to skip before the next eval; `rng`, which draws the gaps.
+    """
+
+    def __init__(self, every: int = 32, seed: int = 0):
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"EvalSampler.every must be an int >= 1 (evaluate one lossy budgeted step in that many; "
+                             f"1 = all), got {every!r}")
+        self.every = every
+        self.rng = random.Random(seed)
+        self.countdown = 0
+
+    def want(self, config: StepConfig) -> bool:
+        """Whether the step about to run with `config` should set eval_agreement (advances on lossy steps only)."""
+        if config.budgets is None or config.budget_mode != "substitute":
+            return False
+        if self.countdown:
+            self.countdown -= 1
+            return False
+        self.countdown = self.rng.randint(1, 2 * self.every - 1) - 1
+        return True

@@ -192,6 +192,8 @@ class Learners:
             computed = sum(stats.unique_experts_kept)
         else:
             computed = float(self.experts.predict([tokens]).sum())
+        if cfg.eval_agreement:  # eval mode verified twice: its time is not one verification's
+            return
         self.latency.observe(cfg.drafter if cfg.speculate else None, tokens, computed, stats.context_len,
                              stats.t_verify + stats.t_accept + stats.t_commit + stats.t_control,
                              stats.tree_depth, stats.tree_size, stats.t_draft)

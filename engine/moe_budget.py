@@ -57,7 +57,7 @@ class BudgetPlan:
 
     budgets: int | tuple[int, ...]
     selection: str = "prob_sum"
-    substitution: str = "renormalize"
+    substitution: str = "reselect"
     node_weights: torch.Tensor | Sequence[float] | None = field(default=None, compare=False)
     mode: str = "substitute"
     rank: torch.Tensor | None = field(default=None, compare=False)
@@ -254,8 +254,10 @@ def _substitute(block: torch.nn.Module, layer: int, active: _Active, x: torch.Te
     plan = active.plan
     scores = selection.selection_scores(probs, top_k_index, plan.selection,
                                         _node_weights(plan, x.shape[0], x.device))
+    w = plan.node_weights
+    roots = selection.root_rows(x.shape[0], None if w is None else len(w), x.device)  # [T] one root per tree
     return selection.substitute(probs, top_k_index, top_k_weights, scores, active.budgets[layer],
-                                plan.substitution, getattr(block.gate, "norm_topk_prob", True))
+                                plan.substitution, getattr(block.gate, "norm_topk_prob", True), roots=roots)
 
 
 def _gathers_kept_rows(device: torch.device) -> bool:

@@ -101,7 +101,7 @@ class StepConfig:
     tree: tuple[int, ...] | None = None  # static tree: parent array over draft nodes
     budgets: tuple[int, ...] | None = None  # per-layer expert budgets B_l, or None
     selection: str = "prob_sum"
-    substitution: str = "renormalize"
+    substitution: str = "reselect"
     eval_agreement: bool = False  # also verify unbudgeted and report argmax agreement (StepStats.agreement)
     budget_mode: str = "evict"  # BUDGET_MODES: evict nodes (lossless) or substitute experts (lossy)
 

@@ -21,7 +21,7 @@ class MoESpecConfig:
     num_draft_tokens: int | None = None
     drafter: str = "draft_model"
     selection: str = "prob_sum"
-    substitution: str = "renormalize"
+    substitution: str = "reselect"
 
     def __post_init__(self):
         if self.budget < 1:

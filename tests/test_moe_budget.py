@@ -111,18 +111,19 @@ def test_substitution_semantics_hand_built():
     index = torch.tensor([[0, 1], [3, 2]])
     norm_w = torch.tensor([[0.625, 0.375], [0.6 / 0.85, 0.25 / 0.85]])
     scores = selection.selection_scores(probs, index, "prob_sum")  # [0.60, 0.35, 0.40, 0.65] -> drop expert 1
-    renorm = selection.substitute(probs, index, norm_w, scores, 3, "renormalize", normalized=True)
+    no_root = torch.zeros(2, dtype=torch.bool)  # the substitution mechanics alone (root protection: test_lossy_budget)
+    renorm = selection.substitute(probs, index, norm_w, scores, 3, "renormalize", normalized=True, roots=no_root)
     assert renorm.expert_ids.tolist() == [[0, -1], [3, 2]]
     torch.testing.assert_close(renorm.weights, torch.tensor([[1.0, 0.0], norm_w[1].tolist()]))
-    resel = selection.substitute(probs, index, norm_w, scores, 3, "reselect", normalized=True)
+    resel = selection.substitute(probs, index, norm_w, scores, 3, "reselect", normalized=True, roots=no_root)
     assert resel.expert_ids.tolist() == [[0, 2], [3, 2]]
     torch.testing.assert_close(resel.weights, torch.tensor([[0.5 / 0.65, 0.15 / 0.65], norm_w[1].tolist()]))
     torch.testing.assert_close(resel.mass_kept, torch.tensor([0.625, 1.0]))
     assert resel.substituted.tolist() == [True, False]
     raw_w = probs.gather(1, index)  # router without norm_topk_prob
-    raw = selection.substitute(probs, index, raw_w, scores, 3, "reselect", normalized=False)
+    raw = selection.substitute(probs, index, raw_w, scores, 3, "reselect", normalized=False, roots=no_root)
     torch.testing.assert_close(raw.weights[0], torch.tensor([0.5, 0.15]))
-    kept = selection.substitute(probs, index, raw_w, scores, 3, "renormalize", normalized=False)
+    kept = selection.substitute(probs, index, raw_w, scores, 3, "renormalize", normalized=False, roots=no_root)
     torch.testing.assert_close(kept.weights[0], torch.tensor([0.8, 0.0]))  # keeps the token's total top-k mass
 
 
@@ -131,7 +132,8 @@ def test_token_that_lost_all_experts_is_reselected_under_renormalize():
     index = torch.tensor([[0, 1], [2, 3], [2, 3]])
     w = probs.gather(1, index)
     scores = selection.selection_scores(probs, index, "prob_sum")  # keeps 2 and 3 at budget 2
-    r = selection.substitute(probs, index, w, scores, 2, "renormalize", normalized=False)
+    r = selection.substitute(probs, index, w, scores, 2, "renormalize", normalized=False,
+                             roots=torch.zeros(3, dtype=torch.bool))  # no root: row 0 may lose its experts
     assert sorted(r.expert_ids[0].tolist()) == [2, 3] and r.mass_kept[0].item() == 0.0
 
 
@@ -149,8 +151,8 @@ def test_selection_scores_differ_by_method():
 
 def test_accept_weighted_uses_node_weights():
     m = tiny_moe("olmoe")
-    uniform = mb.BudgetPlan(2, selection="accept_weighted")
-    skewed = mb.BudgetPlan(2, selection="accept_weighted", node_weights=[1.0] + [0.0] * 11)
+    uniform = mb.BudgetPlan(3, selection="accept_weighted")  # above top_k=2: the root's 2 are always kept
+    skewed = mb.BudgetPlan(3, selection="accept_weighted", node_weights=[1.0] + [0.0] * 11)
     with mb.apply_budget(m, uniform) as a:
         logits(m)
     with mb.apply_budget(m, skewed) as b:

@@ -22,7 +22,8 @@ draft probabilities: nodes are ranked by cumulative draft probability (ties: dep
 layer keeps the longest ranked prefix whose routed experts fit its budget (and the previous layer's),
 and the accepted length is the number of surviving nodes on the recorded accepted path.
 
-Substitution budgets: per layer, experts routed by the root or a selected node are ranked as engine/selection.py
+Substitution budgets: per layer, the root's routed experts are kept first (root protection), then experts
+routed by a selected node are ranked as engine/selection.py
 ranks them (reimplemented in numpy; replay imports no torch): prob_sum: router probability summed over
 those tokens; hit_count: routed-token count + prob_sum / (tokens + 1) (so ties in the count go to the
 larger probability); accept_weighted: router probability weighted by the node's cumulative draft
@@ -192,7 +193,9 @@ def keep(record: TreeRecord, toks: np.ndarray, budgets: np.ndarray, selection: s
     score = np.bincount((ent + offs).ravel(), weights=probs.ravel(), minlength=layers * e)  # [L*E]
     if selection == "hit_count":  # engine/selection.py: hits, ties broken by the summed probability
         score = hits + score / (len(toks) + 1)
-    score = np.where(hits > 0, score, -np.inf).reshape(layers, e)
+    score = np.where(hits > 0, score, -np.inf)
+    score[routed[0].ravel()] = np.inf  # the root's experts are kept first (engine/selection.py root protection)
+    score = score.reshape(layers, e)
     order = np.argsort(-score, axis=1, kind="stable")  # [L, E] ties: lower expert id first
     rank = np.empty_like(order)
     np.put_along_axis(rank, order, np.arange(e)[None, :].repeat(layers, 0), axis=1)

@@ -68,7 +68,7 @@ class TraceMeta:
     router_top: int  # M: router entries kept per token and layer (>= top_k)
     budget_grid: tuple[int, ...] = ()  # uniform per-layer budgets whose outcomes were recorded
     selection: str = "prob_sum"  # expert ranking used for the recorded budget outcomes
-    substitution: str = "renormalize"
+    substitution: str = "reselect"
     target: str = ""
     draft: str = ""
     hardware: dict = field(default_factory=dict)

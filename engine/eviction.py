@@ -68,3 +68,18 @@ def evict(top_k_index: torch.Tensor,  # [T, K] this layer's routing, rows in ver
     if not isinstance(previous, int):
         count = torch.minimum(count, previous)
     return position < count, count
+
+
+def kept_prefix(routing: list[list[int]],  # [T][K] this layer's experts per row, verification order
+                rank: list[int],  # [T] from node_rank
+                budget: int,
+                previous: int,  # rows kept at the layer before (T at the first layer)
+                ) -> int:
+    """evict's count, on the host: the longest prefix of `rank` (at most `previous` rows) whose expert
+    union fits `budget`."""
+    union: set[int] = set()
+    for kept, row in enumerate(rank[:previous]):
+        union.update(routing[row])
+        if len(union) > budget:
+            return kept
+    return previous

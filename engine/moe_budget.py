@@ -172,35 +172,40 @@ class BudgetReport:
 
 
 class EvictionReport(BudgetReport):
-    """Per-layer outcome of one pass under an eviction budget: which rows each layer kept. Every kept row
-    keeps all its experts, so router mass kept is 1 and no token is substituted."""
+    """Per-layer outcome of one pass under an eviction budget: how many rows (a prefix of the ranking) each
+    layer kept. Every kept row keeps all its experts, so router mass kept is 1 and no token is substituted."""
 
-    def __init__(self, num_layers: int, num_experts: int):
+    def __init__(self, num_layers: int, num_experts: int, position: torch.Tensor, rank: list[int]):  # position [T]
         super().__init__(num_layers)
         self.num_experts = num_experts
-        self.kept_rows: list[torch.Tensor | int | None] = [None] * num_layers  # [] rows kept (int: all)
-        self.alive: list[torch.Tensor | None] = [None] * num_layers  # [T] bool rows kept (None: all)
+        self.position = position  # each row's place in the ranking (eviction.rank_positions)
+        self.rank = rank  # the ranking itself (rows in keep order)
+        self.kept_rows: list[torch.Tensor | int | None] = [None] * num_layers  # rows kept ([] or an int)
 
     @property
     def survivors(self) -> torch.Tensor | None:
         """[T] bool rows kept at every layer (None: all): the only rows whose logits acceptance may use."""
-        return self.alive[-1]
+        count = self.kept_rows[-1]
+        if isinstance(count, int) and count == self.position.numel():
+            return None
+        return self.position < count
 
-    def _record_eviction(self, layer: int, top_k_index: torch.Tensor, count, alive) -> None:
+    def _record_eviction(self, layer: int, top_k_index: torch.Tensor, count) -> None:
         self._layers[layer] = top_k_index.detach()
-        self.kept_rows[layer], self.alive[layer] = count, alive
+        self.kept_rows[layer] = count
         self._numbers = None
 
     def _compute(self) -> dict:
         """Demand (experts of the rows entering each layer) and experts computed, all layers at once."""
+        if self._numbers is None and all(isinstance(c, int) for c in self.kept_rows):  # CPU: a few sets
+            self._numbers = self._count_on_host(torch.stack(self._layers).tolist())
         if self._numbers is None:
             index = torch.stack(self._layers)  # [L, T, K]
             L, T, _ = index.shape
-            everyone = torch.ones(T, dtype=torch.bool, device=index.device)
-            kept = torch.stack([everyone if a is None else a for a in self.alive])  # [L, T]
-            entered = torch.cat([everyone[None], kept[:-1]])  # [L, T]
-            E = self.num_experts
-            hits = torch.zeros(L, T, E, dtype=torch.bool, device=index.device).scatter_(2, index, True)
+            counts = torch.stack([torch.as_tensor(c, device=index.device) for c in self.kept_rows])  # [L]
+            kept = self.position[None, :] < counts[:, None]  # [L, T]
+            entered = torch.cat([torch.ones_like(kept[:1]), kept[:-1]])  # [L, T]
+            hits = torch.zeros(L, T, self.num_experts, dtype=torch.bool, device=index.device).scatter_(2, index, True)
             demand = (hits & entered[..., None]).any(1).sum(1)  # [L]
             used = (hits & kept[..., None]).any(1)  # [L, E]
             values = torch.cat([demand[:, None], used.long()], dim=1).tolist()  # one host transfer
@@ -209,6 +214,15 @@ class EvictionReport(BudgetReport):
                              "mass": (1.0,) * L, "subst": (0,) * L, "selected": tuple(sets)}
         return self._numbers
 
+    def _count_on_host(self, index: list) -> dict:  # index [L][T][K]
+        demand, sets, entered = [], [], len(self.rank)
+        for layer, count in zip(index, self.kept_rows):
+            demand.append(len(set().union(*(layer[r] for r in self.rank[:entered]))))
+            sets.append(tuple(sorted(set().union(*(layer[r] for r in self.rank[:count])))))
+            entered = count
+        L = len(index)
+        return {"unique": tuple(demand), "kept": tuple(len(u) for u in sets), "mass": (1.0,) * L,
+                "subst": (0,) * L, "selected": tuple(sets)}
 
 
 @dataclass(frozen=True)
@@ -218,6 +232,7 @@ class _Active:
     budgets: tuple[int, ...]
     report: BudgetReport
     position: torch.Tensor | None = None  # evict mode: [T] each row's position in plan.rank
+    rank_list: list | None = None  # evict mode: plan.rank as a list (the CPU search runs on the host)
 
 
 _ACTIVE: contextvars.ContextVar[_Active | None] = contextvars.ContextVar("moetune_budget", default=None)
@@ -269,25 +284,30 @@ def _evicted_forward(block: torch.nn.Module, layer: int, active: _Active, x: tor
                      top_k_weights: torch.Tensor, top_k_index: torch.Tensor,  # [T, K] x2
                      num_experts: int) -> torch.Tensor:  # [T, H]
     """The layer's experts for the rows it keeps, through HF's own experts implementation (what an
-    unbudgeted pass runs); evicted rows get 0. On CPU the kept rows are gathered; on an accelerator
-    evicted rows point at the root's first expert, which is computed anyway, with weight 0: no other
-    expert's weights are read and shapes stay static (no host sync). A budget that cannot bind (>= the
-    experts T tokens could touch) costs nothing."""
+    unbudgeted pass runs); evicted rows get 0. On CPU the prefix is searched on the host (a few dozen
+    set operations cost less than ten small tensor ops) and the kept rows are gathered; on an accelerator
+    the search is tensor ops (eviction.evict) and evicted rows point at the root's first expert, which is
+    computed anyway, with weight 0: no other expert's weights are read and shapes stay static (no host
+    sync). A budget that cannot bind (>= the experts T tokens could touch) costs nothing."""
     plan, report, budget = active.plan, active.report, active.budgets[layer]
     T = top_k_index.shape[0]
     if plan.rank.numel() != T:
         raise ValueError(f"eviction ranks {plan.rank.numel()} rows but the pass verifies {T} tokens: "
                          f"evict budgets apply to one tree per forward")
     previous = report.kept_rows[layer - 1] if layer else T  # layer 0 starts each forward afresh
-    if isinstance(previous, int) and budget >= min(num_experts, T * top_k_index.shape[1]):
-        report._record_eviction(layer, top_k_index, previous, None)
+    if isinstance(previous, int) and previous == T and budget >= min(num_experts, T * top_k_index.shape[1]):
+        report._record_eviction(layer, top_k_index, T)
         return block.experts(x, top_k_index, top_k_weights)
-    alive, count = eviction.evict(top_k_index, num_experts, plan.rank, active.position, budget, previous)
-    report._record_eviction(layer, top_k_index, count, alive)
     if _gathers_kept_rows(x.device):
-        rows = alive.nonzero().flatten()  # [T'] kept rows
+        kept = eviction.kept_prefix(top_k_index.tolist(), active.rank_list, budget, previous)
+        report._record_eviction(layer, top_k_index, kept)
+        if kept == T:  # everything fits: HF's own call
+            return block.experts(x, top_k_index, top_k_weights)
+        rows = plan.rank[:kept]  # [T'] the kept rows: a prefix of the ranking
         out = torch.zeros_like(x)
         return out.index_copy_(0, rows, block.experts(x[rows], top_k_index[rows], top_k_weights[rows]))
+    alive, count = eviction.evict(top_k_index, num_experts, plan.rank, active.position, budget, previous)
+    report._record_eviction(layer, top_k_index, count)
     keep = alive[:, None]  # [T, 1]
     return block.experts(x, torch.where(keep, top_k_index, top_k_index[0, 0]), top_k_weights * keep)
 
@@ -369,12 +389,14 @@ def apply_budget(model: torch.nn.Module, plan: BudgetPlan):
     """Budget the model's MoE layers for the duration of the with-block; yields the BudgetReport."""
     handle = install(model)
     budgets = plan.validate(handle.shape)
+    position = rank_list = None
     if plan.mode == "evict":
-        report = EvictionReport(len(budgets), handle.shape.num_experts)
-        position = eviction.rank_positions(plan.rank)
+        position, rank_list = eviction.rank_positions(plan.rank), plan.rank.tolist()
+        report = EvictionReport(len(budgets), handle.shape.num_experts, position, rank_list)
     else:
-        report, position = BudgetReport(len(budgets)), None
-    token = _ACTIVE.set(_Active(handle=handle, plan=plan, budgets=budgets, report=report, position=position))
+        report = BudgetReport(len(budgets))
+    token = _ACTIVE.set(_Active(handle=handle, plan=plan, budgets=budgets, report=report, position=position,
+                                rank_list=rank_list))
     try:
         yield report
     finally:

@@ -67,9 +67,12 @@ def test_evict_equals_a_loop_reference_on_random_routing():
         position = eviction.rank_positions(rank)
         assert torch.equal(rank[position], torch.arange(T))
         previous, counts = T, []
+        host = T
         for layer in range(L):
             alive, previous = eviction.evict(index[layer], E, rank, position, budgets[layer], previous)
             counts.append(int(previous))
+            host = eviction.kept_prefix(index[layer].tolist(), rank.tolist(), budgets[layer], host)
+            assert host == counts[-1]  # the CPU path's host search equals the tensor search
             assert torch.equal(alive, position < previous)
             assert hit_mask(index[layer][alive], E).any(0).sum() <= budgets[layer]
         assert counts == reference_counts(index, rank.tolist(), budgets)

@@ -1,9 +1,13 @@
 """Recording with the engine on tiny models: counterfactual replay of smaller configs (with and without
 expert budgets) reproduces what the engine does live with them, and the policy that ran while recording
 replays to its measured goodput."""
+from pathlib import Path
+
 import pytest
 
-from moetune.engine.drafters import NgramDrafter, SelfDrafter
+from moetune import DEFAULT_DRAFT, DEFAULT_TARGET
+from moetune.engine import moe_budget as mb
+from moetune.engine.drafters import DraftModelDrafter, NgramDrafter, SelfDrafter
 from moetune.engine.generate import generate
 from moetune.policies.static import Static
 from moetune.step import StepConfig
@@ -13,7 +17,7 @@ from moetune.traces.reader import read_trace
 from moetune.traces.record import record_request
 from moetune.traces.replay import replay
 from moetune.traces.schema import TraceMeta, TreeLimits
-from moetune.engine.loader import moe_shape
+from moetune.engine.loader import load_draft, load_target, moe_shape
 from moetune.ngram import NgramIndex
 from moetune.traces.writer import TraceWriter
 from tiny import tiny_moe
@@ -198,3 +202,36 @@ def test_lookahead_is_shown_before_each_decision_live_and_in_replay(recorded, co
     finally:
         req.prompt_ids = saved
     assert all(look is None for look in blind.looks) and len(blind.looks) == len(live.looks)
+
+
+SAMPLES = Path(__file__).resolve().parents[1] / "traces" / "samples"
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    if not (DEFAULT_TARGET / "config.json").exists():
+        pytest.skip("embedded default models not trained yet")
+    target, tok = load_target(DEFAULT_TARGET, device="cpu", dtype="float32")
+    draft, _ = load_draft(DEFAULT_DRAFT, tok, device="cpu", dtype="float32")
+    return target, DraftModelDrafter(draft)
+
+
+@pytest.mark.parametrize("name", ["code", "docstring", "repetitive"])
+def test_eviction_replays_exactly_on_every_sample_trace(embedded, name):
+    """Replay derives eviction from the recorded routing and draft probabilities alone: on each sample trace
+    (the embedded models) every live step of a budgeted tree agrees with its replay field by field, and
+    the live output stays the recorded plain-greedy one (eviction is lossless)."""
+    target, drafter = embedded
+    trace = read_trace(SAMPLES / f"{name}.trace")
+    req = trace.requests[0]
+    config = StepConfig(depth=4, topk=2, num_draft_tokens=8, budgets=(10, 12, 12, 12, 12, 10))
+    live = Collect(config)
+    out = generate(target, None, [req.prompt_ids.tolist()], drafter={"draft_model": drafter}, policy=live,
+                   max_new_tokens=len(req.output), request_ids=[req.request_id], eos_token_id=-1)[0]
+    assert out.token_ids == req.output.tolist()
+    replayed = Collect(config)
+    replay(trace, replayed, fit_trace(trace))
+    mine = [same_step(s) for s in replayed.seen if s.request_id == req.request_id]
+    assert mine == [same_step(s) for s in live.seen]
+    assert any(s.nodes_kept < s.tree_size for s in live.seen)  # eviction acted
+    mb.install(target).remove()

@@ -1,0 +1,189 @@
+"""Batched decoding (engine/batch.py) on the embedded target: tokens/s against batch size, plain and static
+speculative, with per-request ms/token and time to first token.
+
+    python bench/bench_batch.py [--held-out 24] [--unseen 8] [--max-new-tokens 64] [--batch-sizes 1,2,4,8,16]
+
+Prompts: the embedded held-out prompts and prompts cut from installed packages' sources, as
+bench/bench_vs_hf.py picks them, all arriving at once; `batch_size` of them decode together and a finished
+one is replaced by the next (continuous batching). Methods: plain decoding, a draft-model chain of depth 3
+and an n-gram chain of depth 4 (static configs), each at every batch size, plus moetune's single-request
+engine (engine.generate, plain) as the reference outside batching. tokens/s: total generated tokens over
+the wall time of the whole batch run; decode tokens/s: the same without the prefill forwards (prefill
+costs per prompt token whatever the batch, on a CPU). Every output is checked against the single-request
+plain output (lossless). The issue's aim: plain at batch 8 >= 4x plain at batch 1. Writes
+bench/results/batch.{json,md,png} (or --tag'ed names).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bench_vs_hf import unseen_prompts
+from moetune import DEFAULT_DRAFT, DEFAULT_TARGET
+from moetune.engine.batch import generate_batch, throughput
+from moetune.engine.drafters import DraftModelDrafter
+from moetune.engine.generate import generate
+from moetune.engine.loader import load_draft, load_target
+from moetune.step import PLAIN, StepConfig
+
+METHODS = {"plain": PLAIN, "draft model chain k=3": StepConfig(depth=3),
+           "n-gram chain k=4": StepConfig(drafter="ngram", depth=4)}
+AIM = 4.0  # plain tokens/s at batch 8 over batch 1
+
+
+def run_single(target, prompts: list[list[int]], n: int) -> tuple[dict, list[list[int]]]:
+    """The single-request engine, plain, prompt after prompt: the reference outputs and its tokens/s."""
+    t0 = time.perf_counter()
+    res = [generate(target, None, [p], max_new_tokens=n)[0] for p in prompts]
+    seconds = time.perf_counter() - t0
+    tokens = sum(len(r.token_ids) for r in res)
+    return dict(method="single-request engine (plain)", batch_size=1, tokens=tokens, seconds=round(seconds, 3),
+                tokens_per_s=round(tokens / seconds, 1),
+                decode_tokens_per_s=round(tokens / sum(r.decode_time for r in res), 1)), [r.token_ids for r in res]
+
+
+def run_batch(target, draft, prompts: list[list[int]], method: str, batch_size: int, n: int,
+              reference: list[list[int]]) -> dict:
+    """One batched run of every prompt: throughput, per-request ms/token and time to first token."""
+    t0 = time.perf_counter()
+    res = generate_batch(target, None, prompts, drafter=DraftModelDrafter(draft), config=METHODS[method],
+                         batch_size=batch_size, max_new_tokens=n)
+    seconds = time.perf_counter() - t0
+    tokens = sum(len(r.token_ids) for r in res)
+    steps = [s for r in res for s in r.steps]
+    ms_token = [1e3 * r.time_per_output_token for r in res]
+    ttft = [1e3 * r.time_to_first_token for r in res]
+    prefill = sum(r.prefill_time for r in res)  # prefill forwards (shared among joiners) and drafter prefills
+    return dict(method=method, batch_size=batch_size, tokens=tokens, seconds=round(seconds, 3),
+                tokens_per_s=round(tokens / seconds, 1), throughput_in_run=round(throughput(res), 1),
+                prefill_seconds=round(prefill, 3), decode_tokens_per_s=round(tokens / (seconds - prefill), 1),
+                mean_accepted=round(sum(s.accepted for s in steps) / len(steps), 2),
+                ms_per_token_mean=round(statistics.mean(ms_token), 2), ms_per_token_p90=round(_p90(ms_token), 2),
+                ttft_ms_mean=round(statistics.mean(ttft), 1), ttft_ms_p90=round(_p90(ttft), 1),
+                lossless=[r.token_ids for r in res] == reference,
+                per_request=[dict(ms_per_token=round(m, 2), ttft_ms=round(t, 1), tokens=len(r.token_ids))
+                             for m, t, r in zip(ms_token, ttft, res)])
+
+
+def _p90(xs: list[float]) -> float:
+    return sorted(xs)[min(len(xs) - 1, int(0.9 * len(xs)))]
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--held-out", type=int, default=24, help="embedded held-out prompts")
+    ap.add_argument("--unseen", type=int, default=8, help="prompts from installed packages' sources")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--batch-sizes", default="1,2,4,8,16")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {list(METHODS)}")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tag", default="", help="suffix of the output files")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = ap.parse_args(argv)
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        ap.error(f"unknown --methods {unknown}; choose from {list(METHODS)}")
+    torch.set_num_threads(args.threads)
+    target, tok = load_target(DEFAULT_TARGET, device="cpu", dtype="float32")
+    draft, _ = load_draft(DEFAULT_DRAFT, tok, device="cpu", dtype="float32")
+    held = json.loads((Path(DEFAULT_TARGET).parent / "prompts.json").read_text())[:args.held_out]
+    texts = held + (unseen_prompts(args.unseen) if args.unseen else [])
+    prompts = [tok(p["text"], add_special_tokens=False)["input_ids"] for p in texts]
+    n = args.max_new_tokens
+    for m in methods:  # first-call costs (allocator, kernel choice) are not timed
+        generate_batch(target, None, prompts[:2], drafter=DraftModelDrafter(draft), config=METHODS[m],
+                       batch_size=2, max_new_tokens=4)
+    single, reference = run_single(target, prompts, n)
+    rows = [single]
+    for b in sizes:
+        for m in methods:
+            rows.append(run_batch(target, draft, prompts, m, b, n, reference))
+            print(f"{m} batch {b}: {rows[-1]['tokens_per_s']} tokens/s", file=sys.stderr, flush=True)
+    result = dict(device=platform.processor() or "cpu", torch_threads=args.threads, prompts=len(prompts),
+                  held_out=len(held), unseen=len(prompts) - len(held), max_new_tokens=n,
+                  command="python bench/bench_batch.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                  load_average_1min=round(os.getloadavg()[0], 2), rows=rows, aim=_aim(rows))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"batch{'_' + args.tag if args.tag else ''}"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(table(result))
+    plot(rows, out / f"{stem}.png")
+    print(table(result))
+    return result
+
+
+def _aim(rows: list[dict]) -> dict | None:
+    """Plain tokens/s at batch 8 over batch 1, end to end and over decode steps only (prefill excluded);
+    None when either batch size was not run."""
+    plain = {r["batch_size"]: r for r in rows if r["method"] == "plain" and "prefill_seconds" in r}
+    if 1 not in plain or 8 not in plain:
+        return None
+    ratio = {k: round(plain[8][k] / plain[1][k], 2) for k in ("tokens_per_s", "decode_tokens_per_s")}
+    return dict(speedup=ratio["tokens_per_s"], decode_speedup=ratio["decode_tokens_per_s"], target=AIM,
+                met=ratio["tokens_per_s"] >= AIM, decode_met=ratio["decode_tokens_per_s"] >= AIM)
+
+
+def table(result: dict) -> str:
+    lines = [f"Device: {result['device']} CPU, {result['torch_threads']} torch thread(s); {result['prompts']} prompts "
+             f"({result['held_out']} held-out, {result['unseen']} from other unseen text) x "
+             f"{result['max_new_tokens']} new tokens, greedy, all arriving at once; load average "
+             f"{result['load_average_1min']}.", "", f"Reproduce: `{result['command'].strip()}`", ""]
+    aim = result["aim"]
+    if aim is not None:
+        lines += [f"Plain at batch 8 vs batch 1: {aim['speedup']:.2f}x end to end, {aim['decode_speedup']:.2f}x over "
+                  f"decode steps (prefill excluded); aim {aim['target']:.0f}x: "
+                  f"{'met' if aim['met'] else 'not met'} end to end, {'met' if aim['decode_met'] else 'not met'} "
+                  "over decode steps.", ""]
+    lines += ["| method | batch | tokens/s | decode tokens/s | ms/token mean (p90) | TTFT ms mean (p90) "
+              "| mean accepted | lossless |", "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        if "prefill_seconds" not in r:
+            lines.append(f"| {r['method']} | 1 | {r['tokens_per_s']:.1f} | {r['decode_tokens_per_s']:.1f} | - | - | - "
+                         "| reference |")
+            continue
+        lines.append(f"| {r['method']} | {r['batch_size']} | {r['tokens_per_s']:.1f} | {r['decode_tokens_per_s']:.1f} "
+                     f"| {r['ms_per_token_mean']:.2f} "
+                     f"({r['ms_per_token_p90']:.2f}) | {r['ttft_ms_mean']:.1f} ({r['ttft_ms_p90']:.1f}) | "
+                     f"{r['mean_accepted']:.2f} | {'yes' if r['lossless'] else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """tokens/s against batch size, one line per method, end to end and over decode steps (the
+    single-request engine as a dashed level)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    single = next(r for r in rows if "prefill_seconds" not in r)
+    sizes = sorted({r["batch_size"] for r in rows if "prefill_seconds" in r})
+    for ax, key, title in zip(axes, ("tokens_per_s", "decode_tokens_per_s"), ("end to end", "decode steps only")):
+        for m in dict.fromkeys(r["method"] for r in rows if "prefill_seconds" in r):
+            pts = [(r["batch_size"], r[key]) for r in rows if r["method"] == m]
+            ax.plot(*zip(*pts), marker="o", label=m)
+        ax.axhline(single[key], linestyle="--", color="grey", label=single["method"])
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [str(b) for b in sizes])
+        ax.set_xlabel("batch size (requests per target forward)")
+        ax.set_title(f"tokens/s, {title}")
+    axes[0].set_ylabel("tokens/s (all requests)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Batched greedy decoding, embedded target (CPU)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

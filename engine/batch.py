@@ -1,0 +1,470 @@
+"""Batched greedy decoding: several requests share one target forward per step (continuous batching).
+
+Layout: the batch is packed into ONE sequence (batch dim 1), so the single-request machinery (a
+DynamicCache, explicit position ids, tree masks and acceptance) carries over:
+- rows: for each active request its root (last committed token) then its drafted nodes. Requests may
+  run plain, chains or trees of any shape, from any drafter, side by side in one forward;
+- cache: one DynamicCache of every active request's committed tokens, interleaved in commit order;
+  `owner` [S] names the request of each cached position, kept in step with the cache;
+- positions: a row's position id is its request's context length so far plus its depth in the tree;
+- attention (`packed_attention_forward`, swapped in for the forward only): each request's keys (its
+  cached positions, then its new rows) are gathered into a padded [B, L] block and its rows into [B, N];
+  a row sees its own cached keys and its own ancestors (`layout`), never another request's keys;
+- commit keeps, per request, the root and the accepted rows, and drops every position of a request that
+  finished: one gather along the cache's sequence axis from the first position that moves (usually only
+  the new rows, as in engine/kv.commit).
+Why: a padded [B, S_max] cache would need per-request padding, ragged compaction (each request accepts a
+different number of rows) and re-padding whenever a request joins or leaves; packed, those are an append
+and a gather, and trees of any size mix. Attending through one [1, 1, T, S + T] additive mask over the
+whole packed cache (the obvious packed form) reads every request's keys for every row (B times a padded
+batch's attention) and makes HF's SDPA path copy the keys for GQA; gathering per request costs what a
+padded batch does. One plain decode forward on the embedded target (CPU, 1 thread, each request ~200
+cached tokens, best of 24, ms): batch 1: full mask 5.4, gathered 5.7, padded 5.2, one request alone 4.9;
+batch 8: 11.7, 10.5, 9.2, eight single-request forwards 42.1; batch 16: 21.1, 14.6, 13.3, 92.0.
+
+Greedy only (temperature 0). Drafting runs per request, in turn: each request owns its drafters (a
+shallow copy of each one given, prefilled afresh, so an n-gram index or draft-model cache is its own);
+the draft model's forward is not batched across requests. Expert budgets are not applied: a budget caps
+the experts of a forward, and here one forward serves every request (see `_unbudgeted`).
+
+Shape legend: B requests in the forward, T new rows (over requests: root + drafted nodes, or prompt
+tokens at prefill), N the most new rows of one request, S cached positions (all requests), L the most keys
+of one request (cached + new), H attention heads (Hkv key/value heads), D head size, V vocabulary.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections import deque
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, replace
+
+import torch
+from transformers import AttentionInterface
+
+from moetune.driver import check_passive_draft, step_stats
+from moetune.policies.base import Policy
+from moetune.policies.static import Static
+from moetune.step import PLAIN, DecodeState, StepConfig, StepStats
+
+from . import kv
+from .accept import Acceptance, accept_greedy
+from .drafters import Proposer
+from .generate import GenerationResult, _drafters, _fit, _get_drafter, _lookahead, _prompt_ids
+from .loader import moe_shape
+from .routing import Routing, capture_routing
+from .telemetry import gpu_snapshot
+from .tree import DraftTree, ancestors, depths
+
+
+@dataclass
+class BatchResult(GenerationResult):
+    """A GenerationResult plus when the request was served, in seconds after generate_batch started.
+    decode_time runs from the end of its prefill to its last token, as for a single request."""
+
+    request_id: int = 0
+    arrival: float = 0.0
+    joined: float = 0.0  # it entered the batch (its prefill started)
+    first_token: float = 0.0  # its first step committed
+    finish: float = 0.0  # its last step committed
+
+    @property
+    def time_to_first_token(self) -> float:
+        return self.first_token - self.arrival
+
+    @property
+    def time_per_output_token(self) -> float:
+        """Seconds per token after the first (0 for a single token), as serving benchmarks report it."""
+        n = len(self.token_ids)
+        return (self.finish - self.first_token) / (n - 1) if n > 1 else 0.0
+
+
+def throughput(results: list[BatchResult]) -> float:
+    """Generated tokens per second over the whole run: from the first arrival to the last finish."""
+    span = max(r.finish for r in results) - min(r.arrival for r in results)
+    return sum(len(r.token_ids) for r in results) / span if span > 0 else 0.0
+
+
+class Request:
+    """One request in the batch: its committed tokens and drafters, this step's plan and outcome, times."""
+
+    def __init__(self, index: int, request_id: int, prompt_ids: list[int], max_new_tokens: int,
+                 pool: dict[str, Proposer], arrival: float):
+        self.index, self.request_id, self.pool, self.arrival = index, request_id, pool, arrival
+        self.prompt, self.ids = list(prompt_ids), list(prompt_ids)  # ids[-1]: the next root, not cached
+        self.max_new_tokens, self.generated, self.done = max_new_tokens, 0, False
+        self.steps: list[StepStats] = []
+        self.step, self.t_observe = 0, 0.0  # t_observe: the last observe, counted in the next t_control
+        self.joined = self.first_token = self.finish = self.prefill_time = self.t_start = 0.0
+        self.config: StepConfig = PLAIN  # this step's config, tree, passive chain, rows, outcome
+        self.tree: DraftTree | None = None
+        self.chain: list[int] | None = None
+        self.rows = slice(0, 0)  # its rows in the packed forward
+        self.acc: Acceptance | None = None
+        self.emitted: list[int] = []
+        self.t_decide = self.t_draft = self.t_accept = self.t_commit = 0.0
+
+    def result(self, tokenizer) -> BatchResult:
+        out = self.ids[len(self.prompt):]
+        text = tokenizer.decode(out, skip_special_tokens=True) if tokenizer is not None else ""
+        return BatchResult(text, out, self.prompt, self.steps, self.prefill_time, self.finish - self.t_start,
+                           self.request_id, self.arrival, self.joined, self.first_token, self.finish)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each request of one packed forward sits, as packed_attention_forward reads it."""
+
+    keys: torch.Tensor  # [B, L] long: cache positions (after this forward's append) of each request's keys, padded
+    rows: torch.Tensor  # [B, N] long: each request's new rows, padded with its last one
+    mask: torch.Tensor  # [B, 1, N, L] additive: which of its keys each row sees
+    unpad: torch.Tensor  # [T] long: each new row's place among the B * N padded rows
+
+
+def layout(owner: torch.Tensor,  # [S] request index of each cached position
+           groups: list[tuple[int, torch.Tensor]],  # per request in row order: (index, [n, n] bool new-row mask)
+           dtype: torch.dtype) -> Layout:
+    """A request's keys are its cached positions (all visible to its rows) and then its n new rows, which
+    see each other as its [n, n] block says (tree ancestry; causal for a prompt)."""
+    device, S, B = owner.device, len(owner), len(groups)
+    index = torch.tensor([g[0] for g in groups], device=device)
+    n = torch.tensor([len(g[1]) for g in groups], device=device)  # [B]
+    mine = owner[None, :] == index[:, None]  # [B, S]
+    cached = mine.sum(dim=1)  # [B]
+    order = torch.cat([mine.nonzero()[:, 1], owner.new_zeros(1)])  # cached positions grouped by request
+    first, start = cached.cumsum(0) - cached, n.cumsum(0) - n  # [B] their offsets in `order` and in the rows
+    L, N = int((cached + n).max()), int(n.max())
+    j = torch.arange(L, device=device)[None]  # [1, L]
+    is_cached, is_new = j < cached[:, None], (j >= cached[:, None]) & (j < (cached + n)[:, None])  # [B, L]
+    keys = torch.where(is_cached, order[(first[:, None] + j).clamp(max=len(order) - 1)],
+                       torch.where(is_new, S + start[:, None] + j - cached[:, None], 0))
+    blocks = torch.zeros(B, N, N, dtype=torch.bool)
+    for b, (_, block) in enumerate(groups):
+        blocks[b, :len(block), :len(block)] = block
+    col = (j - cached[:, None]).clamp(0, N - 1)[:, None, :].expand(B, N, L)
+    visible = is_cached[:, None, :] | (blocks.to(device).gather(2, col) & is_new[:, None, :])  # [B, N, L]
+    i = torch.arange(N, device=device)[None]  # [1, N]
+    mask = torch.zeros(B, 1, N, L, dtype=dtype, device=device).masked_fill_(~visible[:, None], torch.finfo(dtype).min)
+    rows = start[:, None] + torch.minimum(i, n[:, None] - 1)
+    unpad = (torch.arange(B, device=device)[:, None] * N + i)[i < n[:, None]]
+    return Layout(keys, rows, mask, unpad)
+
+
+def packed_attention_forward(module, query: torch.Tensor,  # [1, H, T, D]
+                             key: torch.Tensor, value: torch.Tensor,  # [1, Hkv, S + T, D], cache included
+                             attention_mask: torch.Tensor,  # [B, 1, N, L]: Layout.mask
+                             dropout: float = 0.0, scaling: float | None = None, packed_layout: Layout | None = None,
+                             **kwargs) -> tuple[torch.Tensor, None]:  # [1, T, H, D]
+    """Attention of a packed forward, request by request: each request's keys are gathered into a padded
+    [B, L] block and its rows into [B, N], so a row never reads another request's keys and attention
+    costs what a padded batch's does."""
+    lay = packed_layout
+    (B, L), N, H, Hkv = lay.keys.shape, lay.rows.shape[1], query.shape[1], key.shape[1]
+    flat = lay.keys.flatten()
+    k = key[0].index_select(1, flat).view(Hkv, B, L, -1).transpose(0, 1)  # [B, Hkv, L, D]
+    v = value[0].index_select(1, flat).view(Hkv, B, L, -1).transpose(0, 1)
+    q = query[0].index_select(1, lay.rows.flatten()).view(H, B, N, -1).transpose(0, 1)  # [B, H, N, D]
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=scaling,
+                                                           enable_gqa=H != Hkv)  # [B, H, N, D]
+    return out.transpose(1, 2).reshape(B * N, H, -1).index_select(0, lay.unpad)[None], None
+
+
+PACKED = "moetune_packed"
+AttentionInterface.register(PACKED, packed_attention_forward)
+
+
+@contextmanager
+def packed_attention(model):
+    """The model's attention layers call packed_attention_forward inside the block only (each layer looks
+    its attention function up by config._attn_implementation at every forward); restored even on error."""
+    config = model.config
+    before = config._attn_implementation
+    config._attn_implementation = PACKED
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+
+
+def compact(cache, start: int, tail: torch.Tensor) -> None:  # tail [n] long, ascending, each >= start
+    """Keep cache positions [0, start) in place followed by positions `tail`, and drop the rest."""
+    end = start + len(tail)
+    for layer in cache.layers:
+        if getattr(layer, "is_initialized", False):
+            layer.keys[..., start:end, :] = layer.keys.index_select(-2, tail)
+            layer.values[..., start:end, :] = layer.values.index_select(-2, tail)
+    kv.crop(cache, end)
+
+
+def _unbudgeted(config: StepConfig) -> StepConfig:
+    """The config a batched step runs: expert budgets dropped (one forward serves every request, so a
+    per-request cap on experts has nothing to apply to). StepStats carry this config, so a policy learns
+    what ran."""
+    return config if config.budgets is None else replace(config, budgets=None, eval_agreement=False)
+
+
+def _emit(r: Request, eos: frozenset) -> None:
+    """The request's accepted tokens, up to max_new_tokens and through EOS, join its context."""
+    emitted = list(r.acc.tokens[:r.max_new_tokens - r.generated])
+    cut = next((i for i, t in enumerate(emitted) if t in eos), None) if eos else None
+    if cut is not None:
+        emitted = emitted[:cut + 1]
+    r.ids.extend(emitted)
+    r.generated += len(emitted)
+    if r.config.speculate:
+        r.pool[r.config.drafter].commit(emitted)
+    r.done = cut is not None or r.generated >= r.max_new_tokens
+    r.emitted = emitted
+
+
+class PackedBatch:
+    """The active requests and their shared cache; one method per decoding phase of a batched step."""
+
+    def __init__(self, target, policy: Policy, eos: frozenset, routing: bool):
+        self.target, self.policy, self.eos, self.routing = target, policy, eos, routing
+        self.passive = check_passive_draft(getattr(policy, "passive_draft", None))  # after policy.setup
+        self.cache = kv.new_cache(target)
+        self.owner = torch.zeros(0, dtype=torch.long, device=target.device)  # [S] request index per position
+        self.active: list[Request] = []
+        self.empty = DraftTree.empty(target.device)
+        self.t0 = time.perf_counter()
+
+    def clock(self) -> float:
+        """Seconds since the batch started (every time a request records is on this clock)."""
+        return time.perf_counter() - self.t0
+
+    @torch.no_grad()
+    def prefill(self, joiners: list[Request]) -> None:
+        """Joining prompts (all but their last token, the first root) go through the target in one packed
+        forward, each seeing only its own prompt, causally; each request's drafters start afresh. The
+        forward's time is shared among the joiners by prompt rows."""
+        fed = [r for r in joiners if len(r.ids) > 1]
+        t0 = self.clock()
+        if fed:
+            device = self.target.device
+            row_owner = torch.tensor([r.index for r in fed for _ in r.ids[1:]], device=device)  # [T]
+            ids = torch.tensor([[t for r in fed for t in r.ids[:-1]]], device=device)  # [1, T]
+            pos = torch.tensor([[p for r in fed for p in range(len(r.ids) - 1)]], device=device)  # [1, T]
+            lay = layout(self.owner, [(r.index, torch.ones(len(r.ids) - 1, len(r.ids) - 1, dtype=torch.bool).tril())
+                                      for r in fed], self.target.dtype)
+            with packed_attention(self.target):
+                self.target.model(input_ids=ids, position_ids=pos, attention_mask=lay.mask, cache=self.cache,
+                                  use_cache=True, packed_layout=lay)
+            self.owner = torch.cat([self.owner, row_owner])
+        shared, rows = self.clock() - t0, sum(len(r.ids) - 1 for r in fed) or 1
+        for r in joiners:
+            t0 = self.clock()
+            for d in r.pool.values():
+                d.prefill(r.ids)
+            r.t_start = self.clock()
+            r.prefill_time = shared * (len(r.ids) - 1) / rows + r.t_start - t0
+        self.active.extend(joiners)
+
+    def draft(self) -> None:
+        """Each request's policy decision (with its passive lookahead) and its drafted tree, in turn."""
+        for r in self.active:
+            t0 = self.clock()
+            look = None
+            if self.passive is not None:
+                look, r.chain = _lookahead(r.pool, self.passive, r.ids, self.target)
+            t1 = self.clock()
+            state = DecodeState(r.request_id, r.step, len(r.ids), r.generated, r.max_new_tokens - r.generated, look)
+            r.config = _unbudgeted(self.policy.decide(state))
+            t2 = self.clock()
+            if r.config.speculate:
+                tree = _get_drafter(r.pool, r.config.drafter, self.target).draft(r.ids, r.config)
+                r.tree = _fit(tree, r.max_new_tokens - r.generated)
+            else:
+                r.tree = self.empty
+            r.t_decide, r.t_draft = t2 - t1, t1 - t0 + self.clock() - t2
+
+    @torch.no_grad()
+    def verify(self) -> tuple[torch.Tensor, torch.Tensor, Routing | None]:
+        """One target forward over every request's [root, nodes]; the cache grows by T. Returns logits
+        [T, V], the request index of each row [T] and the routing when captured."""
+        ids: list[int] = []
+        pos: list[int] = []
+        owner: list[int] = []
+        for r in self.active:
+            past = len(r.ids) - 1  # the request's cached tokens: its root sits at this position
+            r.rows = slice(len(ids), len(ids) + len(r.tree) + 1)
+            ids += [r.ids[-1], *r.tree.tokens.tolist()]
+            pos += [past, *(past + d for d in depths(r.tree.parents))]
+            owner += [r.index] * (len(r.tree) + 1)
+        device = self.target.device
+        row_owner = torch.tensor(owner, device=device)
+        lay = layout(self.owner, [(r.index, ancestors(r.tree.parents)) for r in self.active], self.target.dtype)
+        capture = capture_routing(self.target) if self.routing else nullcontext()
+        with capture as routing, packed_attention(self.target):
+            out = self.target(input_ids=torch.tensor([ids], device=device),  # [1, T]
+                              position_ids=torch.tensor([pos], device=device), attention_mask=lay.mask,
+                              cache=self.cache, use_cache=True, packed_layout=lay)
+        return out.logits[0], row_owner, routing
+
+    def accept(self, logits: torch.Tensor) -> None:  # logits [T, V]
+        """Greedy acceptance of each request's tree against its own rows."""
+        for r in self.active:
+            t0 = self.clock()
+            r.acc = accept_greedy(r.tree, logits[r.rows])
+            r.t_accept = self.clock() - t0
+
+    def commit(self, row_owner: torch.Tensor) -> float:  # row_owner [T]
+        """Emit each request's tokens, then keep in the cache the root and accepted rows of every request
+        still running and nothing of those that finished. Returns the cache compaction's seconds."""
+        for r in self.active:
+            t0 = self.clock()
+            _emit(r, self.eos)
+            r.t_commit = self.clock() - t0
+        t0 = self.clock()
+        past = len(self.owner)
+        device = self.owner.device
+        kept = [r.rows.start + i for r in self.active if not r.done for i in r.acc.rows]  # new rows that stay
+        rows = torch.tensor(kept, dtype=torch.long, device=device)
+        gone = [r.index for r in self.active if r.done]
+        dropped = torch.isin(self.owner, torch.tensor(gone, device=device)) if gone else None  # [S]
+        if dropped is None or not bool(dropped.any()):
+            if kept == list(range(len(kept))):  # plain steps and whole chains up front: nothing moves
+                kv.crop(self.cache, past + len(kept))
+            else:
+                compact(self.cache, past, rows + past)
+            self.owner = torch.cat([self.owner, row_owner[rows]])
+        else:
+            start = int(dropped.int().argmax())  # the first position that moves
+            old = (~dropped).nonzero().flatten()
+            compact(self.cache, start, torch.cat([old[start:], rows + past]))
+            self.owner = torch.cat([self.owner[old], row_owner[rows]])
+        return self.clock() - t0
+
+    def observe(self, t_verify: float, t_compact: float, routing: Routing | None, now: float) -> None:
+        """Each request's StepStats (built by moetune.driver.step_stats, as a single request's are) go to
+        the policy. The shared verify forward and cache compaction are divided among the requests by
+        verified rows; draft, accept and commit bookkeeping are each request's own."""
+        total = sum(r.rows.stop - r.rows.start for r in self.active)
+        device = self.target.device
+        for r in self.active:
+            share = (r.rows.stop - r.rows.start) / total
+            unique = () if routing is None else tuple(
+                routing.unique_experts(torch.arange(r.rows.start, r.rows.stop, device=device)).tolist())
+            stats = step_stats(
+                r.request_id, r.step, r.config, accepted=r.acc.accepted, emitted=r.emitted, tree_size=len(r.tree),
+                tree_depth=r.tree.depth, context_len=len(r.ids) - len(r.emitted),
+                times=(r.t_draft, t_verify * share, r.t_accept, r.t_commit + t_compact * share),
+                t_control=r.t_decide + r.t_observe, unique=unique, passive=self.passive, chain=r.chain,
+                gpu=gpu_snapshot(device))
+            r.steps.append(stats)
+            t0 = self.clock()
+            self.policy.observe(stats)
+            r.t_observe = self.clock() - t0
+            r.step += 1
+            if r.step == 1:
+                r.first_token = now
+
+    def leave(self, now: float) -> None:
+        """Finished requests leave the batch (their cache positions went at this step's commit)."""
+        for r in self.active:
+            if r.done:
+                r.finish = now
+                self.policy.end(r.request_id)
+        self.active = [r for r in self.active if not r.done]
+
+    def step(self) -> None:
+        """draft -> verify -> accept -> commit -> observe for every active request, one target forward."""
+        self.draft()
+        t0 = self.clock()
+        logits, row_owner, routing = self.verify()
+        t_verify = self.clock() - t0
+        self.accept(logits)
+        t_compact = self.commit(row_owner)
+        now = self.clock()
+        self.observe(t_verify, t_compact, routing, now)
+        self.leave(now)
+
+
+def generate_batch(target, tokenizer, prompts, drafter=None, policy: Policy | None = None,
+                   config: StepConfig | None = None, batch_size: int = 8, max_new_tokens: int = 64,
+                   eos_token_id: int | list[int] | None = None, arrivals=None, request_ids=None,
+                   temperature: float = 0.0, routing: bool | None = None) -> list[BatchResult]:
+    """Greedy decoding of every prompt, at most `batch_size` requests per target forward; each request's
+    output equals its own greedy decoding (HF `generate` on it alone).
+
+    prompts, drafter, policy, config, eos_token_id, request_ids, routing: as engine.generate.generate (each
+    request gets its own copy of every drafter). A request that finishes (EOS or max_new_tokens) leaves
+    and the next waiting one joins at the next step. arrivals: per-request arrival times in seconds after
+    the call (None: all at once); a request never joins before its arrival. Results come in prompt order.
+    """
+    prompts = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else list(prompts)
+    ids, times = _check_arguments(prompts, policy, config, batch_size, max_new_tokens, arrivals, request_ids,
+                                  temperature)
+    if policy is None:
+        policy = Static(config if config is not None else (StepConfig() if drafter is not None else PLAIN))
+    if eos_token_id is None:
+        eos_token_id = getattr(target.generation_config, "eos_token_id", None)
+    eos = frozenset([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+    requests = [Request(i, rid, _prompt_ids(tokenizer, p), max_new_tokens, _own_drafters(target, drafter), t)
+                for i, (rid, p, t) in enumerate(zip(ids, prompts, times))]
+    policy.setup(moe_shape(target))
+    routing = getattr(policy, "wants_routing", True) if routing is None else routing
+    batch = PackedBatch(target, policy, eos, routing)
+    with torch.inference_mode():  # as HF's decoders run: no autograd bookkeeping on any tensor op
+        _serve(batch, requests, batch_size)
+    return [r.result(tokenizer) for r in requests]
+
+
+def _serve(batch: PackedBatch, requests: list[Request], batch_size: int) -> None:
+    """Continuous batching: admit arrived requests into free slots, prefill them, step, until all are done."""
+    waiting = deque(sorted(requests, key=lambda r: (r.arrival, r.index)))
+    while waiting or batch.active:
+        now = batch.clock()
+        joiners = []
+        while waiting and waiting[0].arrival <= now and len(batch.active) + len(joiners) < batch_size:
+            r = waiting.popleft()
+            r.joined = now
+            batch.policy.begin(r.request_id, len(r.prompt))
+            joiners.append(r)
+        if not joiners and not batch.active:
+            time.sleep(waiting[0].arrival - now)  # idle until the next arrival
+            continue
+        if joiners:
+            batch.prefill(joiners)
+        batch.step()
+
+
+def _own_drafters(target, drafter) -> dict[str, Proposer]:
+    """A request's own drafters: a shallow copy of each given one (its prefill gives it fresh state: an
+    n-gram index, a draft-model cache), a new DraftModelDrafter for a bare draft model."""
+    return {name: copy.copy(p) for name, p in _drafters(target, drafter).items()}
+
+
+def _check_arguments(prompts, policy, config, batch_size, max_new_tokens, arrivals, request_ids,
+                     temperature) -> tuple[list[int], list[float]]:
+    """Request ids and arrival times, or a ValueError naming the argument and the fix."""
+    if not prompts:
+        raise ValueError("prompts is empty; pass at least one prompt")
+    if temperature != 0:
+        raise ValueError(f"generate_batch decodes greedily only: temperature must be 0, got {temperature}; "
+                         "use moetune.engine.generate.generate for sampling")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1 (requests decoded together), got {batch_size!r}; "
+                         "pass batch_size=1 or more")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}; pass max_new_tokens=1 or more")
+    if policy is not None and config is not None:
+        raise ValueError("pass either a policy or a fixed config, not both")
+    fixed = config if config is not None else getattr(policy, "config", None) if isinstance(policy, Static) else None
+    if fixed is not None and fixed.budgets is not None:
+        raise ValueError("generate_batch applies no expert budgets (one forward serves every request); "
+                         "pass a config with budgets=None")
+    ids = list(range(len(prompts))) if request_ids is None else [int(r) for r in request_ids]
+    if len(ids) != len(prompts):
+        raise ValueError(f"request_ids needs one id per prompt: {len(prompts)} prompts, {len(ids)} ids; pass "
+                         f"{len(prompts)} ids or request_ids=None")
+    if len(set(ids)) != len(ids):
+        raise ValueError("request_ids must be distinct (policies keep per-request state by id); pass unique ids")
+    times = [0.0] * len(prompts) if arrivals is None else [float(t) for t in arrivals]
+    if len(times) != len(prompts):
+        raise ValueError(f"arrivals needs one time per prompt: {len(prompts)} prompts, {len(times)} times; pass "
+                         f"{len(prompts)} times or arrivals=None (all at once)")
+    if any(not 0 <= t < math.inf for t in times):
+        raise ValueError("arrivals must be finite seconds >= 0 after the call; pass None for all at once")
+    return ids, times

@@ -1,0 +1,135 @@
+"""Batched greedy decoding (engine/batch.py) equals each request's HF greedy `generate`, whatever else is in
+the batch, and requests never see each other's cache."""
+import pytest
+import torch
+from test_lossless import hf_greedy
+from tiny import FAMILIES, tiny_moe
+
+from moetune.engine import batch as batch_mod
+from moetune.engine.batch import generate_batch, throughput
+from moetune.engine.drafters import DraftModelDrafter
+from moetune.policies.registry import make_policy
+from moetune.step import PLAIN, StepConfig
+
+LENGTHS = (1, 5, 9, 3, 12, 7, 2)
+CONFIGS = (PLAIN, StepConfig(depth=4), StepConfig(tree=(-1, -1, 0, 0, 1, 2, 2, 4)),
+           StepConfig(depth=3, topk=2, num_draft_tokens=5), StepConfig(drafter="ngram", depth=4, topk=2),
+           StepConfig(drafter="ngram", depth=3), StepConfig(depth=2))
+
+
+def prompts(lengths=LENGTHS, seed=0):
+    g = torch.Generator().manual_seed(seed)  # repeats inside a prompt give the n-gram drafter matches
+    return [(torch.randint(2, 40, (n,), generator=g).tolist() * 2)[:n + n // 2] for n in lengths]
+
+
+class PerRequest:
+    """Each request its own config (by request id), so plain, chains and trees share one forward."""
+
+    def __init__(self, configs):
+        self.configs = configs
+
+    def setup(self, shape): pass
+    def begin(self, request_id, prompt_len): pass
+    def decide(self, state): return self.configs[state.request_id % len(self.configs)]
+    def observe(self, stats): pass
+    def end(self, request_id): pass
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def target(request):
+    return tiny_moe(request.param)
+
+
+def test_mixed_batch_matches_hf(target):
+    """Plain, chain, static tree, dynamic tree and n-gram requests of different lengths, 7 requests through
+    3 slots (requests join and leave mid-run), each equal to HF greedy on it alone."""
+    ps = prompts()
+    res = generate_batch(target, None, ps, drafter=DraftModelDrafter(target), policy=PerRequest(CONFIGS),
+                         batch_size=3, max_new_tokens=19, eos_token_id=-1)
+    for p, r in zip(ps, res):
+        assert r.token_ids == hf_greedy(target, p, 19)
+        assert sum(s.emitted for s in r.steps) == 19
+        assert {s.request_id for s in r.steps} == {r.request_id}
+    assert max(r.mean_accepted for r in res) >= 1.5  # the same-model drafter really speculated
+    for r in res:  # never more than 3 requests at once
+        assert sum(o.joined <= r.joined < o.finish for o in res) <= 3
+    assert throughput(res) > 0
+
+
+def test_eos_and_max_new_tokens_mid_tree():
+    target = tiny_moe("qwen3_moe")
+    ps = prompts()[:4]
+    cfg = StepConfig(depth=6)
+    ref = hf_greedy(target, ps[2], 20)
+    at = next(i for i in range(8, 20) if ref[i] not in ref[:i] and i % 7 != 6)  # inside a step's 6 accepted + bonus
+    res = generate_batch(target, None, ps, drafter=DraftModelDrafter(target), config=cfg, batch_size=2,
+                         max_new_tokens=20, eos_token_id=ref[at])
+    assert len(res[2].token_ids) == at + 1 and res[2].steps[-1].emitted < res[2].steps[-1].accepted + 1
+    for p, r in zip(ps, res):
+        assert r.token_ids == hf_greedy(target, p, 20, eos=ref[at])
+    for n in (1, 4, 11):
+        res = generate_batch(target, None, ps, drafter=DraftModelDrafter(target), config=cfg, batch_size=3,
+                             max_new_tokens=n, eos_token_id=-1)
+        assert [r.token_ids for r in res] == [hf_greedy(target, p, 20)[:n] for p in ps]
+
+
+def test_other_requests_cache_is_invisible(monkeypatch):
+    """Request B's cached keys and values are overwritten with noise mid-run: A's logits stay those of A
+    decoded alone (within 1e-5) and its output HF's, while B's output changes."""
+    target = tiny_moe("olmoe")
+    a, b = [7, 3, 9, 3, 9], prompts((30,), seed=5)[0]
+    verify, accept = batch_mod.PackedBatch.verify, batch_mod.PackedBatch.accept
+    logits_a: list[torch.Tensor] = []
+    corrupted = []
+
+    def corrupting_verify(self):
+        if len(self.active) == 2 and self.active[0].step >= 2:
+            corrupted.append(self.active[0].step)
+            where = (self.owner == 1).nonzero().flatten()
+            for layer in self.cache.layers:
+                layer.keys[..., where, :] = torch.randn_like(layer.keys[..., where, :]) * 100
+                layer.values[..., where, :] = torch.randn_like(layer.values[..., where, :]) * 100
+        return verify(self)
+
+    def recording_accept(self, logits):
+        logits_a.append(logits[self.active[0].rows].clone())
+        return accept(self, logits)
+
+    monkeypatch.setattr(batch_mod.PackedBatch, "accept", recording_accept)
+    alone = generate_batch(target, None, [a], max_new_tokens=12, eos_token_id=-1)[0]
+    solo_logits, logits_a[:] = list(logits_a), []
+    monkeypatch.setattr(batch_mod.PackedBatch, "verify", corrupting_verify)
+    both = generate_batch(target, None, [a, b], max_new_tokens=12, eos_token_id=-1)
+    assert corrupted
+    assert both[0].token_ids == alone.token_ids == hf_greedy(target, a, 12)
+    assert both[1].token_ids != hf_greedy(target, b, 12)
+    assert len(logits_a) == len(solo_logits) == 12
+    for x, y in zip(solo_logits, logits_a):
+        torch.testing.assert_close(y, x, atol=1e-5, rtol=0)
+
+
+def test_arrivals_and_adaptive_policy():
+    """Requests join no earlier than they arrive; the adaptive policy (per-request state by request id)
+    decodes the batch losslessly."""
+    target = tiny_moe("qwen2_moe")
+    ps = prompts()[:5]
+    arrivals = [0.0, 0.0, 0.02, 0.05, 0.05]
+    res = generate_batch(target, None, ps, drafter=DraftModelDrafter(target), policy=make_policy("auto"),
+                         batch_size=2, max_new_tokens=16, eos_token_id=-1, arrivals=arrivals,
+                         request_ids=[10, 11, 12, 13, 14])
+    for p, r, t in zip(ps, res, arrivals):
+        assert r.token_ids == hf_greedy(target, p, 16)
+        assert r.joined >= t and r.first_token > r.joined and r.time_to_first_token > 0
+        assert r.tokens_per_second > 0 and r.time_per_output_token >= 0
+    assert [r.request_id for r in res] == [10, 11, 12, 13, 14]
+
+
+@pytest.mark.parametrize("kwargs, word", [
+    (dict(batch_size=0), "batch_size"), (dict(temperature=0.7), "temperature"),
+    (dict(request_ids=[1]), "request_ids"), (dict(arrivals=[0.0, 1.0, 2.0]), "arrivals"),
+    (dict(arrivals=[0.0, -1.0]), "arrivals"), (dict(config=StepConfig(budgets=(8, 8))), "budgets"),
+])
+def test_invalid_arguments(kwargs, word):
+    with pytest.raises(ValueError, match=word) as err:
+        generate_batch(None, None, [[5, 6], [7]], **kwargs)
+    assert "\n" not in str(err.value)

@@ -35,6 +35,10 @@ def flags(root, *extra):
     (["--budget-mode", "evict"], "--budget-mode needs --budget"),
     (["--budget", "4,4,4"], "--budget has 3 entries but the target has 2 MoE layers"),
     (["--budget", "1"], "--budget: expert budget 1 is outside [2, 8]"),
+    (["--batch-size", "2", "--temperature", "0.5"], "--batch-size > 1 decodes greedily without expert budgets"),
+    (["--batch-size", "2", "--budget", "4"], "--batch-size > 1 decodes greedily without expert budgets"),
+    (["--arrival-rate", "5"], "--arrival-rate needs --batch-size >= 2"),
+    (["--batch-size", "2", "--arrival-rate", "-1"], "--arrival-rate needs --batch-size >= 2 and a finite rate"),
 ])
 def test_bad_values_exit_2_with_message(models, capsys, extra, message):
     assert main(flags(models, *extra)) == 2
@@ -51,7 +55,9 @@ def test_bad_flags_are_argparse_errors(models, capsys, extra):
 
 @pytest.mark.parametrize("extra", [["--depth", "3", "--topk", "2", "--num-draft-tokens", "4"],
                                    ["--drafter", "ngram"], ["--depth", "3", "--topk", "2", "--budget", "3"],
-                                   ["--depth", "3", "--budget", "2,3", "--budget-mode", "substitute"]])
+                                   ["--depth", "3", "--budget", "2,3", "--budget-mode", "substitute"],
+                                   ["--batch-size", "2", "--depth", "3"], ["--batch-size", "2", "--drafter", "ngram",
+                                                                          "--arrival-rate", "50"]])
 def test_tiny_end_to_end(models, capsys, extra):
     threads = torch.get_num_threads()
     try:

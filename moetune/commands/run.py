@@ -10,7 +10,9 @@ which configurations ran over time, the policy's switches, and how often a laten
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import random
 from dataclasses import replace
 
 from moetune import DEFAULT_DRAFT, DEFAULT_TARGET, MODELS_DIR
@@ -79,6 +81,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     p.add_argument("--threads", type=_threads, default=None, help="CPU threads for torch (default: torch's)")
+    p.add_argument("--batch-size", type=_positive, default=1,
+                   help="decode this many requests together (continuous batching; greedy only; default 1)")
+    p.add_argument("--arrival-rate", type=float, default=None,
+                   help="with --batch-size: requests arrive at this rate per second (Poisson, seeded by --seed); "
+                        "default: all at once")
 
 
 def _config(args) -> StepConfig:
@@ -138,10 +145,34 @@ def _prompts(path: str, n: int) -> list[str]:
     return [texts[i % len(texts)] for i in range(n)]
 
 
+def arrivals(args) -> list[float] | None:
+    """Arrival times of the prompts (seconds after the start) for --arrival-rate, or None (all at once)."""
+    rate = args.arrival_rate
+    if rate is None:
+        return None
+    if args.batch_size < 2 or not 0 < rate < math.inf:
+        raise ValueError(f"--arrival-rate needs --batch-size >= 2 and a finite rate > 0 requests per second, got "
+                         f"--batch-size {args.batch_size} --arrival-rate {rate}")
+    gaps = random.Random(args.seed)
+    times, t = [], 0.0
+    for _ in range(args.prompts):
+        times.append(t)
+        t += gaps.expovariate(rate)
+    return times
+
+
+def _check_batching(args, config: StepConfig) -> None:
+    if args.batch_size > 1 and (args.temperature != 0 or config.budgets is not None):
+        raise ValueError("--batch-size > 1 decodes greedily without expert budgets: drop --temperature/--budget "
+                         "or use --batch-size 1")
+
+
 def main(args: argparse.Namespace) -> int:
     Sampling(args.temperature, args.top_p)
     spec = policy_spec(args)
     config, policy = _config(args), _policy(spec)
+    _check_batching(args, config)
+    times = arrivals(args)
     prompts = _prompts(args.prompts_file, args.prompts)
     import torch
     from tqdm import tqdm
@@ -165,18 +196,40 @@ def main(args: argparse.Namespace) -> int:
     generate(target, tokenizer, prompts[:1], config=PLAIN, max_new_tokens=4)  # warm-up, not timed
     runs = {}
     name = spec or "speculative"
-    with tqdm(total=2 * len(prompts), desc="moetune run", unit="prompt") as bar:
-        for run, kw in (("plain", dict(config=PLAIN)),
-                        (name, dict(drafter=drafters, policy=policy, config=None if policy else config))):
-            runs[run] = []
-            for i, prompt in enumerate(prompts):  # request id i: the policy's decision log names prompt i
-                runs[run] += generate(target, tokenizer, [prompt], **kw, **common, request_ids=[i])
-                bar.update(1)
+    methods = (("plain", dict(config=PLAIN)),
+               (name, dict(drafter=drafters, policy=policy, config=None if policy else config)))
+    if args.batch_size > 1:
+        runs = _batched(target, tokenizer, prompts, methods, args, times)
+    else:
+        with tqdm(total=2 * len(prompts), desc="moetune run", unit="prompt") as bar:
+            for run, kw in methods:
+                runs[run] = []
+                for i, prompt in enumerate(prompts):  # request id i: the policy's decision log names prompt i
+                    runs[run] += generate(target, tokenizer, [prompt], **kw, **common, request_ids=[i])
+                    bar.update(1)
     print(summary(runs, config if policy is None else None))
     if policy is not None:
         print(over_time(runs[name], policy.decision_log(),
                         getattr(getattr(policy, "config", None), "latency_target_ms", None)))
     return 0
+
+
+def _batched(target, tokenizer, prompts, methods, args, times) -> dict:
+    """Each method over all prompts at once through engine.batch (continuous batching), one after the other;
+    prints the batch's throughput and per-request latency (time to first token, time per output token).
+    The summary table's tokens/s is then per request (its tokens over its own decode time)."""
+    from moetune.engine.batch import generate_batch, throughput
+    runs = {}
+    for run, kw in methods:
+        results = generate_batch(target, tokenizer, prompts, **kw, batch_size=args.batch_size,
+                                 max_new_tokens=args.max_new_tokens, arrivals=times)
+        ttft = sorted(r.time_to_first_token for r in results)
+        tpot = sorted(r.time_per_output_token for r in results)
+        print(f"{run}: batch {args.batch_size}, {throughput(results):.1f} tokens/s overall; time to first token "
+              f"median {1e3 * ttft[len(ttft) // 2]:.1f} ms; time per output token median "
+              f"{1e3 * tpot[len(tpot) // 2]:.2f} ms")
+        runs[run] = results
+    return runs
 
 
 def summary(runs: dict, config: StepConfig | None) -> str:

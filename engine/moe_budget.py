@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from moetune.engine import eviction, selection
 from moetune.engine.kernels import reference
 from moetune.engine.loader import moe_blocks, moe_shape
+from moetune.engine.offload import is_offloaded
 from moetune.step import BUDGET_MODES, SELECTIONS, SUBSTITUTIONS, ModelShape, StepConfig
 
 
@@ -321,8 +322,12 @@ def _budgeted_forward(block: torch.nn.Module, layer: int, active: _Active,
     else:
         routing = _substitute(block, layer, active, x, router_logits, top_k_weights, top_k_index)
         experts = block.experts
-        out = _expert_fn(x.device)(x, routing.expert_ids, routing.weights, experts.gate_up_proj, experts.down_proj,
-                                   routing.selected)  # [T, H]
+        if is_offloaded(experts):  # its weights live in an offload store: its own function streams them
+            ids = routing.expert_ids
+            out = experts(x, torch.where(torch.isin(ids, routing.selected), ids, -1), routing.weights)
+        else:
+            out = _expert_fn(x.device)(x, routing.expert_ids, routing.weights, experts.gate_up_proj,
+                                       experts.down_proj, routing.selected)  # [T, H]
         active.report._record(layer, top_k_index, routing)
     if hasattr(block, "shared_expert"):
         out = out + F.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)

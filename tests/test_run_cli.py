@@ -38,6 +38,9 @@ def flags(root, *extra):
     (["--batch-size", "2", "--temperature", "0.5"], "--batch-size > 1 decodes greedily without expert budgets"),
     (["--batch-size", "2", "--budget", "4"], "--batch-size > 1 decodes greedily without expert budgets"),
     (["--arrival-rate", "5"], "--arrival-rate needs --batch-size >= 2"),
+    (["--offload-gbps", "2"], "--offload-gbps needs --offload CAPACITY"),
+    (["--offload", "100"], "--offload 100: capacity 100 is above the model's 8 experts per layer"),
+    (["--offload", "2", "--offload-slow", "paced"], "give its rate with --offload-gbps"),
     (["--batch-size", "2", "--arrival-rate", "-1"], "--arrival-rate needs --batch-size >= 2 and a finite rate"),
 ])
 def test_bad_values_exit_2_with_message(models, capsys, extra, message):
@@ -57,7 +60,10 @@ def test_bad_flags_are_argparse_errors(models, capsys, extra):
                                    ["--drafter", "ngram"], ["--depth", "3", "--topk", "2", "--budget", "3"],
                                    ["--depth", "3", "--budget", "2,3", "--budget-mode", "substitute"],
                                    ["--batch-size", "2", "--depth", "3"], ["--batch-size", "2", "--drafter", "ngram",
-                                                                          "--arrival-rate", "50"]])
+                                                                          "--arrival-rate", "50"],
+                                   ["--offload", "2", "--depth", "3"],
+                                   ["--offload", "3", "--offload-slow", "paced", "--offload-gbps", "2",
+                                    "--offload-prefetch", "pregate", "--drafter", "ngram"]])
 def test_tiny_end_to_end(models, capsys, extra):
     threads = torch.get_num_threads()
     try:

@@ -81,6 +81,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     p.add_argument("--threads", type=_threads, default=None, help="CPU threads for torch (default: torch's)")
+    p.add_argument("--offload", type=_positive, default=None, metavar="CAPACITY",
+                   help="keep only CAPACITY experts per MoE layer in memory; the rest in a file read on demand and "
+                        "prefetched from the draft (CPU; engine/offload.py)")
+    p.add_argument("--offload-slow", choices=("auto", "direct", "fadvise", "paced"), default="auto",
+                   help="with --offload: how the slow tier is read (auto: page cache bypassed where possible; paced: "
+                        "a copy rate-limited to --offload-gbps)")
+    p.add_argument("--offload-gbps", type=float, default=None, help="with --offload-slow paced: the rate in GB/s")
+    p.add_argument("--offload-prefetch", choices=("both", "pregate", "history", "none"), default="both",
+                   help="with --offload: which predictors prefetch experts (default both)")
     p.add_argument("--batch-size", type=_positive, default=1,
                    help="decode this many requests together (continuous batching; greedy only; default 1)")
     p.add_argument("--arrival-rate", type=float, default=None,
@@ -175,11 +184,8 @@ def main(args: argparse.Namespace) -> int:
     times = arrivals(args)
     prompts = _prompts(args.prompts_file, args.prompts)
     import torch
-    from tqdm import tqdm
 
-    from moetune.engine.drafters import DraftModelDrafter
-    from moetune.engine.generate import generate
-    from moetune.engine.loader import load_draft, load_target, moe_shape
+    from moetune.engine.loader import load_target, moe_shape
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -187,6 +193,39 @@ def main(args: argparse.Namespace) -> int:
     if policy is not None:
         policy.setup(moe_shape(target))  # a latency target a profile proves infeasible fails here, before any run
     config = _layer_budgets(config, moe_shape(target))
+    offload = _offload(target, args)
+    try:
+        return _run(args, target, tokenizer, spec, config, policy, prompts, times, offload)
+    finally:
+        if offload is not None:
+            offload.remove()
+
+
+def _offload(target, args):
+    """--offload: the model's experts behind a fast tier of CAPACITY per layer (None without the flag)."""
+    if args.offload is None:
+        if args.offload_gbps is not None:
+            raise ValueError("--offload-gbps needs --offload CAPACITY")
+        return None
+    from moetune.engine.offload import enable_offload
+    if target.device.type != "cpu":
+        raise ValueError("--offload keeps experts in a file behind a CPU fast tier: run with --device cpu")
+    if args.offload_slow == "paced" and args.offload_gbps is None:
+        raise ValueError("--offload-slow paced is a rate-limited copy: give its rate with --offload-gbps (e.g. 4)")
+    try:
+        return enable_offload(target, capacity=args.offload, slow=args.offload_slow, slow_gbps=args.offload_gbps,
+                              prefetch=args.offload_prefetch)
+    except ValueError as e:
+        raise ValueError(f"--offload {args.offload}: {e}") from None
+
+
+def _run(args, target, tokenizer, spec, config, policy, prompts, times, offload) -> int:
+    """Plain, then the speculative run, on the same prompts; the summary tables."""
+    from tqdm import tqdm
+
+    from moetune.engine.drafters import DraftModelDrafter
+    from moetune.engine.generate import generate
+    from moetune.engine.loader import load_draft
     drafters = {}
     if policy is not None or config.drafter == "draft_model":
         draft, _ = load_draft(args.draft, tokenizer, device=args.device, dtype=args.dtype)
@@ -198,38 +237,42 @@ def main(args: argparse.Namespace) -> int:
     name = spec or "speculative"
     methods = (("plain", dict(config=PLAIN)),
                (name, dict(drafter=drafters, policy=policy, config=None if policy else config)))
-    if args.batch_size > 1:
-        runs = _batched(target, tokenizer, prompts, methods, args, times)
-    else:
-        with tqdm(total=2 * len(prompts), desc="moetune run", unit="prompt") as bar:
-            for run, kw in methods:
+    moved = {}  # run -> its offload report (what the fast tier and the slow tier did during it)
+    with tqdm(total=2 * len(prompts), desc="moetune run", unit="prompt") as bar:
+        for run, kw in methods:
+            before = None if offload is None else offload.report()
+            if args.batch_size > 1:
+                runs[run] = _batched(target, tokenizer, prompts, run, kw, args, times)
+                bar.update(len(prompts))
+            else:
                 runs[run] = []
                 for i, prompt in enumerate(prompts):  # request id i: the policy's decision log names prompt i
                     runs[run] += generate(target, tokenizer, [prompt], **kw, **common, request_ids=[i])
                     bar.update(1)
+            if offload is not None:
+                moved[run] = offload.report() - before
     print(summary(runs, config if policy is None else None))
+    for run, report in moved.items():
+        print(f"\nExpert offload during {run} (engine/offload.py):\n" + report.markdown())
     if policy is not None:
         print(over_time(runs[name], policy.decision_log(),
                         getattr(getattr(policy, "config", None), "latency_target_ms", None)))
     return 0
 
 
-def _batched(target, tokenizer, prompts, methods, args, times) -> dict:
-    """Each method over all prompts at once through engine.batch (continuous batching), one after the other;
-    prints the batch's throughput and per-request latency (time to first token, time per output token).
-    The summary table's tokens/s is then per request (its tokens over its own decode time)."""
+def _batched(target, tokenizer, prompts, run: str, kw: dict, args, times) -> list:
+    """One method over all prompts at once through engine.batch (continuous batching); prints the batch's
+    throughput and per-request latency (time to first token, time per output token). The summary table's
+    tokens/s is then per request (its tokens over its own decode time)."""
     from moetune.engine.batch import generate_batch, throughput
-    runs = {}
-    for run, kw in methods:
-        results = generate_batch(target, tokenizer, prompts, **kw, batch_size=args.batch_size,
-                                 max_new_tokens=args.max_new_tokens, arrivals=times)
-        ttft = sorted(r.time_to_first_token for r in results)
-        tpot = sorted(r.time_per_output_token for r in results)
-        print(f"{run}: batch {args.batch_size}, {throughput(results):.1f} tokens/s overall; time to first token "
-              f"median {1e3 * ttft[len(ttft) // 2]:.1f} ms; time per output token median "
-              f"{1e3 * tpot[len(tpot) // 2]:.2f} ms")
-        runs[run] = results
-    return runs
+    results = generate_batch(target, tokenizer, prompts, **kw, batch_size=args.batch_size,
+                             max_new_tokens=args.max_new_tokens, arrivals=times)
+    ttft = sorted(r.time_to_first_token for r in results)
+    tpot = sorted(r.time_per_output_token for r in results)
+    print(f"{run}: batch {args.batch_size}, {throughput(results):.1f} tokens/s overall; time to first token "
+          f"median {1e3 * ttft[len(ttft) // 2]:.1f} ms; time per output token median "
+          f"{1e3 * tpot[len(tpot) // 2]:.2f} ms")
+    return results
 
 
 def summary(runs: dict, config: StepConfig | None) -> str:

@@ -1,0 +1,483 @@
+"""Tiered expert storage: a small fast tier per MoE layer in front of a slow tier of every expert on disk.
+
+Why: big MoEs run on small machines by keeping experts in slower memory (llama.cpp --cpu-moe,
+KTransformers); every expert a token needs and the fast tier lacks is fetched on the critical path. This
+module holds the two tiers and moves experts between them; engine/offload.py computes through it.
+
+- Slow tier (`SlowTier`): one safetensors file written at setup, gate_up then down of each (layer, expert)
+  back to back at a 4096-byte aligned offset, so one read fetches an expert. Read by one of:
+  "direct" (O_DIRECT: the page cache is bypassed), "fadvise" (buffered reads, each dropped from the page
+  cache afterwards with POSIX_FADV_DONTNEED) or "paced" (buffered reads, page cache allowed, rate-limited
+  to `slow_gbps`: a rate-limited copy, and `describe()` says so). "auto" takes direct when the file system
+  allows it, else fadvise. Any kind can also be paced to `slow_gbps`.
+- Fast tier (`LayerTier`): `capacity` preallocated slots per layer, so it can never hold more; experts
+  a layer computes are pinned meanwhile. Eviction: least recently used with a decayed use count as
+  tie-break ("lru"), or the decayed use count first ("lfu").
+- Transfers (`TransferQueue`): one reader thread, demand reads before prefetches, earlier layers first,
+  each a concurrent.futures.Future; a failed or timed-out read raises OffloadError naming layer and expert.
+
+Only the main thread changes tier state; the reader thread only fills slot memory it was given and
+counts bytes. Shape legend: L MoE layers, E experts, C capacity (slots), H hidden, I expert intermediate.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import json
+import mmap
+import os
+import threading
+import time
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, TimeoutError as FutureTimeout, wait
+from dataclasses import dataclass, fields, replace
+from functools import partial
+
+import torch
+
+SLOW_KINDS = ("auto", "direct", "fadvise", "paced")
+EVICTIONS = ("lru", "lfu")
+ALIGN = 4096  # O_DIRECT needs block-aligned offsets, lengths and buffers
+DECAY = 0.95  # use counts decay by this factor per call of their layer
+DEMAND, PREFETCH = 0, 1  # transfer priorities: computing layers never queue behind predictions
+DTYPE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
+
+
+class OffloadError(RuntimeError):
+    """A slow-tier transfer failed or did not finish in time; the message names the layer and expert."""
+
+
+@dataclass
+class LayerStats:
+    """One layer's counters since the last reset. needed: unique experts its calls computed; hits: ready in
+    the fast tier; late: still in flight (prefetched, not yet arrived); misses: fetched on demand."""
+
+    calls: int = 0
+    needed: int = 0
+    hits: int = 0
+    late: int = 0
+    misses: int = 0
+    predicted: int = 0  # experts the prefetcher asked for, summed over calls
+    predicted_needed: int = 0  # of those, the ones the call then needed
+    demand_bytes: int = 0
+    prefetch_bytes: int = 0
+    read_s: float = 0.0  # reader-thread time spent in slow-tier reads (pacing included)
+    stall_s: float = 0.0  # compute time spent waiting on the slow tier
+    prefetch_failed: int = 0
+    peak_pinned: int = 0
+
+    def _zip(self, other: "LayerStats", op) -> "LayerStats":
+        return LayerStats(**{f.name: op(getattr(self, f.name), getattr(other, f.name)) for f in fields(self)})
+
+    def __add__(self, other: "LayerStats") -> "LayerStats":
+        return replace(self._zip(other, lambda a, b: a + b), peak_pinned=max(self.peak_pinned, other.peak_pinned))
+
+    def __sub__(self, other: "LayerStats") -> "LayerStats":
+        """The counts between two snapshots (the peak is the later snapshot's)."""
+        return replace(self._zip(other, lambda a, b: a - b), peak_pinned=self.peak_pinned)
+
+
+@dataclass(frozen=True)
+class Span:
+    offset: int  # absolute file offset of gate_up; down follows it directly
+    gate_up_bytes: int
+    down_bytes: int
+
+
+def _raw(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor (any dtype), writable, without a copy."""
+    return memoryview(t.detach().reshape(-1).view(torch.uint8).numpy())
+
+
+def write_slow_tier(path: str, gate_ups: list[torch.Tensor], downs: list[torch.Tensor]) -> dict[tuple[int, int], Span]:
+    """Write every layer's experts (gate_ups[l] [E, 2I, H], downs[l] [E, H, I]) as a safetensors file, one
+    tensor per (layer, expert) and projection, each expert 4096-aligned (padding tensors fill the gaps, so
+    safe_open reads it). Streams tensor by tensor: no second copy of the experts in memory."""
+    header, starts, parts, pos = {}, {}, [], 0
+    for l, (gu, d) in enumerate(zip(gate_ups, downs)):
+        for e in range(gu.shape[0]):
+            pad = -pos % ALIGN
+            if pad:
+                header[f"pad.{l}.{e}"] = {"dtype": "U8", "shape": [pad], "data_offsets": [pos, pos + pad]}
+                parts.append(bytes(pad))
+                pos += pad
+            starts[l, e] = pos
+            for name, t in (("gate_up", gu[e]), ("down", d[e])):
+                header[f"layers.{l}.experts.{e}.{name}"] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                                                            "data_offsets": [pos, pos + t.nbytes]}
+                parts.append(t)
+                pos += t.nbytes
+    text = json.dumps(header).encode()
+    text += b" " * (-(8 + len(text)) % ALIGN)  # whitespace-padded header: the data starts aligned
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        for part in parts:
+            f.write(part if isinstance(part, bytes) else _raw(part.contiguous()))
+    return {(l, e): Span(8 + len(text) + start, gate_ups[l][e].nbytes, downs[l][e].nbytes)
+            for (l, e), start in starts.items()}
+
+
+def _open_direct(path: str, probe: int) -> int | None:
+    """An O_DIRECT descriptor of `path` when the OS and file system allow it (one aligned test read)."""
+    if not hasattr(os, "O_DIRECT"):
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+        return None
+    try:
+        os.preadv(fd, [mmap.mmap(-1, ALIGN)], probe - probe % ALIGN)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+class SlowTier:
+    """The experts file and how it is read (see the module docstring for the kinds)."""
+
+    def __init__(self, path: str, spans: dict[tuple[int, int], Span], kind: str, gbps: float | None):
+        self.path, self.spans, self.gbps = path, spans, gbps
+        self.fd = _open_direct(path, next(iter(spans.values())).offset) if kind in ("auto", "direct") else None
+        if kind == "direct" and self.fd is None:
+            raise ValueError(f"slow='direct': {path} cannot be opened with O_DIRECT on this OS or file system; "
+                             f"use slow='fadvise' or slow='paced' with slow_gbps")
+        if self.fd is not None:
+            self.kind = "direct"
+        else:
+            self.kind = "paced" if kind == "paced" else "fadvise" if hasattr(os, "posix_fadvise") else "buffered"
+            self.fd = os.open(path, os.O_RDONLY)
+        if self.kind == "fadvise":
+            os.fsync(self.fd)  # dirty pages cannot be dropped: write them back, then start cold
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        largest = max(s.gate_up_bytes + s.down_bytes for s in spans.values())
+        self._bounce = mmap.mmap(-1, largest + ALIGN) if self.kind == "direct" else None  # page-aligned
+
+    def describe(self) -> str:
+        """What a read here is, for every report: the honest name of the slow tier."""
+        pace = f", paced to at most {self.gbps:g} GB/s" if self.gbps else ""
+        if self.kind == "direct":
+            return (f"O_DIRECT reads of {self.path} (page cache bypassed; caches below the OS may still serve "
+                    f"them){pace}")
+        if self.kind == "fadvise":
+            return (f"buffered reads of {self.path}, each dropped from the page cache afterwards "
+                    f"(POSIX_FADV_DONTNEED; pages another process maps stay cached){pace}")
+        if self.kind == "paced":
+            return f"rate-limited copy: buffered reads of {self.path} (page cache allowed) paced to {self.gbps:g} GB/s"
+        return (f"buffered reads of {self.path}: this OS offers neither O_DIRECT nor posix_fadvise, so the page "
+                f"cache is NOT bypassed{pace}")
+
+    def read_into(self, layer: int, expert: int, gate_up: torch.Tensor,  # [2I, H] slot
+                  down: torch.Tensor) -> int:  # [H, I] slot
+        """Fill the two slot tensors with the expert's weights (paced when slow_gbps is set); the bytes read."""
+        span = self.spans[layer, expert]
+        n = span.gate_up_bytes + span.down_bytes
+        t0 = time.perf_counter()
+        if self.kind == "direct":
+            size = -(-n // ALIGN) * ALIGN
+            got = os.preadv(self.fd, [memoryview(self._bounce)[:size]], span.offset)
+            raw = torch.frombuffer(self._bounce, dtype=torch.uint8, count=n)  # [n] bytes
+            gate_up.view(-1).view(torch.uint8).copy_(raw[:span.gate_up_bytes])
+            down.view(-1).view(torch.uint8).copy_(raw[span.gate_up_bytes:])
+        else:
+            got = os.preadv(self.fd, [_raw(gate_up), _raw(down)], span.offset)
+            if self.kind == "fadvise":
+                os.posix_fadvise(self.fd, span.offset, n, os.POSIX_FADV_DONTNEED)
+        if got < n:
+            raise OSError(f"short read of {self.path}: {got} of {n} bytes at offset {span.offset}")
+        if self.gbps:
+            time.sleep(max(0.0, n / (self.gbps * 1e9) - (time.perf_counter() - t0)))
+        return n
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class TransferQueue:
+    """One daemon reader thread running transfers by priority (lowest tuple first), so reads overlap compute.
+
+    A daemon thread, not a ThreadPoolExecutor: a read stuck in the kernel must not hang interpreter exit."""
+
+    def __init__(self):
+        self._heap: list = []
+        self._jobs: dict[Future, object] = {}  # queued, not yet started
+        self._seq = itertools.count()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="moetune-offload-reader", daemon=True)
+        self._thread.start()
+
+    def submit(self, priority: tuple, fn) -> Future:
+        future = Future()
+        with self._cond:
+            self._jobs[future] = fn
+            heapq.heappush(self._heap, (priority, next(self._seq), future))
+            self._cond.notify()
+        return future
+
+    def promote(self, future: Future, priority: tuple) -> None:
+        """Queue a not yet started transfer again at `priority`; its earliest entry runs it."""
+        with self._cond:
+            if future in self._jobs:
+                heapq.heappush(self._heap, (priority, next(self._seq), future))
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._heap and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                _, _, future = heapq.heappop(self._heap)
+                fn = self._jobs.pop(future, None)
+            if fn is None or not future.set_running_or_notify_cancel():
+                continue  # an earlier entry of a promoted transfer ran it, or it was cancelled
+            try:
+                future.set_result(fn())
+            except Exception as exc:  # delivered to whoever waits on the transfer, with layer and expert
+                future.set_exception(exc)
+
+    def close(self) -> None:
+        """Stop the thread after its current read; queued transfers are cancelled."""
+        with self._cond:
+            self._closed = True
+            for future in self._jobs:
+                future.cancel()
+            self._jobs.clear()
+            self._heap.clear()
+            self._cond.notify()
+
+
+class LayerTier:
+    """One MoE layer's fast tier: `capacity` preallocated expert slots and what eviction needs to know."""
+
+    def __init__(self, capacity: int, num_experts: int, gate_up_shape: tuple, down_shape: tuple, dtype: torch.dtype):
+        self.gate_up = torch.empty(capacity, *gate_up_shape, dtype=dtype)  # [C, 2I, H]
+        self.down = torch.empty(capacity, *down_shape, dtype=dtype)  # [C, H, I]
+        self.num_experts = num_experts
+        self.stats = LayerStats()
+        self.clear()
+
+    def clear(self) -> None:
+        C, E = self.gate_up.shape[0], self.num_experts
+        self.expert_at = [-1] * C  # slot -> expert (-1: free)
+        self.slot_of: dict[int, int] = {}  # expert -> slot, resident or still loading
+        self.loading: dict[int, Future] = {}  # expert -> its transfer, until seen complete
+        self.prefetched: set[int] = set()  # loading experts whose transfer a prefetch started
+        self.pins: set[int] = set()  # experts the layer is computing now: never evicted
+        self.protected: set[int] = set()  # prefetched for the layer's next call: not evicted by prefetches
+        self.predicted: set[int] = set()  # what the prefetcher asked for since the layer's last call
+        self.last = [0] * E  # the call that last used each expert
+        self.uses = [0.0] * E  # decayed use counts, as of `last`
+        self.tick = 0  # calls so far
+
+    @property
+    def capacity(self) -> int:
+        return self.gate_up.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.gate_up.nbytes + self.down.nbytes
+
+
+class ExpertStore:
+    """Both tiers of every MoE layer and the transfers between them (see the module docstring)."""
+
+    def __init__(self, tier: SlowTier, layers: list[LayerTier], eviction: str, timeout_s: float):
+        self.tier, self.layers, self.eviction, self.timeout_s = tier, layers, eviction, timeout_s
+        self.queue = TransferQueue()
+        self.broken: str | None = None  # set when a read timed out: the reader may still be stuck in it
+        self._lock = threading.Lock()  # stats the reader thread adds to
+
+    def _key(self, t: LayerTier, e: int) -> tuple:
+        """Eviction order, smallest first: least recently used (lru) or least used (lfu), decayed."""
+        uses = t.uses[e] * DECAY ** (t.tick - t.last[e])
+        return (t.last[e], uses) if self.eviction == "lru" else (uses, t.last[e])
+
+    def _touch(self, t: LayerTier, e: int) -> None:
+        t.uses[e] = t.uses[e] * DECAY ** (t.tick - t.last[e]) + 1.0
+        t.last[e] = t.tick
+
+    def _free(self, t: LayerTier, e: int) -> None:
+        t.expert_at[t.slot_of.pop(e)] = -1
+        t.loading.pop(e, None)
+        t.prefetched.discard(e)
+
+    def _reap(self, t: LayerTier) -> None:
+        """Forget finished transfers; a failed prefetch frees its slot (a demand for it reads again)."""
+        for e, future in list(t.loading.items()):
+            if future.done() and e not in t.pins:  # pinned ones are waited on, and their errors raised, by stream
+                if future.cancelled() or future.exception() is not None:
+                    self._free(t, e)
+                    t.stats.prefetch_failed += 1
+                else:
+                    del t.loading[e]
+                    t.prefetched.discard(e)
+
+    def _victim(self, t: LayerTier, avoid) -> int | None:
+        """A free slot, else the slot of the first resident expert in eviction order that is not pinned,
+        loading or protected (experts in `avoid` last); None when every slot is busy."""
+        self._reap(t)
+        if -1 in t.expert_at:
+            return t.expert_at.index(-1)
+        busy = t.pins | t.loading.keys() | t.protected
+        options = [(e in avoid, self._key(t, e), s) for s, e in enumerate(t.expert_at) if e not in busy]
+        return min(options)[2] if options else None
+
+    def _load(self, layer: int, e: int, slot: int, priority: int) -> None:
+        t = self.layers[layer]
+        if t.expert_at[slot] >= 0:
+            del t.slot_of[t.expert_at[slot]]
+        t.expert_at[slot], t.slot_of[e] = e, slot
+        self._submit(layer, e, priority)
+
+    def _submit(self, layer: int, e: int, priority: int) -> None:
+        t = self.layers[layer]
+        kind = "demand_bytes" if priority == DEMAND else "prefetch_bytes"
+        t.loading[e] = self.queue.submit((priority, layer), partial(self._read, layer, e, t.slot_of[e], kind))
+        (t.prefetched.add if priority == PREFETCH else t.prefetched.discard)(e)
+
+    def _read(self, layer: int, e: int, slot: int, kind: str) -> int:
+        """On the reader thread: one expert into its slot."""
+        t = self.layers[layer]
+        t0 = time.perf_counter()
+        n = self.tier.read_into(layer, e, t.gate_up[slot], t.down[slot])
+        with self._lock:
+            setattr(t.stats, kind, getattr(t.stats, kind) + n)
+            t.stats.read_s += time.perf_counter() - t0
+        return n
+
+    def check(self) -> None:
+        if self.broken:
+            raise OffloadError(f"{self.broken}; the reader may still be stuck in that read: remove() the offload "
+                               f"and enable it again")
+
+    def prefetch(self, layer: int, experts: list[int]) -> None:
+        """Start fetching `experts` (most wanted first, at most capacity) for the layer's next call; never
+        waits and never evicts what is pinned, loading or already prefetched."""
+        if self.broken:
+            return
+        t = self.layers[layer]
+        wanted = experts[:t.capacity]
+        t.predicted.update(wanted)
+        t.protected.update(e for e in wanted if e in t.slot_of)
+        for e in wanted:
+            if e not in t.slot_of:
+                slot = self._victim(t, ())
+                if slot is None:
+                    return
+                self._load(layer, e, slot, PREFETCH)
+                t.protected.add(e)
+
+    def _count(self, t: LayerTier, needed: set[int]) -> None:
+        s = t.stats
+        s.calls += 1
+        s.needed += len(needed)
+        s.hits += sum(e in t.slot_of and e not in t.loading for e in needed)
+        s.late += sum(e in t.loading for e in needed)
+        s.misses += sum(e not in t.slot_of for e in needed)
+        s.predicted += len(t.predicted)
+        s.predicted_needed += len(t.predicted & needed)
+        t.predicted = set()
+
+    def stream(self, layer: int, needed: list[int]):
+        """Yield (expert, gate_up [2I, H], down [H, I]) for every needed expert, fetching misses on demand.
+
+        Ready experts come first, so misses load while they compute; at most `capacity` experts are pinned
+        at once and each is unpinned once its consumer asks for the next."""
+        self.check()
+        t = self.layers[layer]
+        t.tick += 1
+        t.protected.clear()
+        self._reap(t)
+        self._count(t, set(needed))
+        order = sorted(needed, key=lambda e: 2 if e not in t.slot_of else int(e in t.loading))
+        remaining, window = deque(order), deque()
+        try:
+            while remaining or window:
+                while remaining and self._pin(layer, remaining[0], remaining):
+                    window.append(remaining.popleft())
+                t.stats.peak_pinned = max(t.stats.peak_pinned, len(t.pins))
+                if not window:
+                    self._wait_any(layer)
+                    continue
+                e = window.popleft()
+                self._wait(layer, e)
+                slot = t.slot_of[e]
+                yield e, t.gate_up[slot], t.down[slot]
+                t.pins.discard(e)
+                self._touch(t, e)
+        finally:
+            t.pins.clear()
+
+    def _pin(self, layer: int, e: int, remaining) -> bool:
+        """Pin `e`, starting its read when it is not in the fast tier; False when no slot can take it yet."""
+        t = self.layers[layer]
+        if e not in t.slot_of:
+            slot = self._victim(t, remaining)
+            if slot is None:
+                return False
+            self._load(layer, e, slot, DEMAND)
+        elif e in t.loading:
+            self.queue.promote(t.loading[e], (DEMAND, layer))
+        t.pins.add(e)
+        return True
+
+    def _wait(self, layer: int, e: int) -> None:
+        """Block until expert e's transfer is done (stall time). A failed prefetch is read again on demand;
+        a failed or hung demand read raises OffloadError naming the layer and expert."""
+        t = self.layers[layer]
+        while e in t.loading:
+            t0 = time.perf_counter()
+            try:
+                t.loading[e].result(timeout=self.timeout_s)
+            except FutureTimeout:
+                self.broken = (f"MoE layer {layer} expert {e}: the slow-tier read did not finish within "
+                               f"{self.timeout_s:g} s ({self.tier.describe()})")
+                self.check()
+            except Exception as exc:  # the reader's error, re-raised by result()
+                if e in t.prefetched:
+                    t.stats.prefetch_failed += 1
+                    self._submit(layer, e, DEMAND)
+                    continue
+                self._free(t, e)
+                raise OffloadError(f"MoE layer {layer} expert {e}: reading it from the slow tier failed "
+                                   f"({exc!r}); check {self.tier.path} and the disk holding it") from exc
+            finally:
+                t.stats.stall_s += time.perf_counter() - t0
+            del t.loading[e]
+            t.prefetched.discard(e)
+
+    def _wait_any(self, layer: int) -> None:
+        """Every slot is busy loading experts this call does not need: wait for one to finish."""
+        t = self.layers[layer]
+        t0 = time.perf_counter()
+        done, _ = wait(list(t.loading.values()), timeout=self.timeout_s, return_when=FIRST_COMPLETED)
+        t.stats.stall_s += time.perf_counter() - t0
+        if not done:
+            self.broken = (f"MoE layer {layer} experts {sorted(t.loading)}: no slow-tier read finished within "
+                           f"{self.timeout_s:g} s ({self.tier.describe()})")
+            self.check()
+
+    def clear(self) -> None:
+        """Empty every fast tier (after in-flight reads land, so no slot is written once freed)."""
+        for t in self.layers:
+            if t.loading and wait(list(t.loading.values()), timeout=self.timeout_s).not_done:
+                raise OffloadError(f"MoE layer {self.layers.index(t)}: in-flight reads did not finish within "
+                                   f"{self.timeout_s:g} s; the slow tier is stuck")
+            t.clear()
+
+    def snapshot(self) -> list[LayerStats]:
+        with self._lock:
+            return [replace(t.stats) for t in self.layers]
+
+    def reset_stats(self) -> None:
+        with self._lock:
+            for t in self.layers:
+                t.stats = LayerStats()
+
+    def close(self) -> None:
+        self.queue.close()
+        self.tier.close()

@@ -3,6 +3,7 @@
 Each check is paired with a biased sampler (always accepting drafted tokens) that the same bound rejects,
 so the bounds are tight enough to mean something.
 """
+import pytest
 import torch
 from tiny import tiny_moe
 
@@ -45,7 +46,10 @@ def test_tree_rejection_sampling_is_lossless():
     assert tv(biased, p[0]) > 0.03
 
 
-def test_generate_samples_the_target_distribution():
+@pytest.mark.parametrize("budgets", [None, (3, 3)], ids=["unbudgeted", "eviction"])
+def test_generate_samples_the_target_distribution(budgets):
+    """Tree rejection sampling emits the target's distribution. Under an eviction budget too: which nodes
+    survive depends on the tree, not on the walk's random draws (engine/eviction.py)."""
     target = tiny_moe("qwen3_moe", vocab_size=16, seed=3)
     prompt = [3, 7, 11]
     with torch.no_grad():
@@ -53,9 +57,11 @@ def test_generate_samples_the_target_distribution():
         p2 = sum(p1[t] * sampling_probs(target(torch.tensor([prompt + [t]])).logits[0, -1], 1.0)
                  for t in range(16))
     runs = generate(target, None, [prompt] * 300, drafter=DraftModelDrafter(target),
-                    config=StepConfig(depth=2, topk=2), max_new_tokens=2, temperature=1.0, seed=0,
+                    config=StepConfig(depth=2, topk=2, budgets=budgets), max_new_tokens=2, temperature=1.0, seed=0,
                     eos_token_id=-1)
     assert sum(r.mean_accepted for r in runs) > 0  # the draft tree is exercised
+    if budgets is not None:  # eviction acted on some steps
+        assert any(s.tree_size and min(s.unique_experts_kept) < 4 for r in runs for s in r.steps)
     assert tv([r.token_ids[0] for r in runs], p1) < 0.15
     assert tv([r.token_ids[1] for r in runs], p2) < 0.15
     greedy_draft = [int(p1.argmax())] * 300  # always accepting the draft's top token

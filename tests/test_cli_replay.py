@@ -33,6 +33,9 @@ def replay(*extra):
     (["--profile", SAMPLE], [SAMPLE, "is not a latency profile JSON (moetune profile writes one)"]),
     (["--profile", "/no/such/profile.json"], ["cannot read latency profile /no/such/profile.json",
                                               "no such file or directory"]),
+    (["--offload", "8"], ["--offload CAPACITY and --offload-gbps G go together"]),
+    (["--offload", "99", "--offload-gbps", "1"], ["--offload 99", "capacity 99 is above the model's 32 experts"]),
+    (["--offload", "8", "--offload-gbps", "-1"], ["--offload 8 --offload-gbps -1", "LinkProfile.gbps"]),
 ])
 def test_bad_values(capsys, extra, names):
     fails(capsys, replay(*extra), *names)
@@ -69,3 +72,15 @@ def test_bad_trace_paths(capsys, tmp_path, make, names):
 def test_output_that_is_a_file(capsys, tmp_path):
     (tmp_path / "out").write_text("x")
     fails(capsys, replay("--out", str(tmp_path / "out" / "plots")), str(tmp_path / "out"))
+
+
+def test_offloaded_replay_reports_the_fast_tier(capsys):
+    """--offload: the table gains hit rate, misses per step and stall; a small fast tier stalls more."""
+    from moetune.cli import main
+    rows = {}
+    for capacity in ("4", "32"):
+        assert main(replay("--offload", capacity, "--offload-gbps", "1")) == 0
+        line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("| plain |"))
+        rows[capacity] = [c.strip() for c in line.strip("|").split("|")]
+    assert float(rows["4"][-1]) > float(rows["32"][-1]) > 0  # stall_s: cold misses even with every expert fitting
+    assert float(rows["4"][-3]) < float(rows["32"][-3])  # hit rate

@@ -130,8 +130,11 @@ class ReplayResult:
 
 
 def replay(traces: Trace | Sequence[Trace], policy: Policy, latency: LatencyModel,
-           latency_target_ms: float | None = None) -> ReplayResult:
-    """Replay `policy` over every request of `traces` (see module docstring)."""
+           latency_target_ms: float | None = None, backend=None) -> ReplayResult:
+    """Replay `policy` over every request of `traces` (see module docstring). backend(trace, request,
+    latency, target, configs, log, name): the Backend of one request (default TraceBackend; e.g.
+    traces.offload's, which adds a cache model's stalls)."""
+    make = TraceBackend if backend is None else backend
     traces = [traces] if isinstance(traces, Trace) else list(traces)
     if not traces:
         raise ValueError("replay needs at least one trace")
@@ -146,9 +149,9 @@ def replay(traces: Trace | Sequence[Trace], policy: Policy, latency: LatencyMode
     name = getattr(policy, "name", type(policy).__name__)
     for trace in traces:
         for req in trace.requests:
-            backend = TraceBackend(trace, req, latency, target, configs, log, name)
-            backend.result.control_s = decode(policy, backend, req.request_id)
-            requests.append(backend.finish())
+            b = make(trace, req, latency, target, configs, log, name)
+            b.result.control_s = decode(policy, b, req.request_id)
+            requests.append(b.finish())
     return ReplayResult(name, requests, list(configs),
                         np.array(log, dtype=float).reshape(-1, len(LOG_COLUMNS)), latency_target_ms)
 

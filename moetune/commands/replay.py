@@ -19,6 +19,13 @@ def add_arguments(p) -> None:
     p.add_argument("--force", action="store_true", help="overwrite replay.json and plots already in --out")
     p.add_argument("--workers", type=int, default=1, help="worker processes (one job per policy and trace)")
     p.add_argument("--per-request", action="store_true", help="also print one row per request")
+    p.add_argument("--offload", type=int, default=None, metavar="CAPACITY",
+                   help="model experts offloaded to a slow tier: CAPACITY experts per layer resident (traces.offload)")
+    p.add_argument("--offload-gbps", type=float, default=None, help="with --offload: the slow tier's read rate, GB/s")
+    p.add_argument("--offload-latency-us", type=float, default=0.0, help="with --offload: per-read latency, us")
+    p.add_argument("--offload-eviction", choices=("lru", "lfu"), default="lru", help="with --offload (default lru)")
+    p.add_argument("--offload-bytes-per-param", type=int, default=2,
+                   help="with --offload: bytes per expert weight on the link (default 2: bf16)")
     p.add_argument("--strict", action="store_true",
                    help="fail (exit 2) on a trace that stops early (a killed run) instead of replaying what it holds")
 
@@ -74,6 +81,9 @@ def main(args) -> int:
 
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    if (args.offload is None) != (args.offload_gbps is None):
+        raise ValueError("--offload CAPACITY and --offload-gbps G go together (experts resident per layer, and the "
+                         "slow tier's read rate)")
     check_latency_target(args.latency_target_ms, "--latency-target-ms")  # the rule `moetune run` applies
     for spec in args.policy:
         make_policy(spec)  # fail early on a bad spec
@@ -103,10 +113,15 @@ def _replay(args) -> int:
     first = read_trace(args.traces[0], strict=args.strict)
     report_traces(args, first)
     latency = latency_for(args, first)
-    results = replay_many(args.traces, args.policy, latency, args.latency_target_ms, args.workers)
     cols = ["policy", "requests", "tokens", "goodput_tok_s", "speedup", "mean_accepted", "fidelity", "attainment",
             "unique_kept", "control_us_per_step", "inexact_steps"]
-    summaries = [r.summary() for r in results]
+    if args.offload is None:
+        results = replay_many(args.traces, args.policy, latency, args.latency_target_ms, args.workers)
+        summaries = [r.summary() for r in results]
+    else:
+        offloaded = _replay_offloaded(args, first, latency)
+        results, summaries = [o.replay for o in offloaded], [o.summary() for o in offloaded]
+        cols += ["hit_rate", "misses_per_step", "stall_s"]
     print(f"latency model: {latency.source} (error {latency.error})")
     print(table(summaries, cols))
     per_request = [dict(policy=r.policy, request=q.request_id, kind=q.kind, tokens=q.tokens, goodput_tok_s=q.goodput,
@@ -125,3 +140,20 @@ def _replay(args) -> int:
                                            per_request=per_request, traces=args.traces), indent=1))
         print(f"wrote {out / 'replay.json'} and {', '.join(str(m) for m in made if m)}")
     return 0
+
+
+def _replay_offloaded(args, first, latency) -> list:
+    """Every policy over all traces with the model's experts behind a fast tier (traces.offload): the step
+    times include the stalls a cache of --offload experts per layer would have had, the plain baseline's too."""
+    from moetune.traces.offload import LinkProfile, OffloadSpec, replay_offload
+    from moetune.traces.reader import read_trace
+    from moetune.traces.replay import make_policy
+
+    traces = [first] + [read_trace(p, strict=args.strict) for p in args.traces[1:]]
+    try:
+        link = LinkProfile.for_shape(first.shape, args.offload_gbps, args.offload_latency_us * 1e-6,
+                                     args.offload_bytes_per_param)
+        spec = OffloadSpec(args.offload, link, args.offload_eviction)
+        return [replay_offload(traces, make_policy(p), latency, spec, args.latency_target_ms) for p in args.policy]
+    except ValueError as e:
+        raise ValueError(f"--offload {args.offload} --offload-gbps {args.offload_gbps}: {e}") from None

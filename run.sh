@@ -8,7 +8,7 @@ bash "$root/scripts/env.sh"
 auto=--auto
 for a in "$@"; do
   case "$a" in
-    --auto|--policy*|--latency-target-ms*|--drafter*|--depth*|--topk*|--num-draft-tokens*|-h|--help) auto= ;;
+    --auto|--policy*|--latency-target-ms*|--drafter*|--depth*|--topk*|--num-draft-tokens*|--budget*|-h|--help) auto= ;;
   esac
 done
 set -- $auto "$@"

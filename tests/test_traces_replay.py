@@ -131,6 +131,11 @@ def test_replay_budget_fidelity_and_latency_target():
 def test_make_policy_gives_fresh_policies():
     p = make_policy("static:depth=3,topk=2,num_draft_tokens=6,budgets=4/4,drafter=ngram")
     assert p.config == StepConfig(depth=3, topk=2, num_draft_tokens=6, budgets=(4, 4), drafter="ngram")
+    assert p.config.budget_mode == "evict"  # lossless unless asked
+    lossy = make_policy("static:depth=3,budgets=4/4,budget_mode=substitute,substitution=renormalize")
+    assert (lossy.config.budget_mode, lossy.config.substitution) == ("substitute", "renormalize")
+    with pytest.raises(ValueError, match="budget_mode must be one of"):
+        make_policy("static:budgets=4/4,budget_mode=drop")
     assert isinstance(make_policy("plain"), Plain)
     static = Static(StepConfig(depth=2))
     assert make_policy(static) is not static and make_policy(static).config == static.config

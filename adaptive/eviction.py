@@ -13,7 +13,8 @@ that share; on a model bound by per-op overhead it would only cost exploration).
 
 Budgets: level rho gives layer l the budget B_l = round(rho * U_l), at least what the root and one node
 are predicted to touch and at most num_experts, U_l the expert model's predicted unique experts of the
-option's verified tokens in that layer (per layer, learned online). Plain Python on a few numbers: it runs inside decide and observe.
+option's verified tokens in that layer (per layer, learned online). Plain Python on a few numbers: it
+runs inside decide and observe.
 """
 from __future__ import annotations
 

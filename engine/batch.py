@@ -51,7 +51,8 @@ from moetune.step import PLAIN, DecodeState, StepConfig, StepStats
 from . import kv
 from .accept import Acceptance, accept_greedy
 from .drafters import Proposer
-from .generate import GenerationResult, _drafters, _fit, _get_drafter, _lookahead, _prompt_ids
+from .generate import (GenerationResult, drafter_pool, fit_tree, get_drafter, passive_lookahead,
+                       prompt_token_ids)
 from .loader import moe_shape
 from .routing import Routing, capture_routing
 from .telemetry import gpu_snapshot
@@ -267,14 +268,14 @@ class PackedBatch:
             t0 = self.clock()
             look = None
             if self.passive is not None:
-                look, r.chain = _lookahead(r.pool, self.passive, r.ids, self.target)
+                look, r.chain = passive_lookahead(r.pool, self.passive, r.ids, self.target)
             t1 = self.clock()
             state = DecodeState(r.request_id, r.step, len(r.ids), r.generated, r.max_new_tokens - r.generated, look)
             r.config = _unbudgeted(self.policy.decide(state))
             t2 = self.clock()
             if r.config.speculate:
-                tree = _get_drafter(r.pool, r.config.drafter, self.target).draft(r.ids, r.config)
-                r.tree = _fit(tree, r.max_new_tokens - r.generated)
+                tree = get_drafter(r.pool, r.config.drafter, self.target).draft(r.ids, r.config)
+                r.tree = fit_tree(tree, r.max_new_tokens - r.generated)
             else:
                 r.tree = self.empty
             r.t_decide, r.t_draft = t2 - t1, t1 - t0 + self.clock() - t2
@@ -401,7 +402,8 @@ def generate_batch(target, tokenizer, prompts, drafter=None, policy: Policy | No
     if eos_token_id is None:
         eos_token_id = getattr(target.generation_config, "eos_token_id", None)
     eos = frozenset([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
-    requests = [Request(i, rid, _prompt_ids(tokenizer, p), max_new_tokens, _own_drafters(target, drafter), t)
+    requests = [Request(i, rid, prompt_token_ids(tokenizer, p), max_new_tokens, _own_drafters(target, drafter),
+                        t)
                 for i, (rid, p, t) in enumerate(zip(ids, prompts, times))]
     policy.setup(moe_shape(target))
     routing = getattr(policy, "wants_routing", True) if routing is None else routing
@@ -433,7 +435,7 @@ def _serve(batch: PackedBatch, requests: list[Request], batch_size: int) -> None
 def _own_drafters(target, drafter) -> dict[str, Proposer]:
     """A request's own drafters: a shallow copy of each given one (its prefill gives it fresh state: an
     n-gram index, a draft-model cache), a new DraftModelDrafter for a bare draft model."""
-    return {name: copy.copy(p) for name, p in _drafters(target, drafter).items()}
+    return {name: copy.copy(p) for name, p in drafter_pool(target, drafter).items()}
 
 
 def _check_arguments(prompts, policy, config, batch_size, max_new_tokens, arrivals, request_ids,

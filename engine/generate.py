@@ -49,7 +49,7 @@ class GenerationResult:
         return sum(s.accepted for s in self.steps) / len(self.steps) if self.steps else 0.0
 
 
-def _drafters(target, drafter) -> dict[str, Proposer]:
+def drafter_pool(target, drafter) -> dict[str, Proposer]:
     if drafter is None:
         return {}
     if isinstance(drafter, Proposer):
@@ -59,22 +59,23 @@ def _drafters(target, drafter) -> dict[str, Proposer]:
     return {"draft_model": make_drafter("draft_model", target, drafter)}  # a bare draft model
 
 
-def _get_drafter(pool: dict[str, Proposer], name: str, target) -> Proposer:
+def get_drafter(pool: dict[str, Proposer], name: str, target) -> Proposer:
     """The drafter a step asks for; those that need no draft model are built on first use."""
     if name not in pool:
         pool[name] = make_drafter(name, target)
     return pool[name]
 
 
-def _lookahead(pool: dict[str, Proposer], passive: StepConfig, ids: list[int], target) -> tuple[Lookahead, list[int]]:
+def passive_lookahead(pool: dict[str, Proposer], passive: StepConfig, ids: list[int],
+                      target) -> tuple[Lookahead, list[int]]:
     """What the policy's passive draft (Policy.passive_draft, checked by the driver) drafts at this step,
     before the policy decides: the Lookahead it sees, and the chain itself (checked against the emitted
     tokens)."""
-    order, chain = _get_drafter(pool, passive.drafter, target).lookahead(ids, passive.depth)
+    order, chain = get_drafter(pool, passive.drafter, target).lookahead(ids, passive.depth)
     return Lookahead(passive.drafter, order, len(chain)), chain
 
 
-def _prompt_ids(tokenizer, prompt) -> list[int]:
+def prompt_token_ids(tokenizer, prompt) -> list[int]:
     if isinstance(prompt, str):
         if tokenizer is None:
             raise ValueError("text prompts need a tokenizer; pass token id lists otherwise")
@@ -85,7 +86,7 @@ def _prompt_ids(tokenizer, prompt) -> list[int]:
     return ids
 
 
-def _fit(tree: DraftTree, remaining: int) -> DraftTree:
+def fit_tree(tree: DraftTree, remaining: int) -> DraftTree:
     """Drop nodes deeper than the tokens still allowed (a step emits at most depth + 1 tokens)."""
     if len(tree) and tree.depth >= remaining:
         return subtree(tree, [i for i, d in enumerate(depths(tree.parents)) if d < remaining])
@@ -131,13 +132,14 @@ def generate(target, tokenizer, prompts, drafter=None, policy: Policy | None = N
     if eos_token_id is None:
         eos_token_id = getattr(target.generation_config, "eos_token_id", None)
     eos = frozenset([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
-    pool = _drafters(target, drafter)
+    pool = drafter_pool(target, drafter)
     policy.setup(moe_shape(target))
     routing = getattr(policy, "wants_routing", True) if routing is None else routing
     sampling = (temperature, top_p, torch.Generator().manual_seed(seed))
     results = []
     for index, (request_id, prompt) in enumerate(zip(ids, prompts)):
-        backend = LiveBackend(target, pool, _prompt_ids(tokenizer, prompt), max_new_tokens, sampling, eos, routing)
+        backend = LiveBackend(target, pool, prompt_token_ids(tokenizer, prompt), max_new_tokens, sampling, eos,
+                              routing)
         with torch.inference_mode():  # as HF's decoders run: no autograd bookkeeping on any tensor op
             decode(policy, backend, request_id, None if on_step is None else partial(on_step, index))
         results.append(backend.result(tokenizer))
@@ -180,7 +182,7 @@ class LiveBackend:
 
     def lookahead(self, passive: StepConfig) -> Lookahead:
         t0 = time.perf_counter()
-        look, self.chain = _lookahead(self.pool, passive, self.ids, self.target)
+        look, self.chain = passive_lookahead(self.pool, passive, self.ids, self.target)
         self.t_look = time.perf_counter() - t0
         return look
 
@@ -188,8 +190,8 @@ class LiveBackend:
         with self.timer.phase("draft"):
             if not config.speculate:
                 return self.empty
-            tree = _get_drafter(self.pool, config.drafter, self.target).draft(self.ids, config)
-            return _fit(tree, self.max_new_tokens - self.generated)
+            tree = get_drafter(self.pool, config.drafter, self.target).draft(self.ids, config)
+            return fit_tree(tree, self.max_new_tokens - self.generated)
 
     def verify(self, config: StepConfig, tree: DraftTree) -> Verification:
         """Target forward over [root, N nodes]: logits [N+1, V], the cache grows by N+1 entries."""

@@ -264,7 +264,8 @@ def _node_weights(plan: BudgetPlan, T: int, device: torch.device) -> torch.Tenso
 
 
 def _substitute(block: torch.nn.Module, layer: int, active: _Active, x: torch.Tensor,  # [T, H]
-                router_logits: torch.Tensor, top_k_weights: torch.Tensor, top_k_index: torch.Tensor,  # [T, E], [T, K] x2
+                router_logits: torch.Tensor,  # [T, E]
+                top_k_weights: torch.Tensor, top_k_index: torch.Tensor,  # [T, K] x2
                 ) -> selection.BudgetedRouting:
     probs = torch.softmax(router_logits.float(), dim=-1)  # [T, E]
     plan = active.plan

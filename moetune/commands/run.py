@@ -1,11 +1,13 @@
 """`moetune run`: speculative decoding on held-out prompts, measured against plain decoding in the same run.
 
-Plain decoding runs first on the same prompts and settings, so the speedup compares like with like on
-this machine right now. The speculative run is either one static config (--drafter/--depth/--topk/
---num-draft-tokens, and an expert budget with --budget/--budget-mode), a policy by name (--policy NAME[:k=v,...]), auto-tuning (--auto: the adaptive
-controller over every drafter) or auto-tuning to a latency target (--latency-target-ms). Flags only
-build a StepConfig or a policy spec; those validate themselves. For policy runs the summary also shows
-which configurations ran over time, the policy's switches, and how often a latency target was met.
+Plain decoding runs first on the same prompts and settings, so the speedup compares like with like on this
+machine right now. The speculative run is either one static config (--drafter/--depth/--topk/
+--num-draft-tokens, and an expert budget with --budget/--budget-mode), a policy by name (--policy
+NAME[:k=v,...]), auto-tuning (--auto: the adaptive controller over every drafter) or auto-tuning to a latency
+target (--latency-target-ms). --batch-size decodes the prompts together (continuous batching) and --offload
+keeps only some experts in memory. Flags only build a StepConfig or a policy spec; those validate themselves.
+For policy runs the summary also shows which configurations ran over time, the policy's switches, and how
+often a latency target was met.
 """
 from __future__ import annotations
 

@@ -130,7 +130,7 @@ def evicted(record: TreeRecord, config: StepConfig, sub: Subtree) -> StepOutcome
     np.put_along_axis(hits, routed, True, axis=2)
     union = np.logical_or.accumulate(hits, axis=0)  # [n+1, L, E] experts of each ranked prefix
     sizes = union.sum(axis=2)  # [n+1, L]
-    counts, demand, kept = [], [], []
+    demand, kept = [], []
     count = len(rows)
     for layer, budget in enumerate(config.budgets):
         demand.append(int(sizes[count - 1, layer]))  # the rows that entered this layer

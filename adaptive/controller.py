@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from moetune.step import DecodeState, Lookahead, ModelShape, StepConfig, StepStats
+from moetune.step import BatchContext, DecodeState, Lookahead, ModelShape, StepConfig, StepStats
 
 from .candidates import CandidateGrid, label
 from .config import ControllerConfig
@@ -105,6 +105,7 @@ class Controller:
         self.steps_since_plan = 0
         self.step_configs: dict = {}  # (candidate, budgets) -> StepConfig, built once
         self.unlearned: list = []  # steps observed but not yet learned from (see observe)
+        self.calibrating = 0  # calibration decisions since the last observe (a batch decides several)
 
     # ---- setup --------------------------------------------------------------------------------------
     def setup(self, shape: ModelShape) -> None:
@@ -124,7 +125,7 @@ class Controller:
             if c.eviction_levels else None
         self.requests, self.handed, self.current, self.unlearned = {}, {}, None, []
         self.eval_sampler = EvalSampler(EVAL_EVERY, c.seed)
-        self.steps = 0
+        self.steps = self.calibrating = 0
         self.step_configs = {}
         self.replan()
         self.calibration = calibration_options(self.menu, self.plan)
@@ -218,7 +219,7 @@ class Controller:
             r.loss = d.agreement_loss
             return d
         self.learn()
-        T = self._times(state.request_id, state.context_len, r.order, state.lookahead)
+        T = self._times(state.request_id, state.context_len, r.order, state.lookahead, state.batch)
         if not self.learners.latency.seeded and self.steps < self.warmup:
             return self._calibrate(state, r, T)
         curves, r.mean = self.ranking.rank(*self.learners.posterior(state.request_id, r.order))
@@ -238,19 +239,29 @@ class Controller:
             return None
         return min(look.order, self.learners.orders) if look.drafted else 0
 
-    def _times(self, request_id: int, context_len: int, order: int | None, look: Lookahead | None):
+    def _times(self, request_id: int, context_len: int, order: int | None, look: Lookahead | None,
+               batch: BatchContext | None):
         """Predicted step seconds of every option (flat): verify(tokens, experts, context) + draft, less
         the verify time of the nodes this request's drafter is not expected to draft (adaptive/yields.py).
         With a lookahead the n-gram drafter's nodes are known: options deeper than its chain are masked
-        and the rest draft in full."""
+        and the rest draft in full. In a batch, what each option adds to the shared forward plus its share
+        of the forward's constant (plan.Plan.batch_times; why: priced as if alone, a drafted token paid for
+        experts the batch loads anyway, and auto ran plain at batch 8 and more)."""
         masked = ()
         if order is not None:
             masked = self.menu.masked[min(0 if look is None else look.drafted, self.config.max_depth) if order else 0]
-        return self.plan.step_times(self.learners.shortfall(request_id, order), context_len, masked)
+        times = self.plan.step_times(self.learners.shortfall(request_id, order), context_len, masked)
+        if batch is None:
+            return times
+        loaded = sum(batch.experts) / (self.shape.num_layers * self.shape.num_experts)
+        return self.plan.batch_times(times, loaded, batch.requests + 1)
 
     def _calibrate(self, state: DecodeState, r: RequestState, T) -> Decision:
-        """The next calibration option (the latency model has no data yet: see plan.calibration_options)."""
-        best = self.calibration[self.steps % len(self.calibration)]
+        """The next calibration option (the latency model has no data yet: see plan.calibration_options).
+        Counted over decisions, not observed steps: a batch's requests all decide before any observe, and
+        counting steps gave them all the same option (only plain decoding calibrated at batch 8)."""
+        best = self.calibration[(self.steps + self.calibrating) % len(self.calibration)]
+        self.calibrating += 1
         r.mean = self.learners.mean(state.request_id, r.order)
         [E] = self.plan.emitted((r.mean,), state.remaining)
         return self._commit(r, best, E, T, switched=best != r.slot.option, evict=False)
@@ -386,6 +397,7 @@ class Controller:
         if self.learners.beaten(stats, r.order):
             r.slot.release()  # the probe would have done clearly better: decide afresh next step
         self.unlearned.append((rid, stats, r.order, r.loss, r.mean))
+        self.calibrating = 0
         self._judge_eviction(r.decision, stats)
         r.count(stats.step_time, stats.emitted)
         self.steps += 1

@@ -194,9 +194,14 @@ class Learners:
             computed = float(self.experts.predict([tokens]).sum())
         if cfg.eval_agreement:  # eval mode verified twice: its time is not one verification's
             return
-        self.latency.observe(cfg.drafter if cfg.speculate else None, tokens, computed, stats.context_len,
-                             stats.t_verify + stats.t_accept + stats.t_commit + stats.t_control,
-                             stats.tree_depth, stats.tree_size, stats.t_draft)
+        overhead = stats.t_accept + stats.t_commit + stats.t_control
+        if stats.batch_experts is None:
+            self.latency.observe(cfg.drafter if cfg.speculate else None, tokens, computed, stats.context_len,
+                                 stats.t_verify + overhead, stats.tree_depth, stats.tree_size, stats.t_draft)
+        else:  # batched: the whole forward (a row share would price a token as alone), with this request's overhead
+            self.latency.observe(cfg.drafter if cfg.speculate else None, stats.batch_tokens, stats.batch_experts,
+                                 stats.batch_context, stats.batch_t_verify + overhead, stats.tree_depth,
+                                 stats.tree_size, stats.t_draft)
 
     # ---- plan ----------------------------------------------------------------------------------------
     def check(self) -> None:

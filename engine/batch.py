@@ -46,7 +46,7 @@ from transformers import AttentionInterface
 from moetune.driver import check_passive_draft, step_stats
 from moetune.policies.base import Policy
 from moetune.policies.static import Static
-from moetune.step import PLAIN, DecodeState, StepConfig, StepStats
+from moetune.step import PLAIN, BatchContext, DecodeState, StepConfig, StepStats
 
 from . import kv
 from .accept import Acceptance, accept_greedy
@@ -105,6 +105,7 @@ class Request:
         self.acc: Acceptance | None = None
         self.emitted: list[int] = []
         self.t_decide = self.t_draft = self.t_accept = self.t_commit = 0.0
+        self.batch: BatchContext | None = None  # the others of its last step, for its next decision
 
     def result(self, tokenizer) -> BatchResult:
         out = self.ids[len(self.prompt):]
@@ -270,7 +271,8 @@ class PackedBatch:
             if self.passive is not None:
                 look, r.chain = passive_lookahead(r.pool, self.passive, r.ids, self.target)
             t1 = self.clock()
-            state = DecodeState(r.request_id, r.step, len(r.ids), r.generated, r.max_new_tokens - r.generated, look)
+            state = DecodeState(r.request_id, r.step, len(r.ids), r.generated, r.max_new_tokens - r.generated, look,
+                                r.batch)
             r.config = _unbudgeted(self.policy.decide(state))
             t2 = self.clock()
             if r.config.speculate:
@@ -340,19 +342,22 @@ class PackedBatch:
     def observe(self, t_verify: float, t_compact: float, routing: Routing | None, now: float) -> None:
         """Each request's StepStats (built by moetune.driver.step_stats, as a single request's are) go to
         the policy. The shared verify forward and cache compaction are divided among the requests by
-        verified rows; draft, accept and commit bookkeeping are each request's own."""
+        verified rows; draft, accept and commit bookkeeping are each request's own. Each also carries the
+        whole forward (StepStats.batch_*), and its next decision sees the others of this step (BatchContext)."""
         total = sum(r.rows.stop - r.rows.start for r in self.active)
         device = self.target.device
+        forward = self.forward(total, t_verify, routing)
         for r in self.active:
             share = (r.rows.stop - r.rows.start) / total
             unique = () if routing is None else tuple(
                 routing.unique_experts(torch.arange(r.rows.start, r.rows.stop, device=device)).tolist())
+            r.batch = self.others(r, total, routing)
             stats = step_stats(
                 r.request_id, r.step, r.config, accepted=r.acc.accepted, emitted=r.emitted, tree_size=len(r.tree),
                 tree_depth=r.tree.depth, context_len=len(r.ids) - len(r.emitted),
                 times=(r.t_draft, t_verify * share, r.t_accept, r.t_commit + t_compact * share),
                 t_control=r.t_decide + r.t_observe, unique=unique, passive=self.passive, chain=r.chain,
-                gpu=gpu_snapshot(device))
+                gpu=gpu_snapshot(device), forward=forward)
             r.steps.append(stats)
             t0 = self.clock()
             self.policy.observe(stats)
@@ -360,6 +365,26 @@ class PackedBatch:
             r.step += 1
             if r.step == 1:
                 r.first_token = now
+
+    def forward(self, total: int, t_verify: float, routing: Routing | None) -> dict | None:
+        """The whole forward as StepStats' batch_* fields (None alone): the latency fit learns from it."""
+        if len(self.active) == 1:
+            return None
+        experts = None if routing is None else int(routing.unique_experts().sum())
+        return dict(batch_tokens=total, batch_experts=experts,
+                    batch_context=sum(len(r.ids) - len(r.emitted) for r in self.active), batch_t_verify=t_verify)
+
+    def others(self, r: Request, total: int, routing: Routing | None) -> BatchContext | None:
+        """The other requests' rows and per-layer union of experts at this step: r's next BatchContext."""
+        if len(self.active) == 1:
+            return None
+        rows, others = total - (r.rows.stop - r.rows.start), len(self.active) - 1
+        if routing is None:
+            return BatchContext(others, rows, ())
+        mask = torch.ones(total, dtype=torch.bool)
+        mask[r.rows] = False
+        return BatchContext(others, rows, tuple(routing.unique_experts(mask.nonzero().flatten().to(
+            self.target.device)).tolist()))
 
     def leave(self, now: float) -> None:
         """Finished requests leave the batch (their cache positions went at this step's commit)."""

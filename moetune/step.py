@@ -252,6 +252,21 @@ class StepStats:
     # observes without remembering whom it last decided for; None in StepStats built by hand
     request_id: int | None = None
     nodes_kept: int | None = None  # eviction budget: drafted nodes that survived every layer (None: no eviction)
+    # in a batch, the whole forward this step shared (None alone): the latency fit learns from these, as
+    # t_verify above is only this request's row share of it. Rows verified, unique experts summed over layers
+    # (the union over requests; None when routing was not captured), context summed over requests, seconds.
+    batch_tokens: int | None = None
+    batch_experts: int | None = None
+    batch_context: int | None = None
+    batch_t_verify: float | None = None
+
+    def __post_init__(self):
+        forward = (self.batch_tokens, self.batch_context, self.batch_t_verify)
+        if any(x is None for x in forward) != all(x is None for x in forward) or \
+                (self.batch_experts is not None and self.batch_tokens is None):
+            raise ValueError(f"StepStats: batch_tokens, batch_context and batch_t_verify are set together (a "
+                             f"batched step) or not at all, batch_experts only with them; got {forward}, "
+                             f"batch_experts={self.batch_experts}")
 
     @property
     def step_time(self) -> float:
@@ -270,6 +285,23 @@ class Lookahead:
 
 
 @dataclass(frozen=True)
+class BatchContext:
+    """The rest of the batch a request decodes in, as the previous step left it: what its options add to a
+    forward that verifies the others anyway (adaptive/controller.py prices that marginal cost)."""
+
+    requests: int  # the other active requests
+    tokens: int  # rows they verified
+    experts: tuple[int, ...]  # per layer, the union of their unique experts (empty: routing not captured)
+
+    def __post_init__(self):
+        if not 1 <= self.requests <= self.tokens:
+            raise ValueError(f"BatchContext needs 1 <= requests <= tokens (each request verifies a row at least; "
+                             f"a request alone has batch=None), got requests={self.requests}, tokens={self.tokens}")
+        if any(e < 0 for e in self.experts):
+            raise ValueError(f"BatchContext.experts must be non-negative counts per layer, got {self.experts}")
+
+
+@dataclass(frozen=True)
 class DecodeState:
     """What a policy may look at when it decides the next step of one request."""
 
@@ -280,3 +312,4 @@ class DecodeState:
     remaining: int  # max_new_tokens - generated
     # only for a policy with a passive draft (live, and replay of traces with prompt ids)
     lookahead: Lookahead | None = None
+    batch: BatchContext | None = None  # the other requests of a batch (None: decoding alone)

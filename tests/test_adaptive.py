@@ -10,7 +10,7 @@ from moetune.adaptive.eviction import EvictionChooser, EvictionConfig
 from moetune.adaptive.experts import ExpertModel, iid_unique
 from moetune.adaptive.fidelity import FidelityModel
 from moetune.adaptive.latency import RLS, OnlineLatency
-from moetune.step import DecodeState, Lookahead, ModelShape, Probe, StepStats
+from moetune.step import PLAIN, BatchContext, DecodeState, Lookahead, ModelShape, Probe, StepStats
 from moetune.traces.latency import LatencyModel
 
 SHAPE = ModelShape(num_layers=6, num_experts=32, top_k=4)
@@ -462,3 +462,37 @@ def test_eviction_budgets_keep_a_node_and_evict_something():
     assert chooser.budgets(1, [7.0, 6.5], [7, 7], 32) is None  # nothing above the floor to evict
     with pytest.raises(ValueError, match="strictly increasing fractions"):
         ControllerConfig(eviction_levels=(0.8, 0.5))
+
+
+def test_batch_context_prices_options_by_what_they_add_to_the_forward():
+    """Experts dominate a step: alone, plain decoding wins; with the other requests of a batch loading every
+    expert, a drafted token costs little, so the same request speculates. Without a batch context (None)
+    the decision is the one it was."""
+    env = Env(p=0.7, per_expert=4e-4, base=2e-3, per_token=1e-5, draft_step=3e-5)
+    c = make(ControllerConfig(budgets=False, exploration="greedy", decide_every=1, decide_every_max=1),
+             profile=env.profile())
+    run(c, env, steps=60)
+    state = DecodeState(0, 60, 200, 168, 1000)
+    loaded = BatchContext(requests=7, tokens=7, experts=(SHAPE.num_experts,) * SHAPE.num_layers)
+    alone, batched, again = c.decide(state), c.decide(replace(state, batch=loaded)), c.decide(state)
+    assert not alone.config.speculate and batched.config.speculate
+    assert again.config == alone.config
+    with pytest.raises(ValueError, match="requests <= tokens"):
+        BatchContext(requests=2, tokens=1, experts=())
+
+
+def test_latency_learns_from_whole_batch_forwards():
+    """A batched step's t_verify is its row share; the fit learns the forward's totals instead, so it finds
+    the machine's per-expert cost, not a share of it."""
+    env = Env(per_expert=1e-4, base=1e-3, per_token=1e-5)
+    c = make(ControllerConfig(budgets=False))
+    rng = np.random.default_rng(0)
+    for i in range(300):
+        tokens, experts = int(rng.integers(8, 64)), int(rng.integers(40, 190))
+        t_forward = env.base + env.per_token * tokens + env.per_expert * experts
+        c.observe(StepStats(i, PLAIN, 0, 1, 0, 0, 100, t_verify=t_forward / 8, request_id=0, batch_tokens=tokens,
+                            batch_experts=experts, batch_context=800, batch_t_verify=t_forward))
+    theta = c.latency.verify.theta
+    assert theta[2] == pytest.approx(env.per_expert, rel=0.1)
+    with pytest.raises(ValueError, match="set together"):
+        StepStats(0, PLAIN, 0, 1, 0, 0, 100, batch_tokens=8)

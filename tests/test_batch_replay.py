@@ -1,5 +1,6 @@
 """Batched replay (traces/batch.py): batch 1 is single-request replay, the batch loads the union of its
 requests' experts, plain throughput grows with the batch, each request keeps its own id, bad arguments."""
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -204,3 +205,42 @@ def test_moesd_speedup_is_the_expert_ratio_when_only_experts_cost():
     want = 2.5 * iid_unique(32, 2, bs) / iid_unique(32, 2, 4 * bs)
     assert got == pytest.approx(want)
     assert got[-1] > got[0]  # extra tokens cost ever less as the batch loads every expert
+
+
+class Alone(Policy):
+    """Wraps a policy so it decides and learns as if each request were alone (no batch context)."""
+
+    def __init__(self, inner: Policy):
+        self.inner, self.name = inner, inner.name
+
+    def setup(self, shape):
+        self.inner.setup(shape)
+
+    def begin(self, request_id, prompt_len):
+        self.inner.begin(request_id, prompt_len)
+
+    def decide(self, state: DecodeState) -> StepConfig:
+        return self.inner.decide(replace(state, batch=None))
+
+    def observe(self, stats: StepStats) -> None:
+        self.inner.observe(replace(stats, batch_tokens=None, batch_experts=None, batch_context=None,
+                                   batch_t_verify=None))
+
+    def end(self, request_id):
+        self.inner.end(request_id)
+
+
+def test_auto_prices_options_in_the_batch():
+    """Where experts dominate a step, a drafted token priced alone loads experts; in a batch of 8 the others
+    load most of them already: auto with the batch context speculates where it ran mostly plain, and goes
+    faster. Alone (batch 1) the batch context is absent and decisions are the same step for step."""
+    shape = ModelShape(num_layers=4, num_experts=32, top_k=2, hidden_size=64, expert_intermediate_size=32)
+    trace = synthetic_trace(shape, n_requests=16, n_tokens=48, seed=1, budget_grid=())
+    latency = LatencyModel(verify=(1e-3, 1e-6, 1e-4, 0.0, 0.0), draft={"draft_model": (1e-5, 1e-5, 0.0)})
+    spec = "auto:drafters=draft_model"
+    single = [replay_batch(trace, p, latency, 1) for p in (make_policy(spec), Alone(make_policy(spec)))]
+    assert np.array_equal(single[0].replay.log, single[1].replay.log)
+    batched, alone = (replay_batch(trace, p, latency, 8) for p in (make_policy(spec), Alone(make_policy(spec))))
+    drafted = [r.replay.total().drafted / r.replay.total().steps for r in (batched, alone)]
+    assert drafted[0] > 1.0 > 2 * drafted[1], drafted
+    assert batched.throughput > 1.05 * alone.throughput

@@ -19,8 +19,10 @@ Step time = t_verify + sum of drafts + B * step_overhead (accept and commit run 
 - drafting: draft="serial", each request's own draft in turn (engine/batch.py today), or "batched", one
   draft pass per drafter for all its requests (vLLM/SGLang): draft_time(drafter, deepest tree, all nodes).
 StepStats carry the engine's split: the shared verify divided among requests by verified rows (a batched
-draft by drafted rows), their own draft and overhead otherwise. With one request every term is single-
-request replay's, in the same order of operations, so batch_size=1 replays traces.replay.replay exactly.
+draft by drafted rows), their own draft and overhead otherwise; and, as the engine's, the whole forward
+(StepStats.batch_*), while each request's next decision sees the others of this step (DecodeState.batch).
+With one request every term is single-request replay's (and neither is set), in the same order of
+operations, so batch_size=1 replays traces.replay.replay exactly.
 
 Budgets: eviction (budget_mode="evict") drops a request's own rows and stays lossless, so it applies:
 the rows that survive layer l (outcome.py's ranking) route that layer's union. Substitution budgets are
@@ -44,7 +46,7 @@ import numpy as np
 from moetune.adaptive.experts import iid_unique
 from moetune.driver import check_passive_draft, observes
 from moetune.policies.base import Policy
-from moetune.step import DecodeState, ModelShape, StepConfig
+from moetune.step import BatchContext, DecodeState, ModelShape, StepConfig
 
 from .derive import prepare
 from .latency import LatencyModel
@@ -127,6 +129,8 @@ class Member(TraceBackend):
         self.num_experts = trace.shape.num_experts
         self.config, self.tree, self.outcome, self.accepted = None, None, None, 0  # this step's, set by plan
         self.experts, self.context = None, 0  # [L, E] bool and context length, set by plan
+        self.batch: BatchContext | None = None  # the others of its last step, for its next decision (step)
+        self.forward: dict = {}  # its last step's whole forward, as StepStats' batch_* fields (step)
 
     def plan(self, policy: Policy, passive: StepConfig | None) -> None:
         """Decide, draft, verify (the counterfactual outcome) and accept this request's step."""
@@ -134,7 +138,7 @@ class Member(TraceBackend):
         look = None if passive is None else self.lookahead(passive)
         t0 = perf_counter()
         config = policy.decide(DecodeState(self.req.request_id, self.steps, self.prompt_len + p, p,
-                                           self.max_new_tokens - p, look))
+                                           self.max_new_tokens - p, look, self.batch))
         self.control += perf_counter() - t0
         if config.budgets is not None and config.budget_mode == "substitute":  # as engine/batch.py
             config = replace(config, budgets=None, eval_agreement=False)
@@ -156,6 +160,8 @@ class Member(TraceBackend):
         """The step's StepStats (model times only, as single-request replay) to the policy's observe."""
         stats = self.stats(self.req.request_id, step, self.config, passive, self.tree, self.outcome,
                            self.accepted, 0.0)
+        if self.forward:
+            stats = replace(stats, **self.forward)
         t0 = perf_counter()
         policy.observe(stats)
         self.control += perf_counter() - t0
@@ -348,6 +354,7 @@ def step(batch: list[Member], policy: Policy, passive: StepConfig | None, latenc
     contexts = [m.context for m in batch]
     t_verify = batch_verify_time(latency, tokens, unique, contexts)
     drafts = draft_times(latency, batch, draft)
+    share(batch, tokens, contexts, t_verify)
     emitted = 0
     committed = []
     for m, rows, t_draft in zip(batch, tokens, drafts):
@@ -358,6 +365,21 @@ def step(batch: list[Member], policy: Policy, passive: StepConfig | None, latenc
             m.report(policy, passive, s)
     overhead = len(batch) * latency.step_overhead
     return len(batch), total, unique, sum(contexts), emitted, t_verify, sum(drafts), overhead
+
+
+def share(batch: list[Member], tokens: list[int], contexts: list[int], t_verify: float) -> None:
+    """What each request learns of this step's batch: the whole forward (its StepStats' batch_* fields) and
+    the others' rows and per-layer union of experts (its next decision's BatchContext); alone, neither,
+    so a batch of one decides and learns as a single request."""
+    if len(batch) == 1:
+        batch[0].batch, batch[0].forward = None, {}
+        return
+    loads = np.sum([m.experts for m in batch], axis=0)  # [L, E] requests loading each expert
+    forward = dict(batch_tokens=sum(tokens), batch_experts=int(np.count_nonzero(loads)),
+                   batch_context=sum(contexts), batch_t_verify=t_verify)
+    for m, rows in zip(batch, tokens):
+        others = np.count_nonzero(loads - m.experts, axis=1)  # [L] the union of the others' experts
+        m.batch, m.forward = BatchContext(len(batch) - 1, sum(tokens) - rows, tuple(others.tolist())), forward
 
 
 # -- a request pool larger than the traces ---------------------------------------------------------------

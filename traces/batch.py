@@ -50,36 +50,15 @@ from moetune.step import BatchContext, DecodeState, ModelShape, StepConfig
 
 from .derive import prepare
 from .latency import LatencyModel
-from .outcome import config_subtree
+from .outcome import config_subtree, evicted_rows
 from .replay import LOG_COLUMNS, ReplayResult, RequestResult, TraceBackend
 from .schema import RequestTrace, Trace, TreeRecord
-from .select import Subtree
 
 STEP_COLUMNS = ("start", "active", "tokens", "experts", "context", "emitted", "verify_s", "draft_s", "overhead_s")
 DRAFT_MODES = ("serial", "batched")
 
 
 # -- what one request's step loads ------------------------------------------------------------------------
-def evicted_rows(record: TreeRecord, sub: Subtree, budgets: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Eviction's ranked rows [n+1] (root first) and how many of them reach each layer [L].
-
-    outcome.evicted's rule (it reports only counts of experts): nodes ranked by cumulative draft
-    probability (ties: depth, then node id); each layer keeps the longest ranked prefix whose routed
-    experts fit its budget and the previous layer's. tests/test_batch_replay.py checks the two agree."""
-    nodes = sub.nodes
-    order = np.lexsort((nodes, record.depth[nodes], -record.cum_prob[nodes]))  # last key first
-    rows = np.concatenate(([0], nodes[order] + 1))  # [n+1]
-    routed = record.experts[rows, :, :record.top_k].astype(np.int64)  # [n+1, L, K]
-    hits = np.zeros((len(rows), routed.shape[1], int(routed.max()) + 1), dtype=bool)  # [n+1, L, E]
-    np.put_along_axis(hits, routed, True, axis=2)
-    sizes = np.logical_or.accumulate(hits, axis=0).sum(axis=2)  # [n+1, L] experts of each ranked prefix
-    counts, count = [], len(rows)
-    for layer, budget in enumerate(budgets):
-        count = min(count, int(np.count_nonzero(sizes[:, layer] <= budget)))
-        counts.append(count)
-    return rows, np.array(counts, dtype=np.int64)
-
-
 def routed_experts(record: TreeRecord, config: StepConfig, max_depth: int | None, num_experts: int) -> np.ndarray:
     """[L, E] bool: the experts one request's verified rows route to in each layer, i.e. what the forward
     must load for it. Plain: the root row; speculative: the root and the config's subtree (the nodes
@@ -91,7 +70,7 @@ def routed_experts(record: TreeRecord, config: StepConfig, max_depth: int | None
     else:
         sub = config_subtree(record, config, max_depth)
         if config.budgets is not None and config.budget_mode == "evict":
-            rows, counts = evicted_rows(record, sub, config.budgets)
+            rows, counts, _ = evicted_rows(record, sub, config.budgets)
             alive = np.arange(len(rows))[:, None] < counts[None, :]
         else:
             rows = np.concatenate(([0], sub.nodes + 1))

@@ -42,7 +42,7 @@ from moetune.policies.base import Policy
 from moetune.step import ModelShape, StepConfig
 
 from .latency import LatencyModel
-from .outcome import StepOutcome, config_subtree, keep
+from .outcome import StepOutcome, config_subtree, evicted_rows, keep
 from .replay import ReplayResult, TraceBackend, replay
 from .schema import Trace, TreeRecord
 
@@ -173,40 +173,25 @@ def offload_time(misses: Iterable[int], link: LinkProfile) -> float:
     return float(sum(misses)) * link.transfer_s
 
 
-def step_forwards(record: TreeRecord, config: StepConfig, o: StepOutcome,
-                  max_depth: int | None = None) -> list[list[set[int]]]:
+def step_forwards(record: TreeRecord, config: StepConfig, max_depth: int | None = None) -> list[list[set[int]]]:
     """The experts each target forward of this step computes: one [L] list of sets per forward (see the
-    module docstring). o: the step's outcome (outcome.outcome with the same max_depth)."""
+    module docstring)."""
     layers = record.experts.shape[1]
-    nodes = config_subtree(record, config, max_depth).nodes if config.speculate else np.zeros(0, dtype=np.int64)
+    sub = config_subtree(record, config, max_depth) if config.speculate else None
+    nodes = sub.nodes if sub is not None else np.zeros(0, dtype=np.int64)
     rows = np.concatenate(([0], nodes + 1))  # [n+1] root first
     routed = record.experts[rows, :, :record.top_k].astype(np.int64)  # [n+1, L, K]
     full = [set(routed[:, l].ravel().tolist()) for l in range(layers)]
-    if config.budgets is None:
+    if config.budgets is None or sub is None:  # a plain step's root always fits its budget
         return [full]
-    if config.budget_mode == "evict":
-        kept = _evict_kept(record, nodes, o)
+    if config.budget_mode == "evict":  # per layer, the ranked rows it keeps
+        ranked, counts, _ = evicted_rows(record, sub, config.budgets)
+        experts = record.experts[ranked, :, :record.top_k]  # [n+1, L, K]
+        kept = [set(experts[:n, l].ravel().tolist()) for l, n in enumerate(counts)]
     else:
         lost, _ = keep(record, rows, np.asarray(config.budgets), config.selection)  # [n+1, L, K]
         kept = [set(routed[:, l][~lost[:, l]].tolist()) for l in range(layers)]
     return [full, kept] if config.eval_agreement else [kept]
-
-
-def _evict_kept(record: TreeRecord, nodes: np.ndarray, o: StepOutcome) -> list[set[int]]:
-    """Per layer, the experts of the rows it keeps: a prefix of outcome.evicted's ranking whose union has
-    o.unique_kept[l] experts (prefix unions are nested, so equal sizes mean equal sets)."""
-    order = np.lexsort((nodes, record.depth[nodes], -record.cum_prob[nodes]))  # as outcome.evicted ranks
-    rows = np.concatenate(([0], nodes[order] + 1))  # [n+1] ranked rows, root first
-    routed = record.experts[rows, :, :record.top_k].tolist()  # [n+1][L][K]
-    kept = []
-    for l, size in enumerate(o.unique_kept):
-        union: set[int] = set()
-        for row in routed:
-            if len(union) == size:
-                break
-            union.update(row[l])
-        kept.append(union)
-    return kept
 
 
 @dataclass(frozen=True)
@@ -254,7 +239,7 @@ class OffloadBackend(TraceBackend):
 
     def verify(self, config: StepConfig, tree: TreeRecord) -> StepOutcome:
         o = super().verify(config, tree)
-        for needed in step_forwards(tree, config, o, self.max_new_tokens - self.generated - 1):
+        for needed in step_forwards(tree, config, self.max_new_tokens - self.generated - 1):
             hits, misses = self.cache.step(needed)
             self.hits += hits
             self.misses += misses

@@ -122,24 +122,34 @@ def evicted(record: TreeRecord, config: StepConfig, sub: Subtree) -> StepOutcome
     if len(config.budgets) != layers:
         raise ValueError(f"StepConfig.budgets has {len(config.budgets)} entries; this trace's model has "
                          f"{layers} MoE layers")
+    rows, counts, sizes = evicted_rows(record, sub, config.budgets)
+    entered = [len(rows), *counts[:-1]]  # rows reaching each layer
+    demand = [int(sizes[n - 1, layer]) for layer, n in enumerate(entered)]
+    kept = [int(sizes[n - 1, layer]) for layer, n in enumerate(counts)]
+    count = int(counts[-1])
+    survivors = rows[1:count] - 1
+    accepted = int(np.count_nonzero(record.on_path[survivors]))
+    return StepOutcome(len(sub.nodes), sub.tree_depth, sub.accepted, tuple(demand), sub.exact, tuple(kept),
+                       (1.0,) * layers, (0,) * layers, accepted, None, sub.exact, layers, count - 1)
+
+
+def evicted_rows(record: TreeRecord, sub: Subtree,
+                 budgets) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # [n+1], [L], [n+1, L]
+    """Eviction's ranked rows (root first), how many of them each layer keeps, and the experts each ranked
+    prefix routes to per layer: nodes ranked by cumulative draft probability (ties: depth, then node id);
+    each layer keeps the longest prefix whose routed experts fit its budget and the previous layer's."""
     nodes = sub.nodes
     order = np.lexsort((nodes, record.depth[nodes], -record.cum_prob[nodes]))  # last key first
     rows = np.concatenate(([0], nodes[order] + 1))  # [n+1] ranked rows, root first
     routed = record.experts[rows, :, :record.top_k].astype(np.int64)  # [n+1, L, K]
-    hits = np.zeros((len(rows), layers, int(routed.max()) + 1), dtype=bool)  # [n+1, L, E]
+    hits = np.zeros((len(rows), routed.shape[1], int(routed.max()) + 1), dtype=bool)  # [n+1, L, E]
     np.put_along_axis(hits, routed, True, axis=2)
-    union = np.logical_or.accumulate(hits, axis=0)  # [n+1, L, E] experts of each ranked prefix
-    sizes = union.sum(axis=2)  # [n+1, L]
-    demand, kept = [], []
-    count = len(rows)
-    for layer, budget in enumerate(config.budgets):
-        demand.append(int(sizes[count - 1, layer]))  # the rows that entered this layer
+    sizes = np.logical_or.accumulate(hits, axis=0).sum(axis=2)  # [n+1, L] experts of each ranked prefix
+    counts, count = [], len(rows)
+    for layer, budget in enumerate(budgets):
         count = min(count, int(np.count_nonzero(sizes[:, layer] <= budget)))
-        kept.append(int(sizes[count - 1, layer]))
-    survivors = rows[1:count] - 1
-    accepted = int(np.count_nonzero(record.on_path[survivors]))
-    return StepOutcome(len(nodes), sub.tree_depth, sub.accepted, tuple(demand), sub.exact, tuple(kept),
-                       (1.0,) * layers, (0,) * layers, accepted, None, sub.exact, layers, count - 1)
+        counts.append(count)
+    return rows, np.array(counts, dtype=np.int64), sizes
 
 
 def budgeted(record: TreeRecord, config: StepConfig, sub: Subtree) -> StepOutcome:

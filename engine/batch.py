@@ -7,7 +7,7 @@ DynamicCache, explicit position ids, tree masks and acceptance) carries over:
 - cache: one DynamicCache of every active request's committed tokens, interleaved in commit order;
   `owner` [S] names the request of each cached position, kept in step with the cache;
 - positions: a row's position id is its request's context length so far plus its depth in the tree;
-- attention (`packed_attention_forward`, swapped in for the forward only): each request's keys (its
+- attention (engine/packed.py, swapped in for the forward only): each request's keys (its
   cached positions, then its new rows) are gathered into a padded [B, L] block and its rows into [B, N];
   a row sees its own cached keys and its own ancestors (`layout`), never another request's keys;
 - commit keeps, per request, the root and the accepted rows, and drops every position of a request that
@@ -37,11 +37,10 @@ import copy
 import math
 import time
 from collections import deque
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import torch
-from transformers import AttentionInterface
 
 from moetune.driver import check_passive_draft, step_stats
 from moetune.policies.base import Policy
@@ -54,6 +53,7 @@ from .drafters import Proposer
 from .generate import (GenerationResult, drafter_pool, fit_tree, get_drafter, passive_lookahead,
                        prompt_token_ids)
 from .loader import moe_shape
+from .packed import layout, packed_attention
 from .routing import Routing, capture_routing
 from .telemetry import gpu_snapshot
 from .tree import DraftTree, ancestors, depths
@@ -112,91 +112,6 @@ class Request:
         text = tokenizer.decode(out, skip_special_tokens=True) if tokenizer is not None else ""
         return BatchResult(text, out, self.prompt, self.steps, self.prefill_time, self.finish - self.t_start,
                            self.request_id, self.arrival, self.joined, self.first_token, self.finish)
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where each request of one packed forward sits, as packed_attention_forward reads it."""
-
-    keys: torch.Tensor  # [B, L] long: cache positions (after this forward's append) of each request's keys, padded
-    rows: torch.Tensor  # [B, N] long: each request's new rows, padded with its last one
-    mask: torch.Tensor  # [B, 1, N, L] additive: which of its keys each row sees
-    unpad: torch.Tensor  # [T] long: each new row's place among the B * N padded rows
-
-
-def layout(owner: torch.Tensor,  # [S] request index of each cached position
-           groups: list[tuple[int, torch.Tensor]],  # per request in row order: (index, [n, n] bool new-row mask)
-           dtype: torch.dtype) -> Layout:
-    """A request's keys are its cached positions (all visible to its rows) and then its n new rows, which
-    see each other as its [n, n] block says (tree ancestry; causal for a prompt)."""
-    device, S, B = owner.device, len(owner), len(groups)
-    index = torch.tensor([g[0] for g in groups], device=device)
-    n = torch.tensor([len(g[1]) for g in groups], device=device)  # [B]
-    mine = owner[None, :] == index[:, None]  # [B, S]
-    cached = mine.sum(dim=1)  # [B]
-    order = torch.cat([mine.nonzero()[:, 1], owner.new_zeros(1)])  # cached positions grouped by request
-    first, start = cached.cumsum(0) - cached, n.cumsum(0) - n  # [B] their offsets in `order` and in the rows
-    L, N = int((cached + n).max()), int(n.max())
-    j = torch.arange(L, device=device)[None]  # [1, L]
-    is_cached, is_new = j < cached[:, None], (j >= cached[:, None]) & (j < (cached + n)[:, None])  # [B, L]
-    keys = torch.where(is_cached, order[(first[:, None] + j).clamp(max=len(order) - 1)],
-                       torch.where(is_new, S + start[:, None] + j - cached[:, None], 0))
-    blocks = torch.zeros(B, N, N, dtype=torch.bool)
-    for b, (_, block) in enumerate(groups):
-        blocks[b, :len(block), :len(block)] = block
-    col = (j - cached[:, None]).clamp(0, N - 1)[:, None, :].expand(B, N, L)
-    visible = is_cached[:, None, :] | (blocks.to(device).gather(2, col) & is_new[:, None, :])  # [B, N, L]
-    i = torch.arange(N, device=device)[None]  # [1, N]
-    mask = torch.zeros(B, 1, N, L, dtype=dtype, device=device).masked_fill_(~visible[:, None], torch.finfo(dtype).min)
-    rows = start[:, None] + torch.minimum(i, n[:, None] - 1)
-    unpad = (torch.arange(B, device=device)[:, None] * N + i)[i < n[:, None]]
-    return Layout(keys, rows, mask, unpad)
-
-
-def packed_attention_forward(module, query: torch.Tensor,  # [1, H, T, D]
-                             key: torch.Tensor, value: torch.Tensor,  # [1, Hkv, S + T, D], cache included
-                             attention_mask: torch.Tensor,  # [B, 1, N, L]: Layout.mask
-                             dropout: float = 0.0, scaling: float | None = None, packed_layout: Layout | None = None,
-                             **kwargs) -> tuple[torch.Tensor, None]:  # [1, T, H, D]
-    """Attention of a packed forward, request by request: each request's keys are gathered into a padded
-    [B, L] block and its rows into [B, N], so a row never reads another request's keys and attention
-    costs what a padded batch's does."""
-    lay = packed_layout
-    (B, L), N, H, Hkv = lay.keys.shape, lay.rows.shape[1], query.shape[1], key.shape[1]
-    flat = lay.keys.flatten()
-    k = key[0].index_select(1, flat).view(Hkv, B, L, -1).transpose(0, 1)  # [B, Hkv, L, D]
-    v = value[0].index_select(1, flat).view(Hkv, B, L, -1).transpose(0, 1)
-    q = query[0].index_select(1, lay.rows.flatten()).view(H, B, N, -1).transpose(0, 1)  # [B, H, N, D]
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=scaling,
-                                                           enable_gqa=H != Hkv)  # [B, H, N, D]
-    return out.transpose(1, 2).reshape(B * N, H, -1).index_select(0, lay.unpad)[None], None
-
-
-PACKED = "moetune_packed"
-AttentionInterface.register(PACKED, packed_attention_forward)
-
-
-@contextmanager
-def packed_attention(model):
-    """The model's attention layers call packed_attention_forward inside the block only (each layer looks
-    its attention function up by config._attn_implementation at every forward); restored even on error."""
-    config = model.config
-    before = config._attn_implementation
-    config._attn_implementation = PACKED
-    try:
-        yield
-    finally:
-        config._attn_implementation = before
-
-
-def compact(cache, start: int, tail: torch.Tensor) -> None:  # tail [n] long, ascending, each >= start
-    """Keep cache positions [0, start) in place followed by positions `tail`, and drop the rest."""
-    end = start + len(tail)
-    for layer in cache.layers:
-        if getattr(layer, "is_initialized", False):
-            layer.keys[..., start:end, :] = layer.keys.index_select(-2, tail)
-            layer.values[..., start:end, :] = layer.values.index_select(-2, tail)
-    kv.crop(cache, end)
 
 
 def _unbudgeted(config: StepConfig) -> StepConfig:
@@ -326,16 +241,13 @@ class PackedBatch:
         rows = torch.tensor(kept, dtype=torch.long, device=device)
         gone = [r.index for r in self.active if r.done]
         dropped = torch.isin(self.owner, torch.tensor(gone, device=device)) if gone else None  # [S]
-        if dropped is None or not bool(dropped.any()):
-            if kept == list(range(len(kept))):  # plain steps and whole chains up front: nothing moves
-                kv.crop(self.cache, past + len(kept))
-            else:
-                compact(self.cache, past, rows + past)
+        if dropped is None or not bool(dropped.any()):  # kv.commit crops when nothing moves (plain, chains)
+            kv.commit(self.cache, past, kept)
             self.owner = torch.cat([self.owner, row_owner[rows]])
         else:
             start = int(dropped.int().argmax())  # the first position that moves
             old = (~dropped).nonzero().flatten()
-            compact(self.cache, start, torch.cat([old[start:], rows + past]))
+            kv.commit(self.cache, start, (torch.cat([old[start:], rows + past]) - start).tolist())
             self.owner = torch.cat([self.owner[old], row_owner[rows]])
         return self.clock() - t0
 

@@ -1,0 +1,93 @@
+"""Attention for a packed batch: several requests' rows in one sequence, each reading only its own keys.
+
+engine/batch.py packs a batch into one sequence and one cache; this is the attention it swaps in for its
+forwards. Each request's keys (its cached positions, then its new rows) are gathered into a padded [B, L]
+block and its rows into [B, N], so a row never reads another request's keys and attention costs what a
+padded batch's does (engine/batch.py's docstring has the numbers behind the choice).
+
+Shape legend: B requests in the forward, T new rows, N the most new rows of one request, S cached
+positions (all requests), L the most keys of one request (cached + new), H attention heads (Hkv key/value
+heads), D head size.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each request of one packed forward sits, as packed_attention_forward reads it."""
+
+    keys: torch.Tensor  # [B, L] long: cache positions (after this forward's append) of each request's keys, padded
+    rows: torch.Tensor  # [B, N] long: each request's new rows, padded with its last one
+    mask: torch.Tensor  # [B, 1, N, L] additive: which of its keys each row sees
+    unpad: torch.Tensor  # [T] long: each new row's place among the B * N padded rows
+
+
+def layout(owner: torch.Tensor,  # [S] request index of each cached position
+           groups: list[tuple[int, torch.Tensor]],  # per request in row order: (index, [n, n] bool new-row mask)
+           dtype: torch.dtype) -> Layout:
+    """A request's keys are its cached positions (all visible to its rows) and then its n new rows, which
+    see each other as its [n, n] block says (tree ancestry; causal for a prompt)."""
+    device, S, B = owner.device, len(owner), len(groups)
+    index = torch.tensor([g[0] for g in groups], device=device)
+    n = torch.tensor([len(g[1]) for g in groups], device=device)  # [B]
+    mine = owner[None, :] == index[:, None]  # [B, S]
+    cached = mine.sum(dim=1)  # [B]
+    order = torch.cat([mine.nonzero()[:, 1], owner.new_zeros(1)])  # cached positions grouped by request
+    first, start = cached.cumsum(0) - cached, n.cumsum(0) - n  # [B] their offsets in `order` and in the rows
+    L, N = int((cached + n).max()), int(n.max())
+    j = torch.arange(L, device=device)[None]  # [1, L]
+    is_cached, is_new = j < cached[:, None], (j >= cached[:, None]) & (j < (cached + n)[:, None])  # [B, L]
+    keys = torch.where(is_cached, order[(first[:, None] + j).clamp(max=len(order) - 1)],
+                       torch.where(is_new, S + start[:, None] + j - cached[:, None], 0))
+    blocks = torch.zeros(B, N, N, dtype=torch.bool)
+    for b, (_, block) in enumerate(groups):
+        blocks[b, :len(block), :len(block)] = block
+    col = (j - cached[:, None]).clamp(0, N - 1)[:, None, :].expand(B, N, L)
+    visible = is_cached[:, None, :] | (blocks.to(device).gather(2, col) & is_new[:, None, :])  # [B, N, L]
+    i = torch.arange(N, device=device)[None]  # [1, N]
+    mask = torch.zeros(B, 1, N, L, dtype=dtype, device=device).masked_fill_(~visible[:, None], torch.finfo(dtype).min)
+    rows = start[:, None] + torch.minimum(i, n[:, None] - 1)
+    unpad = (torch.arange(B, device=device)[:, None] * N + i)[i < n[:, None]]
+    return Layout(keys, rows, mask, unpad)
+
+
+def packed_attention_forward(module, query: torch.Tensor,  # [1, H, T, D]
+                             key: torch.Tensor, value: torch.Tensor,  # [1, Hkv, S + T, D], cache included
+                             attention_mask: torch.Tensor,  # [B, 1, N, L]: Layout.mask
+                             dropout: float = 0.0, scaling: float | None = None, packed_layout: Layout | None = None,
+                             **kwargs) -> tuple[torch.Tensor, None]:  # [1, T, H, D]
+    """Attention of a packed forward, request by request: each request's keys are gathered into a padded
+    [B, L] block and its rows into [B, N], so a row never reads another request's keys and attention
+    costs what a padded batch's does."""
+    lay = packed_layout
+    (B, L), N, H, Hkv = lay.keys.shape, lay.rows.shape[1], query.shape[1], key.shape[1]
+    flat = lay.keys.flatten()
+    k = key[0].index_select(1, flat).view(Hkv, B, L, -1).transpose(0, 1)  # [B, Hkv, L, D]
+    v = value[0].index_select(1, flat).view(Hkv, B, L, -1).transpose(0, 1)
+    q = query[0].index_select(1, lay.rows.flatten()).view(H, B, N, -1).transpose(0, 1)  # [B, H, N, D]
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=scaling,
+                                                           enable_gqa=H != Hkv)  # [B, H, N, D]
+    return out.transpose(1, 2).reshape(B * N, H, -1).index_select(0, lay.unpad)[None], None
+
+
+PACKED = "moetune_packed"
+AttentionInterface.register(PACKED, packed_attention_forward)
+
+
+@contextmanager
+def packed_attention(model):
+    """The model's attention layers call packed_attention_forward inside the block only (each layer looks
+    its attention function up by config._attn_implementation at every forward); restored even on error."""
+    config = model.config
+    before = config._attn_implementation
+    config._attn_implementation = PACKED
+    try:
+        yield
+    finally:
+        config._attn_implementation = before

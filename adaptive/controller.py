@@ -160,9 +160,9 @@ class Controller:
         self.unique = estimates.unique[:, self.menu.token_index].T.tolist()
         self.floor = [math.ceil(u) for u in self.learners.experts.predict([2])[:, 0].tolist()]
         if self.eviction is not None:
-            th, tokens = estimates.verify_theta, self.menu.grid.tokens
+            th, per_expert, tokens = estimates.verify_theta, estimates.expert_seconds, self.menu.grid.tokens
             experts = np.array([sum(u) for u in self.unique])
-            share = th[2] * experts / np.maximum(th[0] + th[1] * tokens + th[2] * experts, 1e-9)
+            share = per_expert * experts / np.maximum(th[0] + th[1] * tokens + per_expert * experts, 1e-9)
             self.evictable = (share >= self.eviction.config.min_expert_share).tolist()
         self.steps_since_plan = 0
 

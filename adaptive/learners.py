@@ -25,6 +25,7 @@ from .experts import ExpertModel
 from .fidelity import FidelityModel
 from .latency import LatencyConfig, OnlineLatency
 from .plan import Estimates, Menu
+from .transfers import TransferModel
 from .yields import DraftYield, YieldConfig
 
 
@@ -61,6 +62,7 @@ class Learners:
         self.latency = OnlineLatency(c.drafters, LatencyConfig(forgetting=c.latency_forgetting))
         self.experts = ExpertModel(shape, int(grid.tokens.max()))
         self.fidelity = FidelityModel(shape.num_layers)
+        self.transfers = TransferModel(c.latency_forgetting)
         if profile is not None:
             self.latency.seed(profile)
 
@@ -180,7 +182,8 @@ class Learners:
             self.acceptance.observe(request_id, self.rows[order][f], probe.accepted, seen)
 
     def _learn_costs(self, stats: StepStats) -> None:
-        """Unique experts per layer, and the step's verify and draft times."""
+        """Unique experts per layer, the step's verify and draft times and, with experts offloaded, what its
+        transfers cost (the verify fit learns the time less the stall: adaptive/transfers.py)."""
         cfg, L = stats.config, self.num_layers
         tokens = stats.tree_size + 1
         evicted = stats.nodes_kept is not None and stats.nodes_kept < stats.tree_size
@@ -195,18 +198,22 @@ class Learners:
         if cfg.eval_agreement:  # eval mode verified twice: its time is not one verification's
             return
         overhead = stats.t_accept + stats.t_commit + stats.t_control
+        stall = 0.0 if stats.offload_stall is None else stats.offload_stall
+        if stats.offload_misses is not None:
+            forward_experts = computed if stats.batch_experts is None else stats.batch_experts
+            self.transfers.observe(stats.offload_misses, stall, forward_experts)
         if stats.batch_experts is None:
             self.latency.observe(cfg.drafter if cfg.speculate else None, tokens, computed, stats.context_len,
-                                 stats.t_verify + overhead, stats.tree_depth, stats.tree_size, stats.t_draft)
+                                 stats.t_verify - stall + overhead, stats.tree_depth, stats.tree_size, stats.t_draft)
         else:  # batched: the whole forward (a row share would price a token as alone), with this request's overhead
             self.latency.observe(cfg.drafter if cfg.speculate else None, stats.batch_tokens, stats.batch_experts,
-                                 stats.batch_context, stats.batch_t_verify + overhead, stats.tree_depth,
+                                 stats.batch_context, stats.batch_t_verify - stall + overhead, stats.tree_depth,
                                  stats.tree_size, stats.t_draft)
 
     # ---- plan ----------------------------------------------------------------------------------------
     def check(self) -> None:
         """Fold queued observations in, and reset any estimator that degraded (adaptive/health.py)."""
-        for model in (self.acceptance, self.yields, self.latency, self.experts, self.fidelity):
+        for model in (self.acceptance, self.yields, self.latency, self.experts, self.fidelity, self.transfers):
             model.check()
 
     def estimates(self, menu: Menu) -> Estimates:
@@ -216,4 +223,4 @@ class Learners:
             draft[sel] = self.latency.predict_draft(name, features)
         return Estimates(self.experts.predict(menu.token_counts), self.fidelity.w, self.experts.gamma,
                          self.fidelity.lam, self.latency.verify.theta, draft, self.experts.shape.num_experts,
-                         self.config.max_agreement_loss)
+                         self.config.max_agreement_loss, self.transfers.seconds_per_expert)

@@ -114,6 +114,14 @@ class Estimates:
     draft_seconds: np.ndarray  # (C,) predicted draft time of every candidate
     num_experts: int
     max_agreement_loss: float
+    # experts offloaded: the expected slow-tier seconds each unique expert computed adds (adaptive/transfers.py,
+    # miss rate x seconds per miss); 0 with every expert resident
+    transfer_seconds: float = 0.0
+
+    @property
+    def expert_seconds(self) -> float:
+        """Step seconds per unique expert computed: the verify fit's (compute) plus the expected transfers."""
+        return float(self.verify_theta[2]) + self.transfer_seconds
 
 
 @dataclass(frozen=True, eq=False)
@@ -204,19 +212,20 @@ def build_plan(menu: Menu, est: Estimates) -> Plan:
     return Plan(X, M, tuple(loss.tolist()), tuple(valid.tolist()),
                 tuple(np.where(loss > est.max_agreement_loss, -np.inf, 0.0).tolist()),
                 tuple(map(tuple, budgets.tolist())), est.layer_weights.tolist(), terms, positions,
-                float(est.verify_theta[0]), np.maximum(est.verify_theta[2] * kept.ravel(), 0.0))
+                float(est.verify_theta[0]), np.maximum(est.expert_seconds * kept.ravel(), 0.0))
 
 
 def _time_terms(menu: Menu, est: Estimates, kept: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """(C * J, 2 + 2F) step-time terms: verify(tokens, experts, context) + draft, with the context folded
-    out, less the verify time of an option's draft nodes (what a step that drafts fewer saves)."""
-    g, J, th = menu.grid, menu.levels_per_candidate, est.verify_theta
+    out, less the verify time of an option's draft nodes (what a step that drafts fewer saves). Each expert
+    costs Estimates.expert_seconds: compute, and under offload its expected transfer."""
+    g, J, th, per_expert = menu.grid, menu.levels_per_candidate, est.verify_theta, est.expert_seconds
     C, F = len(g), len(g.families)
     n = np.repeat(g.tokens.astype(float), J)
     # clamped: a step takes some time, and a longer context never makes it faster
-    t0 = np.maximum(th[0] + th[1] * n + th[2] * kept.ravel() + np.repeat(est.draft_seconds, J), 1e-6)
+    t0 = np.maximum(th[0] + th[1] * n + per_expert * kept.ravel() + np.repeat(est.draft_seconds, J), 1e-6)
     t1 = np.maximum(th[3] + th[4] * n, 0.0) / 1000.0
-    n0 = np.maximum(th[1] * (n - 1) + th[2] * (kept.ravel() - kept[0, 0]), 0.0)
+    n0 = np.maximum(th[1] * (n - 1) + per_expert * (kept.ravel() - kept[0, 0]), 0.0)
     n1 = np.maximum(th[4] * (n - 1), 0.0) / 1000.0
     fam = np.repeat(g.family, J)
     X = np.zeros((C * J, 2 + 2 * F))

@@ -26,6 +26,7 @@ from . import kv
 from .accept import Acceptance, accept_greedy, accept_sample
 from .drafters import Proposer, make_drafter
 from .loader import moe_shape
+from .offload import OffloadHandle, handle_of
 from .telemetry import StepTimer, gpu_snapshot
 from .tree import DraftTree, depths, subtree
 from .verify import Verification, verify
@@ -73,6 +74,13 @@ def passive_lookahead(pool: dict[str, Proposer], passive: StepConfig, ids: list[
     tokens)."""
     order, chain = get_drafter(pool, passive.drafter, target).lookahead(ids, passive.depth)
     return Lookahead(passive.drafter, order, len(chain)), chain
+
+
+def offload_counters(handle: OffloadHandle) -> tuple[int, int, float]:
+    """What the store read on its critical path so far, summed over layers: (misses, demand bytes, stall
+    seconds); a verify forward's StepStats.offload_* are their change over it."""
+    layers = handle.store.snapshot()
+    return sum(s.misses for s in layers), sum(s.demand_bytes for s in layers), sum(s.stall_s for s in layers)
 
 
 def prompt_token_ids(tokenizer, prompt) -> list[int]:
@@ -169,6 +177,8 @@ class LiveBackend:
         self.chain: list[int] | None = None  # the passive draft's chain at this step
         self.t_look = self.prefill_time = self.t_start = 0.0
         self.cache = None
+        self.offload = handle_of(target)  # the experts' offload store (engine/offload.py), None when resident
+        self.verify_offload: dict | None = None  # the last verify forward's StepStats.offload_* fields
 
     def prefill(self, passive: StepConfig | None) -> None:
         """Target cache of the prompt (all but its last token, the first root); drafters forget the last request."""
@@ -194,9 +204,16 @@ class LiveBackend:
             return fit_tree(tree, self.max_new_tokens - self.generated)
 
     def verify(self, config: StepConfig, tree: DraftTree) -> Verification:
-        """Target forward over [root, N nodes]: logits [N+1, V], the cache grows by N+1 entries."""
+        """Target forward over [root, N nodes]: logits [N+1, V], the cache grows by N+1 entries. With experts
+        offloaded, what it read from the slow tier is kept for the step's StepStats (draft forwards that
+        share the store are draft time, not counted)."""
+        before = None if self.offload is None else offload_counters(self.offload)
         with self.timer.phase("verify"):
-            return verify(self.target, self.cache, self.ids[-1], tree, config, self.routing)
+            ver = verify(self.target, self.cache, self.ids[-1], tree, config, self.routing)
+        if before is not None:
+            misses, nbytes, stall = (b - a for a, b in zip(before, offload_counters(self.offload)))
+            self.verify_offload = dict(offload_misses=misses, offload_bytes=nbytes, offload_stall=stall)
+        return ver
 
     def accept(self, tree: DraftTree, ver: Verification) -> Acceptance:
         with self.timer.phase("accept"):
@@ -223,7 +240,8 @@ class LiveBackend:
               ver: Verification, acc: Acceptance, t_control: float) -> StepStats:
         stats = _stats(request_id, step, config, acc.accepted, self.emitted, len(self.ids) - len(self.emitted), tree,
                        ver, self.timer.read(), self.t_look, t_control, self.target.device, passive,
-                       self.chain if self.temperature == 0 else None)  # checked under greedy decoding only
+                       self.chain if self.temperature == 0 else None,  # checked under greedy decoding only
+                       self.verify_offload)
         self.steps.append(stats)
         return stats
 
@@ -234,7 +252,7 @@ class LiveBackend:
 
 
 def _stats(request_id, step, cfg, accepted, emitted, context_len, tree, ver, times, t_look, t_control, device,
-           passive, chain) -> StepStats:
+           passive, chain, offload) -> StepStats:
     """StepStats of one live step (through driver.step_stats); one host transfer for the per-layer unique
     experts (none when the step did not capture routing: its per-layer fields stay empty)."""
     routing, report = ver.routing, ver.budget_report
@@ -251,4 +269,4 @@ def _stats(request_id, step, cfg, accepted, emitted, context_len, tree, ver, tim
         mass_kept=None if report is None else tuple(report.router_mass_kept),
         substituted=None if report is None else tuple(report.tokens_substituted),
         nodes_kept=None if ver.rows_kept is None else int(ver.rows_kept) - 1,
-        passive=passive, chain=chain, gpu=gpu_snapshot(device))
+        passive=passive, chain=chain, gpu=gpu_snapshot(device), offload=offload)

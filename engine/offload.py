@@ -207,7 +207,9 @@ class _History:
                     self.handle.store.prefetch(layer, _ranked(index, torch.ones(index.shape)))
 
     def observe(self, layer: int, top_k_index: torch.Tensor) -> None:  # [T, K]
-        if self.ids is not None and len(self.ids) == top_k_index.shape[0]:
+        """Only full top-k routing: a self-drafting forward's top-1 routing is not how verification routes."""
+        T, K = top_k_index.shape
+        if self.ids is not None and len(self.ids) == T and K == self.handle.blocks[layer].gate.top_k:
             self.table[layer].update(zip(self.ids, top_k_index.tolist()))
 
     def remove(self) -> None:

@@ -259,6 +259,14 @@ class StepStats:
     batch_experts: int | None = None
     batch_context: int | None = None
     batch_t_verify: float | None = None
+    # experts offloaded to a slow tier (engine/offload.py live, traces/offload.py in replay; None when off): what
+    # the verify forward (both, in evaluation mode; in a batch, the shared one) read from the slow tier on its
+    # critical path. Misses: experts it computed that were not in the fast tier (summed over layers); bytes:
+    # their reads; stall: seconds it waited on the slow tier, included in t_verify (live, also waits on
+    # prefetches still in flight). The controller prices transfers with them (adaptive/transfers.py).
+    offload_misses: int | None = None
+    offload_bytes: int | None = None
+    offload_stall: float | None = None
 
     def __post_init__(self):
         forward = (self.batch_tokens, self.batch_context, self.batch_t_verify)
@@ -267,6 +275,10 @@ class StepStats:
             raise ValueError(f"StepStats: batch_tokens, batch_context and batch_t_verify are set together (a "
                              f"batched step) or not at all, batch_experts only with them; got {forward}, "
                              f"batch_experts={self.batch_experts}")
+        offload = (self.offload_misses, self.offload_bytes, self.offload_stall)
+        if offload != (None, None, None) and not all(x is not None and x >= 0 for x in offload):
+            raise ValueError(f"StepStats: offload_misses, offload_bytes and offload_stall are set together (experts "
+                             f"offloaded), each >= 0, or not at all; got {offload}")
 
     @property
     def step_time(self) -> float:

@@ -64,6 +64,16 @@ def test_greedy_matches_hf_at_every_capacity(reference, offloaded, prefetch):
         handle.remove()
 
 
+@pytest.mark.parametrize("prefetch", ["history", "both"])
+def test_self_speculation_with_history_prefetch(reference, offloaded, prefetch):
+    """The self drafter routes the offloaded target top-1: the routing history keeps verification's top-k only."""
+    _, _, expected = reference
+    model, enable = offloaded
+    handle = enable(capacity=3, prefetch=prefetch)
+    assert _greedy(model, StepConfig(drafter="self", depth=3)).token_ids == expected
+    assert all(len(experts) == 2 for table in handle.history.table for experts in table.values())  # top-2
+
+
 @pytest.mark.parametrize("prefetch,eviction", [("pregate", "lru"), ("history", "lfu"), ("both", "lfu")])
 def test_prefetch_and_eviction_never_change_logits(reference, offloaded, prefetch, eviction):
     model, enable = offloaded

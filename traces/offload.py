@@ -17,8 +17,9 @@ experts lived behind a small fast tier, without a model or a disk.
   bound on the stall by that much).
 - `replay_offload`: traces.replay's loop over an `OffloadBackend`, a TraceBackend whose verification also
   steps a CacheModel (cold at each request's first decode step: a trace holds no prompt routing, so the
-  prefill's experts are not modelled) and adds the stall to t_verify; the plain baseline pays its own
-  misses through a second CacheModel, so `speedup` compares both under the same offload.
+  prefill's experts are not modelled) and adds the stall to t_verify; its StepStats carry the step's
+  misses, their bytes and the stall (offload_*, as the live engine reports them). The plain baseline pays
+  its own misses through a second CacheModel, so `speedup` compares both under the same offload.
 
 Which experts a step computes (`step_forwards`), from the recorded routing: the root's and the selected
 nodes' routed experts; under an eviction budget only the rows each layer keeps; under a substitution
@@ -215,7 +216,8 @@ class OffloadSpec:
 
 class OffloadBackend(TraceBackend):
     """TraceBackend whose every verification also runs its experts through a CacheModel and waits for the
-    misses on the link (added to t_verify, so step times, the log and StepStats include the stall)."""
+    misses on the link (added to t_verify, so step times, the log and StepStats include the stall; the
+    StepStats' offload_* fields say how much of it was transfers)."""
 
     def __init__(self, trace: Trace, req, latency: LatencyModel, target: float | None, configs: dict, log: list,
                  policy_name: str, offload: OffloadSpec):
@@ -239,6 +241,7 @@ class OffloadBackend(TraceBackend):
 
     def verify(self, config: StepConfig, tree: TreeRecord) -> StepOutcome:
         o = super().verify(config, tree)
+        step_misses, step_stall = 0, 0.0
         for needed in step_forwards(tree, config, self.max_new_tokens - self.generated - 1):
             hits, misses = self.cache.step(needed)
             self.hits += hits
@@ -246,6 +249,10 @@ class OffloadBackend(TraceBackend):
             stall = offload_time(misses, self.offload.link)
             self.stall_s += stall
             self.t_verify += stall
+            step_misses += sum(misses)
+            step_stall += stall
+        self.verify_offload = dict(offload_misses=step_misses, offload_stall=step_stall,
+                                   offload_bytes=step_misses * self.offload.link.expert_bytes)
         return o
 
 

@@ -189,6 +189,7 @@ class TraceBackend:
         self.unique, self.kept = [], []  # per step [L]
         self.steps, self.start, self.emitted, self.agreed = 0, 0, 0, 0
         self.t_draft = self.t_verify = 0.0
+        self.verify_offload: dict | None = None  # StepStats.offload_* of the last verification (traces/offload.py)
         self.last, self.index = None, 0  # the previous step's config and its index (hashing one costs ~1 us)
 
     def prefill(self, passive: StepConfig | None) -> None:
@@ -276,7 +277,7 @@ class TraceBackend:
             times=(self.t_draft, self.t_verify, self.overhead, 0.0), t_control=0.0, unique=o.unique_experts,
             kept=o.unique_kept, mass_kept=o.mass_kept, substituted=o.substituted, nodes_kept=o.nodes_kept,
             agreement=self.agreed / emitted if config.budgets is not None else None,
-            passive=passive, chain=None if passive is None else self._chain(passive, p))
+            passive=passive, chain=None if passive is None else self._chain(passive, p), offload=self.verify_offload)
 
     def _chain(self, passive: StepConfig, p: int) -> list[int] | None:
         """The passive draft's chain at position p, from its recorded tree (None: the trace lacks it)."""

@@ -22,10 +22,14 @@ padded batch does. One plain decode forward on the embedded target (CPU, 1 threa
 cached tokens, best of 24, ms): batch 1: full mask 5.4, gathered 5.7, padded 5.2, one request alone 4.9;
 batch 8: 11.7, 10.5, 9.2, eight single-request forwards 42.1; batch 16: 21.1, 14.6, 13.3, 92.0.
 
-Greedy only (temperature 0). Drafting runs per request, in turn: each request owns its drafters (a
-shallow copy of each one given, prefilled afresh, so an n-gram index or draft-model cache is its own);
-the draft model's forward is not batched across requests. Expert budgets are not applied: a budget caps
-the experts of a forward, and here one forward serves every request (see `_unbudgeted`).
+Greedy only (temperature 0). A draft model drafts for all its requests of a step at once
+(engine/drafters/batched.py): one draft cache packed as the target's, and one packed forward for the
+catch-up on committed tokens, then one per tree level, whatever the requests' shapes; each request's tree
+is what its own DraftModelDrafter would propose. Other drafters run per request, in turn, each request
+owning a shallow copy (prefilled afresh, so an n-gram index is its own).
+
+Budgets: an eviction budget evicts its own request's rows (engine/batch_eviction.py), so requests with
+and without budgets share a forward; substitution budgets are dropped (see `_batchable`).
 
 Shape legend: B requests in the forward, T new rows (over requests: root + drafted nodes, or prompt
 tokens at prefill), N the most new rows of one request, S cached positions (all requests), L the most keys
@@ -34,105 +38,43 @@ of one request (cached + new), H attention heads (Hkv key/value heads), D head s
 from __future__ import annotations
 
 import copy
-import math
 import time
 from collections import deque
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 
 from moetune.driver import check_passive_draft, step_stats
 from moetune.policies.base import Policy
 from moetune.policies.static import Static
-from moetune.step import PLAIN, BatchContext, DecodeState, StepConfig, StepStats
+from moetune.step import PLAIN, BatchContext, DecodeState, StepConfig
 
 from . import kv
-from .accept import Acceptance, accept_greedy
-from .drafters import Proposer
-from .generate import (GenerationResult, drafter_pool, fit_tree, get_drafter, passive_lookahead,
-                       prompt_token_ids)
+from .accept import accept_greedy
+from .batch_eviction import Group, RowReport, evict_rows
+from .batch_request import BatchResult, Request, check_arguments, emit, throughput
+from .drafters import DraftModelDrafter, Proposer
+from .drafters.batched import BatchedDraftModel, Seat
+from .eviction import node_rank
+from .generate import drafter_pool, fit_tree, get_drafter, passive_lookahead, prompt_token_ids
 from .loader import moe_shape
 from .packed import layout, packed_attention
 from .routing import Routing, capture_routing
 from .telemetry import gpu_snapshot
 from .tree import DraftTree, ancestors, depths
 
-
-@dataclass
-class BatchResult(GenerationResult):
-    """A GenerationResult plus when the request was served, in seconds after generate_batch started.
-    decode_time runs from the end of its prefill to its last token, as for a single request."""
-
-    request_id: int = 0
-    arrival: float = 0.0
-    joined: float = 0.0  # it entered the batch (its prefill started)
-    first_token: float = 0.0  # its first step committed
-    finish: float = 0.0  # its last step committed
-
-    @property
-    def time_to_first_token(self) -> float:
-        return self.first_token - self.arrival
-
-    @property
-    def time_per_output_token(self) -> float:
-        """Seconds per token after the first (0 for a single token), as serving benchmarks report it."""
-        n = len(self.token_ids)
-        return (self.finish - self.first_token) / (n - 1) if n > 1 else 0.0
+__all__ = ["BatchResult", "generate_batch", "throughput"]
 
 
-def throughput(results: list[BatchResult]) -> float:
-    """Generated tokens per second over the whole run: from the first arrival to the last finish."""
-    span = max(r.finish for r in results) - min(r.arrival for r in results)
-    return sum(len(r.token_ids) for r in results) / span if span > 0 else 0.0
-
-
-class Request:
-    """One request in the batch: its committed tokens and drafters, this step's plan and outcome, times."""
-
-    def __init__(self, index: int, request_id: int, prompt_ids: list[int], max_new_tokens: int,
-                 pool: dict[str, Proposer], arrival: float):
-        self.index, self.request_id, self.pool, self.arrival = index, request_id, pool, arrival
-        self.prompt, self.ids = list(prompt_ids), list(prompt_ids)  # ids[-1]: the next root, not cached
-        self.max_new_tokens, self.generated, self.done = max_new_tokens, 0, False
-        self.steps: list[StepStats] = []
-        self.step, self.t_observe = 0, 0.0  # t_observe: the last observe, counted in the next t_control
-        self.joined = self.first_token = self.finish = self.prefill_time = self.t_start = 0.0
-        self.config: StepConfig = PLAIN  # this step's config, tree, passive chain, rows, outcome
-        self.tree: DraftTree | None = None
-        self.chain: list[int] | None = None
-        self.rows = slice(0, 0)  # its rows in the packed forward
-        self.acc: Acceptance | None = None
-        self.emitted: list[int] = []
-        self.t_decide = self.t_draft = self.t_accept = self.t_commit = 0.0
-        self.batch: BatchContext | None = None  # the others of its last step, for its next decision
-
-    def result(self, tokenizer) -> BatchResult:
-        out = self.ids[len(self.prompt):]
-        text = tokenizer.decode(out, skip_special_tokens=True) if tokenizer is not None else ""
-        return BatchResult(text, out, self.prompt, self.steps, self.prefill_time, self.finish - self.t_start,
-                           self.request_id, self.arrival, self.joined, self.first_token, self.finish)
-
-
-def _unbudgeted(config: StepConfig) -> StepConfig:
-    """The config a batched step runs: expert budgets dropped (one forward serves every request, so a
-    per-request cap on experts has nothing to apply to). StepStats carry this config, so a policy learns
-    what ran."""
-    return config if config.budgets is None else replace(config, budgets=None, eval_agreement=False)
-
-
-def _emit(r: Request, eos: frozenset) -> None:
-    """The request's accepted tokens, up to max_new_tokens and through EOS, join its context."""
-    emitted = list(r.acc.tokens[:r.max_new_tokens - r.generated])
-    cut = next((i for i, t in enumerate(emitted) if t in eos), None) if eos else None
-    if cut is not None:
-        emitted = emitted[:cut + 1]
-    r.ids.extend(emitted)
-    r.generated += len(emitted)
-    if r.config.speculate:
-        r.pool[r.config.drafter].commit(emitted)
-    r.done = cut is not None or r.generated >= r.max_new_tokens
-    r.emitted = emitted
+def _batchable(config: StepConfig) -> StepConfig:
+    """The config a batched step runs: eviction budgets stay (each evicts its own request's rows, see
+    engine/batch_eviction.py); substitution budgets are dropped (they re-route the experts of a whole
+    forward, and here one forward serves every request). StepStats carry this config, so a policy learns
+    what ran. Agreement evaluation is not run in a batch."""
+    if config.budgets is not None and config.budget_mode != "evict":
+        return replace(config, budgets=None, eval_agreement=False)
+    return replace(config, eval_agreement=False) if config.eval_agreement else config
 
 
 class PackedBatch:
@@ -141,6 +83,7 @@ class PackedBatch:
     def __init__(self, target, policy: Policy, eos: frozenset, routing: bool):
         self.target, self.policy, self.eos, self.routing = target, policy, eos, routing
         self.passive = check_passive_draft(getattr(policy, "passive_draft", None))  # after policy.setup
+        self.shape = moe_shape(target)
         self.cache = kv.new_cache(target)
         self.owner = torch.zeros(0, dtype=torch.long, device=target.device)  # [S] request index per position
         self.active: list[Request] = []
@@ -154,8 +97,9 @@ class PackedBatch:
     @torch.no_grad()
     def prefill(self, joiners: list[Request]) -> None:
         """Joining prompts (all but their last token, the first root) go through the target in one packed
-        forward, each seeing only its own prompt, causally; each request's drafters start afresh. The
-        forward's time is shared among the joiners by prompt rows."""
+        forward, each seeing only its own prompt, causally; each request's drafters start afresh, a batched
+        draft model's with every joiner's whole prompt in one packed forward. The target forward's time is
+        shared among the joiners by prompt rows, the draft model's by prompt tokens."""
         fed = [r for r in joiners if len(r.ids) > 1]
         t0 = self.clock()
         if fed:
@@ -169,17 +113,23 @@ class PackedBatch:
                 self.target.model(input_ids=ids, position_ids=pos, attention_mask=lay.mask, cache=self.cache,
                                   use_cache=True, packed_layout=lay)
             self.owner = torch.cat([self.owner, row_owner])
-        shared, rows = self.clock() - t0, sum(len(r.ids) - 1 for r in fed) or 1
+        t1 = self.clock()
+        for drafter, group in _seated(joiners).items():
+            drafter.catch_up([(r.index, r.ids) for r in group])
+        t_target, t_draft = t1 - t0, self.clock() - t1
+        rows, tokens = sum(len(r.ids) - 1 for r in fed) or 1, sum(len(r.ids) for r in joiners)
         for r in joiners:
             t0 = self.clock()
             for d in r.pool.values():
-                d.prefill(r.ids)
+                d.prefill(r.ids)  # a Seat's is nothing: its catch-up was the shared one above
             r.t_start = self.clock()
-            r.prefill_time = shared * (len(r.ids) - 1) / rows + r.t_start - t0
+            r.prefill_time = t_target * (len(r.ids) - 1) / rows + t_draft * len(r.ids) / tokens + r.t_start - t0
         self.active.extend(joiners)
 
     def draft(self) -> None:
-        """Each request's policy decision (with its passive lookahead) and its drafted tree, in turn."""
+        """Each request's policy decision (with its passive lookahead) and its drafted tree: requests seated
+        at a batched draft model draft together after every decision (`draft_together`), the others in turn."""
+        seated: dict[BatchedDraftModel, list[Request]] = {}
         for r in self.active:
             t0 = self.clock()
             look = None
@@ -188,19 +138,33 @@ class PackedBatch:
             t1 = self.clock()
             state = DecodeState(r.request_id, r.step, len(r.ids), r.generated, r.max_new_tokens - r.generated, look,
                                 r.batch)
-            r.config = _unbudgeted(self.policy.decide(state))
+            r.config = _batchable(self.policy.decide(state))
             t2 = self.clock()
-            if r.config.speculate:
-                tree = get_drafter(r.pool, r.config.drafter, self.target).draft(r.ids, r.config)
-                r.tree = fit_tree(tree, r.max_new_tokens - r.generated)
-            else:
-                r.tree = self.empty
+            r.tree = self.empty
+            drafter = get_drafter(r.pool, r.config.drafter, self.target) if r.config.speculate else None
+            if isinstance(drafter, Seat):
+                seated.setdefault(drafter.shared, []).append(r)
+            elif drafter is not None:
+                r.tree = fit_tree(drafter.draft(r.ids, r.config), r.max_new_tokens - r.generated)
             r.t_decide, r.t_draft = t2 - t1, t1 - t0 + self.clock() - t2
+        for drafter, group in seated.items():
+            self.draft_together(drafter, group)
+
+    def draft_together(self, drafter: BatchedDraftModel, group: list[Request]) -> None:
+        """The group's trees from one packed draft forward per round (catch-up, then each level); the
+        shared time is divided among the group by drafted nodes, as verify's is by verified rows."""
+        t0 = self.clock()
+        trees = drafter.draft([(r.index, r.ids, r.config) for r in group])
+        elapsed, nodes = self.clock() - t0, sum(len(tree) for tree in trees)
+        for r, tree in zip(group, trees):
+            r.tree = fit_tree(tree, r.max_new_tokens - r.generated)
+            r.t_draft += elapsed * (len(tree) / nodes if nodes else 1 / len(group))
 
     @torch.no_grad()
-    def verify(self) -> tuple[torch.Tensor, torch.Tensor, Routing | None]:
+    def verify(self) -> tuple[torch.Tensor, torch.Tensor, Routing | None, RowReport | None]:
         """One target forward over every request's [root, nodes]; the cache grows by T. Returns logits
-        [T, V], the request index of each row [T] and the routing when captured."""
+        [T, V], the request index of each row [T], the routing when captured and, when a request runs an
+        eviction budget, what each layer kept per request."""
         ids: list[int] = []
         pos: list[int] = []
         owner: list[int] = []
@@ -214,17 +178,29 @@ class PackedBatch:
         row_owner = torch.tensor(owner, device=device)
         lay = layout(self.owner, [(r.index, ancestors(r.tree.parents)) for r in self.active], self.target.dtype)
         capture = capture_routing(self.target) if self.routing else nullcontext()
-        with capture as routing, packed_attention(self.target):
+        with capture as routing, packed_attention(self.target), self.budgets() as kept:
             out = self.target(input_ids=torch.tensor([ids], device=device),  # [1, T]
                               position_ids=torch.tensor([pos], device=device), attention_mask=lay.mask,
                               cache=self.cache, use_cache=True, packed_layout=lay)
-        return out.logits[0], row_owner, routing
+        return out.logits[0], row_owner, routing, kept
 
-    def accept(self, logits: torch.Tensor) -> None:  # logits [T, V]
-        """Greedy acceptance of each request's tree against its own rows."""
-        for r in self.active:
+    def budgets(self):
+        """The forward's eviction (engine/batch_eviction.py) when a request runs a budget, else nothing."""
+        if all(r.config.budgets is None for r in self.active):
+            return nullcontext()
+        groups = [Group.of((node_rank(r.tree) + r.rows.start).tolist(), r.config.budgets, self.shape)
+                  for r in self.active]
+        return evict_rows(self.target, groups)
+
+    def accept(self, logits: torch.Tensor, kept: RowReport | None) -> None:  # logits [T, V]
+        """Greedy acceptance of each request's tree against its own rows (those its budget kept)."""
+        for i, r in enumerate(self.active):
             t0 = self.clock()
-            r.acc = accept_greedy(r.tree, logits[r.rows])
+            alive = None
+            if kept is not None and (rows := kept.survivors(i)) is not None:
+                alive = torch.zeros(len(r.tree) + 1, dtype=torch.bool, device=logits.device)
+                alive[torch.tensor(rows) - r.rows.start] = True
+            r.acc = accept_greedy(r.tree, logits[r.rows], alive)
             r.t_accept = self.clock() - t0
 
     def commit(self, row_owner: torch.Tensor) -> float:  # row_owner [T]
@@ -232,7 +208,7 @@ class PackedBatch:
         still running and nothing of those that finished. Returns the cache compaction's seconds."""
         for r in self.active:
             t0 = self.clock()
-            _emit(r, self.eos)
+            emit(r, self.eos)
             r.t_commit = self.clock() - t0
         t0 = self.clock()
         past = len(self.owner)
@@ -251,25 +227,33 @@ class PackedBatch:
             self.owner = torch.cat([self.owner[old], row_owner[rows]])
         return self.clock() - t0
 
-    def observe(self, t_verify: float, t_compact: float, routing: Routing | None, now: float) -> None:
+    def observe(self, t_verify: float, t_compact: float, routing: Routing | None, kept: RowReport | None,
+                now: float) -> None:
         """Each request's StepStats (built by moetune.driver.step_stats, as a single request's are) go to
         the policy. The shared verify forward and cache compaction are divided among the requests by
         verified rows; draft, accept and commit bookkeeping are each request's own. Each also carries the
-        whole forward (StepStats.batch_*), and its next decision sees the others of this step (BatchContext)."""
+        whole forward (StepStats.batch_*), and its next decision sees the others of this step (BatchContext).
+        Under eviction the experts counted are those of the rows each layer kept, as the forward loaded them."""
         total = sum(r.rows.stop - r.rows.start for r in self.active)
         device = self.target.device
-        forward = self.forward(total, t_verify, routing)
-        for r in self.active:
+        loads = None if kept is None else [kept.expert_sets(i) for i in range(len(self.active))]  # [B][L] sets
+        forward = self.forward(total, t_verify, routing, loads)
+        for i, r in enumerate(self.active):
             share = (r.rows.stop - r.rows.start) / total
-            unique = () if routing is None else tuple(
-                routing.unique_experts(torch.arange(r.rows.start, r.rows.stop, device=device)).tolist())
-            r.batch = self.others(r, total, routing)
+            if kept is not None:
+                unique, evicted = kept.experts(i, kept=False), dict(kept=tuple(len(s) for s in loads[i]))
+                if r.config.budgets is not None:
+                    evicted["nodes_kept"] = kept.kept[-1][i] - 1
+            else:
+                unique, evicted = () if routing is None else tuple(
+                    routing.unique_experts(torch.arange(r.rows.start, r.rows.stop, device=device)).tolist()), {}
+            r.batch = self.others(i, total, routing, loads)
             stats = step_stats(
                 r.request_id, r.step, r.config, accepted=r.acc.accepted, emitted=r.emitted, tree_size=len(r.tree),
                 tree_depth=r.tree.depth, context_len=len(r.ids) - len(r.emitted),
                 times=(r.t_draft, t_verify * share, r.t_accept, r.t_commit + t_compact * share),
                 t_control=r.t_decide + r.t_observe, unique=unique, passive=self.passive, chain=r.chain,
-                gpu=gpu_snapshot(device), forward=forward)
+                gpu=gpu_snapshot(device), forward=forward, **evicted)
             r.steps.append(stats)
             t0 = self.clock()
             self.policy.observe(stats)
@@ -278,19 +262,27 @@ class PackedBatch:
             if r.step == 1:
                 r.first_token = now
 
-    def forward(self, total: int, t_verify: float, routing: Routing | None) -> dict | None:
+    def forward(self, total: int, t_verify: float, routing: Routing | None, loads: list | None) -> dict | None:
         """The whole forward as StepStats' batch_* fields (None alone): the latency fit learns from it."""
         if len(self.active) == 1:
             return None
-        experts = None if routing is None else int(routing.unique_experts().sum())
+        if loads is not None:
+            experts = sum(len(set().union(*layer)) for layer in zip(*loads))
+        else:
+            experts = None if routing is None else int(routing.unique_experts().sum())
         return dict(batch_tokens=total, batch_experts=experts,
                     batch_context=sum(len(r.ids) - len(r.emitted) for r in self.active), batch_t_verify=t_verify)
 
-    def others(self, r: Request, total: int, routing: Routing | None) -> BatchContext | None:
-        """The other requests' rows and per-layer union of experts at this step: r's next BatchContext."""
+    def others(self, i: int, total: int, routing: Routing | None, loads: list | None) -> BatchContext | None:
+        """The other requests' rows and per-layer union of experts at this step: request i's next
+        BatchContext. loads: under eviction, each request's kept experts per layer."""
         if len(self.active) == 1:
             return None
+        r = self.active[i]
         rows, others = total - (r.rows.stop - r.rows.start), len(self.active) - 1
+        if loads is not None:
+            rest = loads[:i] + loads[i + 1:]
+            return BatchContext(others, rows, tuple(len(set().union(*layer)) for layer in zip(*rest)))
         if routing is None:
             return BatchContext(others, rows, ())
         mask = torch.ones(total, dtype=torch.bool)
@@ -299,23 +291,26 @@ class PackedBatch:
             self.target.device)).tolist()))
 
     def leave(self, now: float) -> None:
-        """Finished requests leave the batch (their cache positions went at this step's commit)."""
-        for r in self.active:
-            if r.done:
-                r.finish = now
-                self.policy.end(r.request_id)
+        """Finished requests leave the batch (their target cache positions went at this step's commit, their
+        batched draft model's go here)."""
+        done = [r for r in self.active if r.done]
+        for r in done:
+            r.finish = now
+            self.policy.end(r.request_id)
+        for drafter, group in _seated(done).items():
+            drafter.leave([r.index for r in group])
         self.active = [r for r in self.active if not r.done]
 
     def step(self) -> None:
         """draft -> verify -> accept -> commit -> observe for every active request, one target forward."""
         self.draft()
         t0 = self.clock()
-        logits, row_owner, routing = self.verify()
+        logits, row_owner, routing, kept = self.verify()
         t_verify = self.clock() - t0
-        self.accept(logits)
+        self.accept(logits, kept)
         t_compact = self.commit(row_owner)
         now = self.clock()
-        self.observe(t_verify, t_compact, routing, now)
+        self.observe(t_verify, t_compact, routing, kept, now)
         self.leave(now)
 
 
@@ -327,20 +322,21 @@ def generate_batch(target, tokenizer, prompts, drafter=None, policy: Policy | No
     output equals its own greedy decoding (HF `generate` on it alone).
 
     prompts, drafter, policy, config, eos_token_id, request_ids, routing: as engine.generate.generate (each
-    request gets its own copy of every drafter). A request that finishes (EOS or max_new_tokens) leaves
-    and the next waiting one joins at the next step. arrivals: per-request arrival times in seconds after
+    request gets its own copy of every drafter, but a draft model's requests draft together in one
+    BatchedDraftModel). A request that finishes (EOS or max_new_tokens) leaves and the next waiting one
+    joins at the next step. arrivals: per-request arrival times in seconds after
     the call (None: all at once); a request never joins before its arrival. Results come in prompt order.
     """
     prompts = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else list(prompts)
-    ids, times = _check_arguments(prompts, policy, config, batch_size, max_new_tokens, arrivals, request_ids,
+    ids, times = check_arguments(prompts, policy, config, batch_size, max_new_tokens, arrivals, request_ids,
                                   temperature)
     if policy is None:
         policy = Static(config if config is not None else (StepConfig() if drafter is not None else PLAIN))
     if eos_token_id is None:
         eos_token_id = getattr(target.generation_config, "eos_token_id", None)
     eos = frozenset([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
-    requests = [Request(i, rid, prompt_token_ids(tokenizer, p), max_new_tokens, _own_drafters(target, drafter),
-                        t)
+    pool = _batch_pool(target, drafter, batch_size)
+    requests = [Request(i, rid, prompt_token_ids(tokenizer, p), max_new_tokens, _own_drafters(pool, i), t)
                 for i, (rid, p, t) in enumerate(zip(ids, prompts, times))]
     policy.setup(moe_shape(target))
     routing = getattr(policy, "wants_routing", True) if routing is None else routing
@@ -369,41 +365,28 @@ def _serve(batch: PackedBatch, requests: list[Request], batch_size: int) -> None
         batch.step()
 
 
-def _own_drafters(target, drafter) -> dict[str, Proposer]:
-    """A request's own drafters: a shallow copy of each given one (its prefill gives it fresh state: an
-    n-gram index, a draft-model cache), a new DraftModelDrafter for a bare draft model."""
-    return {name: copy.copy(p) for name, p in drafter_pool(target, drafter).items()}
+def _batch_pool(target, drafter, batch_size: int) -> dict[str, Proposer | BatchedDraftModel]:
+    """The given drafters, a draft model (a bare one, or a DraftModelDrafter proper) as one BatchedDraftModel
+    that every request shares. The others stay per request: n-gram lookups cost no forward, and a subclass
+    (SelfDrafter) runs its own forward, which the batched drafter does not know. At batch size 1 nothing is
+    shared, and the packed layout would only add its cost (about 2 ms a step on the embedded draft model)."""
+    pool = drafter_pool(target, drafter)
+    if batch_size == 1:
+        return pool
+    return {name: BatchedDraftModel(p.model) if type(p) is DraftModelDrafter else p for name, p in pool.items()}
 
 
-def _check_arguments(prompts, policy, config, batch_size, max_new_tokens, arrivals, request_ids,
-                     temperature) -> tuple[list[int], list[float]]:
-    """Request ids and arrival times, or a ValueError naming the argument and the fix."""
-    if not prompts:
-        raise ValueError("prompts is empty; pass at least one prompt")
-    if temperature != 0:
-        raise ValueError(f"generate_batch decodes greedily only: temperature must be 0, got {temperature}; "
-                         "use moetune.engine.generate.generate for sampling")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1 (requests decoded together), got {batch_size!r}; "
-                         "pass batch_size=1 or more")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}; pass max_new_tokens=1 or more")
-    if policy is not None and config is not None:
-        raise ValueError("pass either a policy or a fixed config, not both")
-    fixed = config if config is not None else getattr(policy, "config", None) if isinstance(policy, Static) else None
-    if fixed is not None and fixed.budgets is not None:
-        raise ValueError("generate_batch applies no expert budgets (one forward serves every request); "
-                         "pass a config with budgets=None")
-    ids = list(range(len(prompts))) if request_ids is None else [int(r) for r in request_ids]
-    if len(ids) != len(prompts):
-        raise ValueError(f"request_ids needs one id per prompt: {len(prompts)} prompts, {len(ids)} ids; pass "
-                         f"{len(prompts)} ids or request_ids=None")
-    if len(set(ids)) != len(ids):
-        raise ValueError("request_ids must be distinct (policies keep per-request state by id); pass unique ids")
-    times = [0.0] * len(prompts) if arrivals is None else [float(t) for t in arrivals]
-    if len(times) != len(prompts):
-        raise ValueError(f"arrivals needs one time per prompt: {len(prompts)} prompts, {len(times)} times; pass "
-                         f"{len(prompts)} times or arrivals=None (all at once)")
-    if any(not 0 <= t < math.inf for t in times):
-        raise ValueError("arrivals must be finite seconds >= 0 after the call; pass None for all at once")
-    return ids, times
+def _own_drafters(pool: dict[str, Proposer | BatchedDraftModel], index: int) -> dict[str, Proposer]:
+    """Request `index`'s drafters: its seat at each batched draft model, a shallow copy of any other (its
+    prefill gives it fresh state: an n-gram index, a self-drafter's cache)."""
+    return {name: p.seat(index) if isinstance(p, BatchedDraftModel) else copy.copy(p) for name, p in pool.items()}
+
+
+def _seated(requests: list[Request]) -> dict[BatchedDraftModel, list[Request]]:
+    """The requests seated at each batched draft model (in their pools), in order."""
+    out: dict[BatchedDraftModel, list[Request]] = {}
+    for r in requests:
+        for d in r.pool.values():
+            if isinstance(d, Seat):
+                out.setdefault(d.shared, []).append(r)
+    return out

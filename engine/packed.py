@@ -1,13 +1,15 @@
 """Attention for a packed batch: several requests' rows in one sequence, each reading only its own keys.
 
 engine/batch.py packs a batch into one sequence and one cache; this is the attention it swaps in for its
-forwards. Each request's keys (its cached positions, then its new rows) are gathered into a padded [B, L]
-block and its rows into [B, N], so a row never reads another request's keys and attention costs what a
-padded batch's does (engine/batch.py's docstring has the numbers behind the choice).
+forwards, and engine/drafters/batched.py its draft model's. Each request's keys (its cached positions, then
+its new rows) are gathered into a padded [B, L] block and its rows into [B, N], so a row never reads
+another request's keys and attention costs what a padded batch's does (engine/batch.py's docstring has
+the numbers behind the choice).
 
-Shape legend: B requests in the forward, T new rows, N the most new rows of one request, S cached
-positions (all requests), L the most keys of one request (cached + new), H attention heads (Hkv key/value
-heads), D head size.
+Shape legend: B requests in the forward, T new rows, N the most new rows of one request, M the widest
+visibility block of one request (its new rows, plus at a draft level the nodes drafted before them), S
+cached positions (all requests), L the most keys of one request (cached + new), H attention heads (Hkv
+key/value heads), D head size.
 """
 from __future__ import annotations
 
@@ -29,27 +31,33 @@ class Layout:
 
 
 def layout(owner: torch.Tensor,  # [S] request index of each cached position
-           groups: list[tuple[int, torch.Tensor]],  # per request in row order: (index, [n, n] bool new-row mask)
+           groups: list[tuple[int, torch.Tensor]],  # per request in row order: (index, [n, m] bool block, m >= n)
            dtype: torch.dtype) -> Layout:
-    """A request's keys are its cached positions (all visible to its rows) and then its n new rows, which
-    see each other as its [n, n] block says (tree ancestry; causal for a prompt)."""
+    """A request's keys are its cached positions and then its n new rows. Its block says which of its last
+    m keys (its last m - n cached positions, then its new rows) each row sees; the keys before those are
+    all visible. m = n: the rows see every cached position and each other as the block says (tree
+    ancestry at verification; causal for a prompt). m > n: a draft level (engine/drafters/batched.py),
+    whose rows see the nodes drafted at this step's earlier levels only along their own paths."""
     device, S, B = owner.device, len(owner), len(groups)
     index = torch.tensor([g[0] for g in groups], device=device)
-    n = torch.tensor([len(g[1]) for g in groups], device=device)  # [B]
+    n = torch.tensor([g[1].shape[0] for g in groups], device=device)  # [B]
+    m = torch.tensor([g[1].shape[1] for g in groups], device=device)  # [B]
     mine = owner[None, :] == index[:, None]  # [B, S]
     cached = mine.sum(dim=1)  # [B]
     order = torch.cat([mine.nonzero()[:, 1], owner.new_zeros(1)])  # cached positions grouped by request
     first, start = cached.cumsum(0) - cached, n.cumsum(0) - n  # [B] their offsets in `order` and in the rows
-    L, N = int((cached + n).max()), int(n.max())
+    L, N, M = int((cached + n).max()), int(n.max()), int(m.max())
     j = torch.arange(L, device=device)[None]  # [1, L]
     is_cached, is_new = j < cached[:, None], (j >= cached[:, None]) & (j < (cached + n)[:, None])  # [B, L]
     keys = torch.where(is_cached, order[(first[:, None] + j).clamp(max=len(order) - 1)],
                        torch.where(is_new, S + start[:, None] + j - cached[:, None], 0))
-    blocks = torch.zeros(B, N, N, dtype=torch.bool)
+    blocks = torch.zeros(B, N, M, dtype=torch.bool)
     for b, (_, block) in enumerate(groups):
-        blocks[b, :len(block), :len(block)] = block
-    col = (j - cached[:, None]).clamp(0, N - 1)[:, None, :].expand(B, N, L)
-    visible = is_cached[:, None, :] | (blocks.to(device).gather(2, col) & is_new[:, None, :])  # [B, N, L]
+        blocks[b, :block.shape[0], :block.shape[1]] = block
+    tail = (cached + n - m)[:, None]  # [B, 1] the first key its block covers
+    in_block = (j >= tail) & (j < (cached + n)[:, None])  # [B, L]
+    col = (j - tail).clamp(0, M - 1)[:, None, :].expand(B, N, L)
+    visible = (j < tail)[:, None, :] | (blocks.to(device).gather(2, col) & in_block[:, None, :])  # [B, N, L]
     i = torch.arange(N, device=device)[None]  # [1, N]
     mask = torch.zeros(B, 1, N, L, dtype=dtype, device=device).masked_fill_(~visible[:, None], torch.finfo(dtype).min)
     rows = start[:, None] + torch.minimum(i, n[:, None] - 1)

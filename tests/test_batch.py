@@ -91,9 +91,9 @@ def test_other_requests_cache_is_invisible(monkeypatch):
                 layer.values[..., where, :] = torch.randn_like(layer.values[..., where, :]) * 100
         return verify(self)
 
-    def recording_accept(self, logits):
+    def recording_accept(self, logits, kept):
         logits_a.append(logits[self.active[0].rows].clone())
-        return accept(self, logits)
+        return accept(self, logits, kept)
 
     monkeypatch.setattr(batch_mod.PackedBatch, "accept", recording_accept)
     alone = generate_batch(target, None, [a], max_new_tokens=12, eos_token_id=-1)[0]
@@ -127,7 +127,7 @@ def test_arrivals_and_adaptive_policy():
 @pytest.mark.parametrize("kwargs, word", [
     (dict(batch_size=0), "batch_size"), (dict(temperature=0.7), "temperature"),
     (dict(request_ids=[1]), "request_ids"), (dict(arrivals=[0.0, 1.0, 2.0]), "arrivals"),
-    (dict(arrivals=[0.0, -1.0]), "arrivals"), (dict(config=StepConfig(budgets=(8, 8))), "budgets"),
+    (dict(arrivals=[0.0, -1.0]), "arrivals"), (dict(config=StepConfig(budgets=(8, 8), budget_mode="substitute")), "budget_mode"),
 ])
 def test_invalid_arguments(kwargs, word):
     with pytest.raises(ValueError, match=word) as err:

@@ -173,9 +173,10 @@ def arrivals(args) -> list[float] | None:
 
 
 def _check_batching(args, config: StepConfig) -> None:
-    if args.batch_size > 1 and (args.temperature != 0 or config.budgets is not None):
-        raise ValueError("--batch-size > 1 decodes greedily without expert budgets: drop --temperature/--budget "
-                         "or use --batch-size 1")
+    if args.batch_size > 1 and args.temperature != 0:
+        raise ValueError("--batch-size > 1 decodes greedily: drop --temperature or use --batch-size 1")
+    if args.batch_size > 1 and config.budgets is not None and config.budget_mode != "evict":
+        raise ValueError("--batch-size > 1 applies eviction budgets only: use --budget-mode evict or --batch-size 1")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from moetune.step import ModelShape
+from moetune.traces.batch import replay_batch
 from moetune.traces.latency import LatencyModel, fit_trace
 from moetune.traces.reader import read_trace
 from moetune.traces.replay import make_policy, replay
@@ -71,9 +72,13 @@ def self_check(path: Path) -> dict:
                measured_goodput=float(measured), bytes_per_token=path.stat().st_size / max(trace.num_tokens, 1))
     config = live[0].configs[0]
     from moetune.policies.static import Static
-    for label, include in (("live_steps_fit", False), ("live_and_tree_fit", True)):
+    batch = trace.meta.live_batch_size
+    out["live_batch_size"] = batch
+    fits = (("live_steps_fit", False), ("live_and_tree_fit", True)) if batch == 1 else (("live_and_tree_fit", True),)
+    for label, include in fits:  # a batched run's live times are shares of shared forwards: trees only
         lat = fit_trace(trace, include_trees=include)
-        pred = replay(trace, Static(config), lat).total().goodput
+        result = replay(trace, Static(config), lat) if batch == 1 else replay_batch(trace, Static(config), lat, batch).replay
+        pred = result.total().goodput
         out[f"{label}_goodput"] = pred
         out[f"{label}_error"] = pred / measured - 1
         out[f"{label}_fit_mape"] = lat.error["mape"]
@@ -111,15 +116,21 @@ def main(argv=None) -> int:
     md += [f"| {r['policy']} | {r['steps']} | {r['cold_decisions_per_s']:.0f} | {r['warm_decisions_per_s']:.0f} | "
            f"{r['read_us_per_position']:.0f} |" for r in speed]
     md += ["", "Self-check (live policy replayed on its own trace):", "",
-           "| trace | live policy | bytes/token | measured tok/s | replay (live-step fit) | error | replay (live+tree fit) | error |",
-           "|---|---|---|---|---|---|---|---|"]
-    md += [f"| {c['trace']} | {c.get('live_policy', '-')} | {c.get('bytes_per_token', 0):.0f} | "
-           f"{c.get('measured_goodput', 0):.1f} | {c.get('live_steps_fit_goodput', 0):.1f} | "
-           f"{100 * c.get('live_steps_fit_error', 0):+.1f}% | {c.get('live_and_tree_fit_goodput', 0):.1f} | "
-           f"{100 * c.get('live_and_tree_fit_error', 0):+.1f}% |" for c in checks]
+           "| trace | live batch | live policy | bytes/token | measured tok/s | replay (live-step fit) | error | "
+           "replay (live+tree fit) | error |", "|---|---|---|---|---|---|---|---|---|"]
+    md += [f"| {c['trace']} | {c.get('live_batch_size', 1)} | {c.get('live_policy', '-')} | "
+           f"{c.get('bytes_per_token', 0):.0f} | {c.get('measured_goodput', 0):.1f} | "
+           f"{_fit(c, 'live_steps_fit')} | {_fit(c, 'live_and_tree_fit')} |" for c in checks]
     (out / "bench_replay.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0
+
+
+def _fit(check: dict, label: str) -> str:
+    """A replayed goodput and its error as two table cells ("-" where that fit was not made)."""
+    if f"{label}_goodput" not in check:
+        return "- | -"
+    return f"{check[label + '_goodput']:.1f} | {100 * check[label + '_error']:+.1f}%"
 
 
 if __name__ == "__main__":

@@ -15,13 +15,15 @@ VERIFY_FEATURES = ("const", "tokens", "experts", "context", "tokens_x_context")
 DRAFT_FEATURES = ("const", "depth", "nodes")
 
 
-def verify_features(tokens, experts, context) -> np.ndarray:
+def verify_features(tokens, experts, context, context_tokens=None) -> np.ndarray:
     """[..., 5] VERIFY_FEATURES of verification passes: tokens verified, unique experts computed summed over
-    layers, context length in tokens (scalars or broadcastable arrays)."""
+    layers, context length in tokens (scalars or broadcastable arrays). context_tokens: the attention term
+    when the pass is a batch's (sum over requests of context x rows; default context x tokens, one request)."""
     tokens = np.asarray(tokens, dtype=float)
     context = np.asarray(context, dtype=float)
+    cross = context * tokens if context_tokens is None else np.asarray(context_tokens, dtype=float)
     return np.stack(np.broadcast_arrays(np.ones_like(tokens), tokens, np.asarray(experts, dtype=float),
-                                        context, context * tokens), axis=-1)
+                                        context, cross), axis=-1)
 
 
 def draft_features(depth, nodes) -> np.ndarray:

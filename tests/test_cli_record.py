@@ -27,6 +27,7 @@ def flags(root, out, *extra, target=None, draft=None, prompts=None):
     (["--per-kind", "0"], ["--per-kind", "0"]),
     (["--router-top", "0"], ["--router-top", "0"]),
     (["--max-new-tokens", "0"], ["--max-new-tokens", "0"]),
+    (["--batch-size", "0"], ["--batch-size", "0"]),
     (["--drafters", "eagle"], ["--drafters", "eagle"]),
     (["--policy", "eagle"], ["unknown policy 'eagle'"]),
     (["--policy", "moespec:budget=0"], ["budget must be >= 1"]),

@@ -89,15 +89,18 @@ class LatencyModel:
 
     @classmethod
     def fit(cls, tokens, unique_sum, context, seconds, draft: dict | None = None, step_overhead: float = 0.0,
-            num_layers: int = 0, source: str = "fit", folds: int = 5, relative: bool = True) -> "LatencyModel":
+            num_layers: int = 0, source: str = "fit", folds: int = 5, relative: bool = True,
+            context_tokens=None) -> "LatencyModel":
         """Fit verification coefficients to S measurements (arrays [S]); draft terms are passed through.
 
         relative=True weighs every measurement by its relative error (profiles spanning fast and slow
         passes); False fits absolute seconds, so predicted totals over the data match measured totals.
+        context_tokens: per measurement the attention term (verify_features; None: context x tokens).
         The stated error is the mean absolute percentage error on the data and, with enough points, in
         k-fold cross-validation (what to expect on configurations the profile did not measure).
         """
-        x = verify_features(np.asarray(tokens, float), np.asarray(unique_sum, float), np.asarray(context, float))
+        x = verify_features(np.asarray(tokens, float), np.asarray(unique_sum, float), np.asarray(context, float),
+                            context_tokens)
         y = np.asarray(seconds, float)
         if len(y) < len(VERIFY_TERMS) or not np.all(np.isfinite(y)):
             raise ValueError(f"LatencyModel.fit needs at least {len(VERIFY_TERMS)} finite measurements, got {len(y)}")
@@ -181,33 +184,48 @@ def fit_trace(trace, include_trees: bool = True) -> LatencyModel:
 
     Why absolute least squares: then predicted totals over the live steps match measured totals, and
     replaying the live policy checks the counterfactual machinery rather than the regression.
+    A batched live run's steps are shares of forwards shared with other requests: each shared forward
+    is one sample (its rows, experts and summed context, attention summed per request), and its steps
+    give no draft samples; steps that ran alone count as their own.
     """
-    tok, uni, ctx, sec, over = [], [], [], [], []
+    rows: list[tuple] = []  # (tokens, unique experts summed over layers, context, context x tokens, seconds)
+    over: list[float] = []
     draft: dict[str, list] = {}
+    forwards: dict[tuple, list] = {}  # a shared forward -> (context, rows) of each request in it
     for req in trace.requests:
         live = req.live
         if live is not None and len(live.emitted):
-            tok += (live.tree_size + 1).tolist()
-            uni += live.unique_experts.sum(axis=1).tolist()
-            ctx += (req.prompt_len + live.position).tolist()
-            sec += live.times[:, 1].tolist()
             over += live.times[:, 2:].sum(axis=1).tolist()
-            for i, c in zip(live.config_index.tolist(), range(len(live.emitted))):
-                cfg = live.configs[i]
-                if cfg.speculate:
-                    draft.setdefault(cfg.drafter, []).append((cfg.depth, live.tree_size[c], live.times[c, 0]))
+            _live_samples(req.prompt_len, live, rows, draft, forwards)
         if include_trees:
             prepare(t for pos in req.positions for t in pos.trees.values())
             for p, pos in enumerate(req.positions):
                 for name, t in pos.trees.items():
-                    tok.append(t.num_nodes + 1)
-                    uni.append(sum(t.unique_experts(np.arange(t.num_nodes + 1))))
-                    ctx.append(req.prompt_len + p)
-                    sec.append(t.t_verify)
+                    n, c = t.num_nodes + 1, req.prompt_len + p
+                    rows.append((n, sum(t.unique_experts(np.arange(n))), c, c * n, t.t_verify))
                     draft.setdefault(name, []).append((int(t.depth.max(initial=0)), t.num_nodes, t.t_draft))
-    if len(sec) < len(VERIFY_TERMS):
-        raise ValueError(f"trace {trace.path} holds too few timed steps ({len(sec)}) to fit a latency model; "
+    rows += [(tokens, experts, context, sum(c * n for c, n in members), seconds)
+             for (tokens, experts, context, seconds), members in forwards.items() if experts >= 0]
+    if len(rows) < len(VERIFY_TERMS):
+        raise ValueError(f"trace {trace.path} holds too few timed steps ({len(rows)}) to fit a latency model; "
                          "pass a hardware profile (moetune profile) instead")
-    coefs = {name: fit_draft(*zip(*rows)) for name, rows in draft.items()}
+    tok, uni, ctx, cross, sec = zip(*rows)
+    coefs = {name: fit_draft(*zip(*d)) for name, d in draft.items()}
     return LatencyModel.fit(tok, uni, ctx, sec, draft=coefs, step_overhead=float(np.mean(over)) if over else 0.0,
-                            num_layers=trace.shape.num_layers, source=f"trace {trace.path}", relative=False)
+                            num_layers=trace.shape.num_layers, source=f"trace {trace.path}", relative=False,
+                            context_tokens=cross)
+
+
+def _live_samples(prompt_len: int, live, rows: list, draft: dict, forwards: dict) -> None:
+    """One request's live steps: a step that ran alone is a verify (and draft) sample of its own; a step
+    of a shared forward files its context and rows under that forward."""
+    shared = live.forward[:, 0] >= 0 if live.forward is not None else np.zeros(len(live.emitted), dtype=bool)
+    for s in range(len(live.emitted)):
+        n, c = int(live.tree_size[s]) + 1, prompt_len + int(live.position[s])
+        if shared[s]:
+            forwards.setdefault(tuple(live.forward[s].tolist()), []).append((c, n))
+            continue
+        rows.append((n, int(live.unique_experts[s].sum()), c, c * n, float(live.times[s, 1])))
+        cfg = live.configs[live.config_index[s]]
+        if cfg.speculate:
+            draft.setdefault(cfg.drafter, []).append((cfg.depth, live.tree_size[s], live.times[s, 0]))

@@ -31,8 +31,8 @@ import numpy as np
 
 from moetune.step import ModelShape
 
-from .schema import (ARRAY_DTYPES, FRAME, INT32_MAX, KIND_END, KIND_HEADER, KIND_POSITION, KIND_REQUEST, MAGIC,
-                     MAX_NODES, MAX_SECONDS, Fields, LiveRun, Position, RequestTrace, Trace, TraceError,
+from .schema import (ARRAY_DTYPES, FORWARD_COLUMNS, FRAME, INT32_MAX, KIND_END, KIND_HEADER, KIND_POSITION,
+                     KIND_REQUEST, MAGIC, MAX_NODES, MAX_SECONDS, Fields, LiveRun, Position, RequestTrace, Trace, TraceError,
                      TraceMeta, TreeRecord, config_from_dict, meta_from_dict, show)
 from .writer import TREE_ARRAYS, TREE_DTYPES, expert_dtype
 
@@ -262,6 +262,8 @@ def live_from(info: Fields, arrays: dict, shape: ModelShape) -> LiveRun:
                 emitted=(one, 0, INT32_MAX), tree_size=(one, 0, INT32_MAX),
                 unique_experts=((steps, shape.num_layers), 0, shape.num_experts), times=((steps, 5), 0, MAX_SECONDS))
     got = {k: check_array(arrays, k, dtype, *want[k]) for k, dtype in LIVE_ARRAYS.items()}
+    if "forward" in arrays:  # a batched live run's shared forwards
+        got["forward"] = check_array(arrays, "forward", np.float64, (steps, len(FORWARD_COLUMNS)), -1, INT32_MAX)
     return LiveRun(policy=info.text("policy"), configs=configs, **got)
 
 
@@ -299,7 +301,7 @@ class _Builder:
         if rid in self.ids:
             raise ValueError(f"request_id: request {rid} appears twice")
         prompt_len = f.integer("prompt_len")
-        allowed = {"prompt_ids", *LIVE_ARRAYS} if "live" in f.d else {"prompt_ids"}
+        allowed = {"prompt_ids", "forward", *LIVE_ARRAYS} if "live" in f.d else {"prompt_ids"}
         if set(arrays) - allowed:
             raise ValueError(f"arrays: unexpected {show(sorted(set(arrays) - allowed))}")
         live = live_from(f.obj("live"), arrays, self.meta.shape) if "live" in f.d else None

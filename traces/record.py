@@ -1,6 +1,6 @@
 """Recording counterfactual traces with the engine: per request, one live run of a policy through
-engine.generate (moetune.driver over the live backend: what ran, and its measured step times), then a
-pass along the greedy output that, at every position, asks each drafter for its largest tree, verifies
+engine.generate (moetune.driver over the live backend: what ran, and its measured step times; or, with
+record_batch, one batched run of all the requests through engine.batch), then a pass along the greedy output that, at every position, asks each drafter for its largest tree, verifies
 it (unbudgeted, and once per grid budget) and keeps the verdicts and the routing of every node.
 
 Why a second pass: the live policy lands on some positions only and verifies its own small trees; replay
@@ -27,7 +27,7 @@ from moetune.engine.verify import verify
 from moetune.policies.base import Policy
 from moetune.step import DRAFTER_TRAITS, StepConfig, StepStats
 
-from .schema import LIVE_TIMES, LiveRun, TreeLimits, TreeRecord
+from .schema import FORWARD_COLUMNS, LIVE_TIMES, LiveRun, TreeLimits, TreeRecord
 from .writer import TraceWriter, expert_dtype
 
 
@@ -56,7 +56,16 @@ def live_run(steps: list[StepStats], policy_name: str) -> LiveRun:
                    accepted=np.array([s.accepted for s in steps], dtype=np.int32), emitted=emitted,
                    tree_size=np.array([s.tree_size for s in steps], dtype=np.int32),
                    unique_experts=np.array([s.unique_experts for s in steps], dtype=np.int16).reshape(len(steps), -1),
-                   times=np.array([[getattr(s, t) for t in LIVE_TIMES] for s in steps], dtype=np.float64).reshape(-1, 5))
+                   times=np.array([[getattr(s, t) for t in LIVE_TIMES] for s in steps], dtype=np.float64).reshape(-1, 5),
+                   forward=_forwards(steps))
+
+
+def _forwards(steps: list[StepStats]) -> np.ndarray | None:
+    """[S, 4] each step's shared forward (FORWARD_COLUMNS, -1 where unknown or alone); None if none was shared."""
+    if all(s.batch_tokens is None for s in steps):
+        return None
+    return np.array([[-1.0 if getattr(s, c) is None else float(getattr(s, c)) for c in FORWARD_COLUMNS]
+                     for s in steps], dtype=np.float64)
 
 
 def routing_arrays(routing, router_top: int) -> tuple[np.ndarray, np.ndarray]:
@@ -97,13 +106,51 @@ def record_request(writer: TraceWriter, target, drafters: dict[str, Proposer], l
                    eos_token_id=None) -> RecordedRequest:
     """Record one request into `writer` (see module docstring)."""
     t_start = time.perf_counter()
-    shape = moe_shape(target)
-    m = router_top or writer.meta.router_top  # the header's M unless told otherwise
     # the live run is the engine's own decoding loop (moetune.driver over the live backend), routing kept
     live = generate(target, None, [prompt_ids], drafter=dict(drafters), policy=policy, max_new_tokens=max_new_tokens,
                     eos_token_id=eos_token_id, routing=True, request_ids=[request_id])[0]
-    run = live_run(live.steps, getattr(policy, "name", type(policy).__name__))
-    output = live.token_ids
+    return _write_request(writer, target, drafters, limits, _policy_name(policy), request_id, prompt_ids, live.steps,
+                          live.token_ids, kind, prompt, max_new_tokens, budget_grid, router_top, t_start)
+
+
+@torch.no_grad()
+def record_batch(writer: TraceWriter, target, drafters: dict[str, Proposer], limits: dict[str, TreeLimits],
+                 policy: Policy, requests: list[tuple[int, list[int], str, str]], batch_size: int,
+                 max_new_tokens: int = 48, budget_grid: tuple[int, ...] = (), router_top: int | None = None,
+                 eos_token_id=None) -> list[RecordedRequest]:
+    """Record requests (request id, prompt ids, kind, prompt text) whose live run decodes them together,
+    at most `batch_size` at once (engine/batch.py, all arriving at once): each request's LiveRun holds
+    its own steps of that run (its row share of each shared forward, as the batch engine reports it), so
+    replay_batch at `batch_size` replays the run that was measured. The counterfactual pass is each
+    request's own: a node's verdict and routing depend on its request's context only."""
+    from moetune.engine.batch import generate_batch
+
+    if writer.meta.live_batch_size != batch_size:
+        raise ValueError(f"the trace header says live_batch_size={writer.meta.live_batch_size} but the run decodes "
+                         f"{batch_size} together; build TraceMeta with live_batch_size={batch_size}")
+    t_start = time.perf_counter()
+    live = generate_batch(target, None, [ids for _, ids, _, _ in requests], drafter=dict(drafters), policy=policy,
+                          batch_size=batch_size, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                          routing=True, request_ids=[rid for rid, _, _, _ in requests])
+    share = (time.perf_counter() - t_start) / len(requests)  # each summary's seconds: its share, then its pass
+    return [_write_request(writer, target, drafters, limits, _policy_name(policy), rid, ids, res.steps,
+                           res.token_ids, kind, text, max_new_tokens, budget_grid, router_top,
+                           time.perf_counter() - share)
+            for (rid, ids, kind, text), res in zip(requests, live)]
+
+
+def _policy_name(policy: Policy) -> str:
+    return getattr(policy, "name", type(policy).__name__)
+
+
+def _write_request(writer: TraceWriter, target, drafters: dict[str, Proposer], limits: dict[str, TreeLimits],
+                   policy_name: str, request_id: int, prompt_ids: list[int], steps: list[StepStats],
+                   output: list[int], kind: str, prompt: str, max_new_tokens: int, budget_grid: tuple[int, ...],
+                   router_top: int | None, t_start: float) -> RecordedRequest:
+    """One request's record: its live steps, then the counterfactual pass along its output."""
+    shape = moe_shape(target)
+    m = router_top or writer.meta.router_top  # the header's M unless told otherwise
+    run = live_run(steps, policy_name)
     writer.begin_request(request_id, len(prompt_ids), kind, prompt, run, max_new_tokens, prompt_ids)
     cache = kv.new_cache(target)
     prefill(target, cache, prompt_ids)

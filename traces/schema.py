@@ -34,6 +34,7 @@ MAX_EXPERTS = 4096
 MAX_TREE_DEPTH = 256
 MAX_TREE_TOPK = 64
 MAX_NGRAM_ORDER = 64  # the n-gram drafter's max_n
+MAX_BATCH = 4096  # requests a live run decoded together
 MAX_NODES = 2**15 - 1
 MAX_MODEL_DIM = 2**20  # hidden_size, expert_intermediate_size
 MAX_SECONDS = 1e6  # one recorded timing
@@ -79,6 +80,8 @@ class TraceMeta:
     # what the live drafter looked up; traces written before they were recorded read as the defaults
     ngram_max_n: int = MAX_N
     ngram_min_n: int = MIN_N
+    # requests the live run decoded together (engine/batch.py); replay_batch at this size is its self-check
+    live_batch_size: int = 1
     version: int = SCHEMA_VERSION
 
     def __post_init__(self):
@@ -99,6 +102,9 @@ class TraceMeta:
             raise ValueError(f"TraceMeta.selection/substitution must be in {SELECTIONS}/{SUBSTITUTIONS}, "
                              f"got {self.selection!r}/{self.substitution!r}")
         check_orders(self.ngram_max_n, self.ngram_min_n)
+        if self.live_batch_size < 1:
+            raise ValueError(f"TraceMeta.live_batch_size must be >= 1 (requests decoded together), got "
+                             f"{self.live_batch_size}")
 
 
 @dataclass(eq=False)
@@ -194,6 +200,9 @@ class LiveRun:
     tree_size: np.ndarray  # [S] int32
     unique_experts: np.ndarray  # [S, L] int16
     times: np.ndarray  # [S, 5] float64 seconds: draft, verify, accept, commit, control
+    # a batched run (meta.live_batch_size > 1): each step's shared forward, StepStats.batch_* (FORWARD_COLUMNS);
+    # -1 where a step ran alone (or, in the experts column, routing was not captured). None: not batched
+    forward: np.ndarray | None = None  # [S, 4] float64
 
     @property
     def goodput(self) -> float:
@@ -247,6 +256,7 @@ FRAME = "<IIc"
 KIND_HEADER, KIND_REQUEST, KIND_POSITION, KIND_END = b"H", b"R", b"P", b"E"
 ARRAY_DTYPES = ("bool", "uint8", "int16", "int32", "int64", "float16", "float32", "float64")
 LIVE_TIMES = ("t_draft", "t_verify", "t_accept", "t_commit", "t_control")
+FORWARD_COLUMNS = ("batch_tokens", "batch_experts", "batch_context", "batch_t_verify")
 
 
 def meta_to_dict(meta: TraceMeta) -> dict:
@@ -260,7 +270,7 @@ def meta_to_dict(meta: TraceMeta) -> dict:
                 router_top=meta.router_top, budget_grid=list(meta.budget_grid), selection=meta.selection,
                 substitution=meta.substitution, target=meta.target, draft=meta.draft, hardware=meta.hardware,
                 moetune_version=meta.moetune_version, seed=meta.seed, synthetic=meta.synthetic,
-                ngram=dict(max_n=meta.ngram_max_n, min_n=meta.ngram_min_n))
+                ngram=dict(max_n=meta.ngram_max_n, min_n=meta.ngram_min_n), live_batch_size=meta.live_batch_size)
 
 
 def meta_from_dict(d: dict) -> TraceMeta:
@@ -291,7 +301,8 @@ def meta_from_dict(d: dict) -> TraceMeta:
                      target=f.text("target", ""), draft=f.text("draft", ""), hardware=dict(hardware.d),
                      moetune_version=f.text("moetune_version", ""), seed=f.integer("seed", -2**63, 2**64 - 1, 0),
                      synthetic=f.text("synthetic", ""), ngram_max_n=max_n,
-                     ngram_min_n=ngram.integer("min_n", 1, max_n, MIN_N))
+                     ngram_min_n=ngram.integer("min_n", 1, max_n, MIN_N),
+                     live_batch_size=f.integer("live_batch_size", 1, MAX_BATCH, 1))
 
 
 def check_version(v) -> None:

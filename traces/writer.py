@@ -79,6 +79,8 @@ class TraceWriter:
                           tree_size=live.tree_size.astype(np.int32),
                           unique_experts=live.unique_experts.astype(np.int16),
                           times=live.times.astype(np.float64))
+            if live.forward is not None:
+                arrays["forward"] = live.forward.astype(np.float64)
         self._write(KIND_REQUEST, info, arrays)
         self._request, self._p = int(request_id), 0
 

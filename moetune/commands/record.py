@@ -25,6 +25,8 @@ def add_arguments(p) -> None:
     p.add_argument("--grid", default="", help="uniform expert budgets whose outcomes are recorded "
                                               "(comma list; default: E/4, E/2, 3E/4)")
     p.add_argument("--router-top", type=int, help="router entries kept per token and layer (default: top-k)")
+    p.add_argument("--batch-size", type=int, default=1, help="the live run decodes this many of a file's requests "
+                   "together (continuous batching, greedy; replay_batch at this size is its self-check)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     p.add_argument("--seed", type=int, default=0)
@@ -51,6 +53,7 @@ def _plan(args) -> tuple[dict, dict, tuple, dict]:
 
     make_policy(args.policy)
     for flag, value in (("--per-kind", args.per_kind), ("--max-new-tokens", args.max_new_tokens),
+                        ("--batch-size", args.batch_size),
                         ("--router-top", 1 if args.router_top is None else args.router_top)):
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
@@ -100,8 +103,6 @@ def _record(args, groups: dict, limits: dict, grid: tuple, files: dict) -> int:
     from moetune.engine.loader import load_draft, load_target, moe_shape
     from moetune.outputs import atomic_output
     from moetune.traces.profile import hardware
-    from moetune.traces.record import record_request
-    from moetune.traces.replay import make_policy
     from moetune.traces.schema import TraceMeta
     from moetune.traces.writer import TraceWriter
 
@@ -115,18 +116,32 @@ def _record(args, groups: dict, limits: dict, grid: tuple, files: dict) -> int:
     meta = TraceMeta(shape=shape, drafters=limits, router_top=args.router_top or shape.top_k, budget_grid=grid,
                      target=str(args.target), draft=str(args.draft), hardware=hardware(target.device),
                      moetune_version=__version__, seed=args.seed, ngram_max_n=args.ngram_max_n,
-                     ngram_min_n=args.ngram_min_n)
+                     ngram_min_n=args.ngram_min_n, live_batch_size=args.batch_size)
     rid = 0
     for key, path in files.items():
         items = [(kind, item) for kind, its in groups.items() if key in (None, kind) for item in its]
         with atomic_output(path, keep_partial=True, label="moetune record") as tmp, TraceWriter(tmp, meta) as w:
             print(f"{path}: writing {tmp} until the recording completes")
-            for kind, item in items:
-                ids = tokenizer(item["text"], add_special_tokens=False)["input_ids"]
-                res = record_request(w, target, pool, limits, make_policy(args.policy), rid, ids, kind,
-                                     item["text"], args.max_new_tokens, grid, args.router_top)
-                print(f"{path}: request {rid} ({kind}): {res.positions} positions, live "
+            requests = [(rid + i, tokenizer(item["text"], add_special_tokens=False)["input_ids"], kind, item["text"])
+                        for i, (kind, item) in enumerate(items)]
+            for (r, _, kind, _), res in zip(requests, _live(w, target, pool, limits, grid, args, requests)):
+                print(f"{path}: request {r} ({kind}): {res.positions} positions, live "
                       f"{res.live_goodput:.1f} tok/s, {res.mismatches} root mismatches, {res.seconds:.1f}s")
-                rid += 1
+            rid += len(requests)
         print(f"wrote {path}: {path.stat().st_size} bytes")
     return 0
+
+
+def _live(writer, target, pool: dict, limits: dict, grid: tuple, args, requests: list):
+    """Each request's RecordedRequest as it is written: one at a time, or (--batch-size > 1) after their
+    batched live run."""
+    from moetune.traces.record import record_batch, record_request
+    from moetune.traces.replay import make_policy
+
+    if args.batch_size > 1:
+        yield from record_batch(writer, target, pool, limits, make_policy(args.policy), requests, args.batch_size,
+                                args.max_new_tokens, grid, args.router_top)
+        return
+    for rid, ids, kind, text in requests:
+        yield record_request(writer, target, pool, limits, make_policy(args.policy), rid, ids, kind, text,
+                             args.max_new_tokens, grid, args.router_top)

@@ -57,7 +57,8 @@ from .batch_request import BatchResult, Request, check_arguments, emit, throughp
 from .drafters import DraftModelDrafter, Proposer
 from .drafters.batched import BatchedDraftModel, Seat
 from .eviction import node_rank
-from .generate import drafter_pool, fit_tree, get_drafter, passive_lookahead, prompt_token_ids
+from .generate import drafter_pool, fit_tree, get_drafter, offload_counters, passive_lookahead, prompt_token_ids
+from .offload import handle_of
 from .loader import moe_shape
 from .packed import layout, packed_attention
 from .routing import Routing, capture_routing
@@ -84,6 +85,7 @@ class PackedBatch:
         self.target, self.policy, self.eos, self.routing = target, policy, eos, routing
         self.passive = check_passive_draft(getattr(policy, "passive_draft", None))  # after policy.setup
         self.shape = moe_shape(target)
+        self.offload = handle_of(target)  # the experts' offload store (engine/offload.py), None when resident
         self.cache = kv.new_cache(target)
         self.owner = torch.zeros(0, dtype=torch.long, device=target.device)  # [S] request index per position
         self.active: list[Request] = []
@@ -228,12 +230,13 @@ class PackedBatch:
         return self.clock() - t0
 
     def observe(self, t_verify: float, t_compact: float, routing: Routing | None, kept: RowReport | None,
-                now: float) -> None:
+                offload: dict | None, now: float) -> None:
         """Each request's StepStats (built by moetune.driver.step_stats, as a single request's are) go to
         the policy. The shared verify forward and cache compaction are divided among the requests by
         verified rows; draft, accept and commit bookkeeping are each request's own. Each also carries the
         whole forward (StepStats.batch_*), and its next decision sees the others of this step (BatchContext).
-        Under eviction the experts counted are those of the rows each layer kept, as the forward loaded them."""
+        Under eviction the experts counted are those of the rows each layer kept, as the forward loaded them;
+        with experts offloaded, each carries what the forward read from the slow tier (StepStats.offload_*)."""
         total = sum(r.rows.stop - r.rows.start for r in self.active)
         device = self.target.device
         loads = None if kept is None else [kept.expert_sets(i) for i in range(len(self.active))]  # [B][L] sets
@@ -253,7 +256,7 @@ class PackedBatch:
                 tree_depth=r.tree.depth, context_len=len(r.ids) - len(r.emitted),
                 times=(r.t_draft, t_verify * share, r.t_accept, r.t_commit + t_compact * share),
                 t_control=r.t_decide + r.t_observe, unique=unique, passive=self.passive, chain=r.chain,
-                gpu=gpu_snapshot(device), forward=forward, **evicted)
+                gpu=gpu_snapshot(device), forward=forward, offload=offload, **evicted)
             r.steps.append(stats)
             t0 = self.clock()
             self.policy.observe(stats)
@@ -304,13 +307,18 @@ class PackedBatch:
     def step(self) -> None:
         """draft -> verify -> accept -> commit -> observe for every active request, one target forward."""
         self.draft()
+        before = None if self.offload is None else offload_counters(self.offload)
         t0 = self.clock()
         logits, row_owner, routing, kept = self.verify()
         t_verify = self.clock() - t0
+        offload = None
+        if before is not None:  # what the shared forward read from the slow tier: every request's StepStats
+            misses, nbytes, stall = (b - a for a, b in zip(before, offload_counters(self.offload)))
+            offload = dict(offload_misses=misses, offload_bytes=nbytes, offload_stall=stall)
         self.accept(logits, kept)
         t_compact = self.commit(row_owner)
         now = self.clock()
-        self.observe(t_verify, t_compact, routing, kept, now)
+        self.observe(t_verify, t_compact, routing, kept, offload, now)
         self.leave(now)
 
 

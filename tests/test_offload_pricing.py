@@ -88,6 +88,37 @@ def test_live_step_counters_sum_to_the_store_report(embedded_models, monkeypatch
 
 
 @embedded
+def test_batched_steps_carry_their_shared_forwards_reads(embedded_models, monkeypatch):
+    """In a batch every request's StepStats carry the shared forward's reads; each forward counted once,
+    they sum to the store's counters after the (one, packed) prefill."""
+    from moetune.engine import batch as batch_mod
+    target, draft, prompt = embedded_models
+    model = copy.deepcopy(target)
+    handle = enable_offload(model, capacity=4, prefetch="none")
+    prefill = batch_mod.PackedBatch.prefill
+
+    def prefill_then_reset(self, joiners):
+        prefill(self, joiners)
+        handle.reset_stats()
+
+    try:
+        monkeypatch.setattr(batch_mod.PackedBatch, "prefill", prefill_then_reset)
+        res = batch_mod.generate_batch(model, None, [prompt, prompt[:4], prompt[2:]], drafter=DraftModelDrafter(draft),
+                                       config=CHAIN, batch_size=3, max_new_tokens=8, eos_token_id=-1)
+        report = handle.report()
+    finally:
+        handle.remove()
+    forwards = {}  # one entry per shared forward (the same step of every request in it)
+    for r in res:
+        for s in r.steps:
+            forwards.setdefault((s.batch_t_verify, s.step), []).append(
+                (s.offload_misses, s.offload_bytes, s.offload_stall))
+    assert all(len(set(reads)) == 1 for reads in forwards.values())  # one forward's reads, in each request
+    assert sum(reads[0][0] for reads in forwards.values()) == sum(l.misses for l in report.layers) > 0
+    assert sum(reads[0][1] for reads in forwards.values()) == sum(l.demand_bytes for l in report.layers)
+
+
+@embedded
 def test_live_fields_are_none_with_every_expert_resident(embedded_models):
     target, draft, prompt = embedded_models
     res = generate(target, None, [prompt], drafter=DraftModelDrafter(draft), config=CHAIN, max_new_tokens=6)[0]

@@ -244,7 +244,7 @@ def main(argv=None) -> int:
     statics = {spec: spec for spec in STATICS}
     scenarios = [analyse("samples (embedded target, CPU fit)", tile_requests(samples, args.pool), samples,
                          fit_trace(everything), batch_sizes, {**statics, "auto": "auto", "adaptive": "adaptive"},
-                         "serial")]
+                         "engine")]
     config = ROOT / args.config if not Path(args.config).is_absolute() else Path(args.config)
     distinct, real = real_shape_pool(config, everything, args.requests, args.tokens, args.pool)
     latency = roofline(json.loads(config.read_text()))

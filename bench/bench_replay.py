@@ -74,8 +74,7 @@ def self_check(path: Path) -> dict:
     from moetune.policies.static import Static
     batch = trace.meta.live_batch_size
     out["live_batch_size"] = batch
-    fits = (("live_steps_fit", False), ("live_and_tree_fit", True)) if batch == 1 else (("live_and_tree_fit", True),)
-    for label, include in fits:  # a batched run's live times are shares of shared forwards: trees only
+    for label, include in (("live_steps_fit", False), ("live_and_tree_fit", True)):
         lat = fit_trace(trace, include_trees=include)
         result = replay(trace, Static(config), lat) if batch == 1 else replay_batch(trace, Static(config), lat, batch).replay
         pred = result.total().goodput

@@ -103,3 +103,13 @@ def test_record_cli_batches_the_live_run(tmp_path, capsys):
     trace = read_trace(out, strict=True)
     assert trace.meta.live_batch_size == 2 and len(trace.requests) == 2
     assert "root mismatches" in capsys.readouterr().out
+
+
+def test_self_check_batched_live_policy_replays_to_measured_goodput(recorded):
+    """The policy that ran, replayed batched on its own trace with the live steps' fit (each shared forward
+    and batched draft once), gives back its measured goodput."""
+    _, _, _, trace = recorded
+    live = [r.live for r in trace.requests]
+    measured = sum(l.emitted.sum() for l in live) / sum(l.times.sum() for l in live)
+    result = replay_batch(trace, Collect(live[0].configs[0]), fit_trace(trace, include_trees=False), 2)
+    assert result.replay.total().goodput == pytest.approx(measured, rel=0.10)

@@ -16,8 +16,9 @@ Step time = t_verify + sum of drafts + B * step_overhead (accept and commit run 
   UNION over requests of their routed experts (a forward reads each unique expert's weights once), with
   the context terms summed per request (each request attends to its own keys, as a ragged attention
   kernel does; engine/batch.py pads every request to the longest, up to B x the longest context);
-- drafting: draft="serial", each request's own draft in turn (engine/batch.py today), or "batched", one
-  draft pass per drafter for all its requests (vLLM/SGLang): draft_time(drafter, deepest tree, all nodes).
+- drafting: draft="serial", each request's own draft in turn, or "batched", one draft pass per drafter for
+  all its requests (vLLM/SGLang): draft_time(drafter, deepest tree, all nodes); "engine" (the default), as
+  engine/batch.py drafts: the draft model batched, n-gram and self drafters in turn.
 StepStats carry the engine's split: the shared verify divided among requests by verified rows (a batched
 draft by drafted rows), their own draft and overhead otherwise; and, as the engine's, the whole forward
 (StepStats.batch_*), while each request's next decision sees the others of this step (DecodeState.batch).
@@ -55,7 +56,8 @@ from .replay import LOG_COLUMNS, ReplayResult, RequestResult, TraceBackend
 from .schema import RequestTrace, Trace, TreeRecord
 
 STEP_COLUMNS = ("start", "active", "tokens", "experts", "context", "emitted", "verify_s", "draft_s", "overhead_s")
-DRAFT_MODES = ("serial", "batched")
+DRAFT_MODES = ("engine", "serial", "batched")
+ENGINE_BATCHED = frozenset({"draft_model"})  # engine/batch.py drafts these for all its requests at once
 
 
 # -- what one request's step loads ------------------------------------------------------------------------
@@ -148,11 +150,14 @@ class Member(TraceBackend):
 
 def draft_times(latency: LatencyModel, batch: list[Member], mode: str) -> list[float]:
     """Each request's draft seconds this step: its own (serial), or its share, by its rows (root and drafted
-    nodes), of one batched draft per drafter (draft_time at the deepest tree and all the drafter's nodes)."""
+    nodes), of one batched draft per drafter (draft_time at the deepest tree and all the drafter's nodes);
+    "engine": as engine/batch.py drafts, the drafters in ENGINE_BATCHED batched, the others serial."""
+    out = [m.t_draft for m in batch]
     if mode == "serial":
-        return [m.t_draft for m in batch]
-    out = [0.0] * len(batch)
+        return out
     for drafter in {m.config.drafter for m in batch if m.config.speculate}:
+        if mode == "engine" and drafter not in ENGINE_BATCHED:
+            continue
         mine = [i for i, m in enumerate(batch) if m.config.speculate and m.config.drafter == drafter]
         rows = [batch[i].outcome.tree_size + 1 for i in mine]
         total = float(latency.draft_time(drafter, max(batch[i].outcome.tree_depth for i in mine),
@@ -199,7 +204,7 @@ class BatchReplayResult:
     served: tuple[Served, ...]  # in trace order
     steps: np.ndarray  # [S, len(STEP_COLUMNS)] float64, one row per batch step
     batch_size: int
-    draft: str = "serial"
+    draft: str = "engine"
     budgets_dropped: int = 0  # request-steps whose substitution budget was dropped (as engine/batch.py)
 
     def __post_init__(self):
@@ -258,7 +263,7 @@ def check_batch_arguments(traces: list[Trace], batch_size, arrivals, draft: str)
 
 
 def replay_batch(trace: Trace | Sequence[Trace], policy: Policy, latency: LatencyModel, batch_size: int,
-                 arrivals: Sequence[float] | None = None, draft: str = "serial") -> BatchReplayResult:
+                 arrivals: Sequence[float] | None = None, draft: str = "engine") -> BatchReplayResult:
     """Replay `policy` over every request of `trace` in continuous batches of at most `batch_size`
     (see the module docstring). arrivals: per request, seconds after the start (None: all at once)."""
     traces = [trace] if isinstance(trace, Trace) else list(trace)
@@ -438,11 +443,11 @@ def recorded_unique(traces: Trace | Sequence[Trace], tokens: Sequence[int], draw
 
 
 def moesd_speedup(latency: LatencyModel, shape: ModelShape, means: StepMeans, batch_sizes: Sequence[int],
-                  unique: Callable | None = None, draft: str = "serial") -> np.ndarray:
+                  unique: Callable | None = None, draft: str = "engine") -> np.ndarray:
     """[len(batch_sizes)] MoESD's predicted speedup of a fixed speculative config over plain decoding at
     batch b, from the latency model and N(t) alone: b requests verify b (tree_size + 1) tokens loading
     L N(b (tree_size + 1)) experts and emit b (1 + accepted); plain verifies b tokens loading L N(b). Step
-    times as replay_batch charges them (drafts serial or batched, overhead per request).
+    times as replay_batch charges them (drafts as `draft` says, overhead per request).
     unique: N(t), unique experts per layer of t tokens (default MoESD's i.i.d. E (1 - (1 - K/E)^t))."""
     if draft not in DRAFT_MODES:
         raise ValueError(f"draft must be one of {DRAFT_MODES}, got {draft!r}")
@@ -455,6 +460,7 @@ def moesd_speedup(latency: LatencyModel, shape: ModelShape, means: StepMeans, ba
         rows = m.tree_size + 1
         verify = batch_verify_time(latency, [rows] * b, layers * float(n_of(b * rows)), ctx)
         one = float(latency.draft_time(m.drafter, m.tree_depth, m.tree_size))
-        drafts = b * one if draft == "serial" else float(latency.draft_time(m.drafter, m.tree_depth, b * m.tree_size))
+        serial = draft == "serial" or (draft == "engine" and m.drafter not in ENGINE_BATCHED)
+        drafts = b * one if serial else float(latency.draft_time(m.drafter, m.tree_depth, b * m.tree_size))
         out.append((1 + m.accepted) * plain / (verify + drafts + b * latency.step_overhead))
     return np.array(out)

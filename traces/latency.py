@@ -185,8 +185,8 @@ def fit_trace(trace, include_trees: bool = True) -> LatencyModel:
     Why absolute least squares: then predicted totals over the live steps match measured totals, and
     replaying the live policy checks the counterfactual machinery rather than the regression.
     A batched live run's steps are shares of forwards shared with other requests: each shared forward
-    is one sample (its rows, experts and summed context, attention summed per request), and its steps
-    give no draft samples; steps that ran alone count as their own.
+    is one verify sample (its rows, experts and summed context, attention summed per request), and each
+    batched draft one draft sample; steps that ran alone count as their own.
     """
     rows: list[tuple] = []  # (tokens, unique experts summed over layers, context, context x tokens, seconds)
     over: list[float] = []
@@ -204,8 +204,10 @@ def fit_trace(trace, include_trees: bool = True) -> LatencyModel:
                     n, c = t.num_nodes + 1, req.prompt_len + p
                     rows.append((n, sum(t.unique_experts(np.arange(n))), c, c * n, t.t_verify))
                     draft.setdefault(name, []).append((int(t.depth.max(initial=0)), t.num_nodes, t.t_draft))
-    rows += [(tokens, experts, context, sum(c * n for c, n in members), seconds)
-             for (tokens, experts, context, seconds), members in forwards.items() if experts >= 0]
+    for (tokens, experts, context, seconds), members in forwards.items():
+        if experts >= 0:
+            rows.append((tokens, experts, context, sum(m[0] * m[1] for m in members), seconds))
+        _shared_drafts(members, draft)
     if len(rows) < len(VERIFY_TERMS):
         raise ValueError(f"trace {trace.path} holds too few timed steps ({len(rows)}) to fit a latency model; "
                          "pass a hardware profile (moetune profile) instead")
@@ -218,14 +220,31 @@ def fit_trace(trace, include_trees: bool = True) -> LatencyModel:
 
 def _live_samples(prompt_len: int, live, rows: list, draft: dict, forwards: dict) -> None:
     """One request's live steps: a step that ran alone is a verify (and draft) sample of its own; a step
-    of a shared forward files its context and rows under that forward."""
+    of a shared forward files its context, rows and draft under that forward."""
     shared = live.forward[:, 0] >= 0 if live.forward is not None else np.zeros(len(live.emitted), dtype=bool)
     for s in range(len(live.emitted)):
         n, c = int(live.tree_size[s]) + 1, prompt_len + int(live.position[s])
+        cfg = live.configs[live.config_index[s]]
         if shared[s]:
-            forwards.setdefault(tuple(live.forward[s].tolist()), []).append((c, n))
+            forwards.setdefault(tuple(live.forward[s].tolist()), []).append((c, n, cfg, float(live.times[s, 0])))
             continue
         rows.append((n, int(live.unique_experts[s].sum()), c, c * n, float(live.times[s, 1])))
-        cfg = live.configs[live.config_index[s]]
         if cfg.speculate:
-            draft.setdefault(cfg.drafter, []).append((cfg.depth, live.tree_size[s], live.times[s, 0]))
+            draft.setdefault(cfg.drafter, []).append((cfg.depth, n - 1, live.times[s, 0]))
+
+
+def _shared_drafts(members: list, draft: dict) -> None:
+    """Draft samples of one shared forward's step: a drafter the engine batches (traces/batch.py
+    ENGINE_BATCHED) drafted once for all its requests (the deepest tree, all their nodes; the time is the
+    sum of their shares); any other drafted per request."""
+    from .batch import ENGINE_BATCHED  # lazily: traces.batch imports this module
+
+    batched: dict[str, list] = {}
+    for _, n, cfg, t_draft in members:
+        if cfg.speculate and cfg.drafter in ENGINE_BATCHED:
+            batched.setdefault(cfg.drafter, []).append((cfg.depth, n - 1, t_draft))
+        elif cfg.speculate:
+            draft.setdefault(cfg.drafter, []).append((cfg.depth, n - 1, t_draft))
+    for name, group in batched.items():
+        depth, nodes, seconds = zip(*group)
+        draft.setdefault(name, []).append((max(depth), sum(nodes), sum(seconds)))

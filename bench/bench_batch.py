@@ -1,13 +1,19 @@
-"""Batched decoding (engine/batch.py) on the embedded target: tokens/s against batch size, plain and static
-speculative, with per-request ms/token and time to first token.
+"""Batched decoding (engine/batch.py): tokens/s against batch size, plain, static speculative and `auto`,
+beside HF's own batched `generate`, with per-request ms/token and time to first token.
 
-    python bench/bench_batch.py [--held-out 24] [--unseen 8] [--max-new-tokens 64] [--batch-sizes 1,2,4,8,16]
+    python bench/bench_batch.py [--held-out 24] [--unseen 8] [--max-new-tokens 64] [--batch-sizes 1,2,4,8,16,32]
+                                [--target DIR (default: the embedded target; e.g. a `moetune widen` stand-in)]
 
 Prompts: the embedded held-out prompts and prompts cut from installed packages' sources, as
 bench/bench_vs_hf.py picks them, all arriving at once; `batch_size` of them decode together and a finished
-one is replaced by the next (continuous batching). Methods: plain decoding, a draft-model chain of depth 3
-and an n-gram chain of depth 4 (static configs), each at every batch size, plus moetune's single-request
-engine (engine.generate, plain) as the reference outside batching. tokens/s: total generated tokens over
+one is replaced by the next (continuous batching). Methods: plain decoding, a draft-model chain of depth 3,
+a draft-model tree and an n-gram chain of depth 4 (static configs), `auto` (one adaptive policy per run,
+per-request decisions priced in the batch), and HF `generate` on left-padded batches of the same size
+(static batching: a batch ends when its longest request does), each at every batch size, plus moetune's
+single-request engine (engine.generate, plain) as the reference outside batching. Methods run one after
+another at each batch size (a batch run covers every prompt, so they cannot interleave per prompt).
+Compared at each batch size: `auto` against plain, the best static config there (the per-batch-size table
+vLLM, SGLang and TensorRT-LLM can express, chosen in hindsight) and the best single static config overall. tokens/s: total generated tokens over
 the wall time of the whole batch run; decode tokens/s: the same without the prefill forwards (prefill
 costs per prompt token whatever the batch, on a CPU). Every output is checked against the single-request
 plain output (lossless). The issue's aim: plain at batch 8 >= 4x plain at batch 1. Writes
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -32,10 +39,14 @@ from moetune.engine.batch import generate_batch, throughput
 from moetune.engine.drafters import DraftModelDrafter
 from moetune.engine.generate import generate
 from moetune.engine.loader import load_draft, load_target
+from moetune.policies.registry import make_policy
 from moetune.step import PLAIN, StepConfig
 
-METHODS = {"plain": PLAIN, "draft model chain k=3": StepConfig(depth=3),
+STATICS = {"plain": PLAIN, "draft model chain k=3": StepConfig(depth=3),
+           "draft model tree d3 k2 n6": StepConfig(depth=3, topk=2, num_draft_tokens=6),
            "n-gram chain k=4": StepConfig(drafter="ngram", depth=4)}
+HF = "HF generate (padded batch)"
+METHODS = [*STATICS, "auto", HF]
 AIM = 4.0  # plain tokens/s at batch 8 over batch 1
 
 
@@ -53,9 +64,11 @@ def run_single(target, prompts: list[list[int]], n: int) -> tuple[dict, list[lis
 def run_batch(target, draft, prompts: list[list[int]], method: str, batch_size: int, n: int,
               reference: list[list[int]]) -> dict:
     """One batched run of every prompt: throughput, per-request ms/token and time to first token."""
+    policy = make_policy("auto") if method == "auto" else None
     t0 = time.perf_counter()
-    res = generate_batch(target, None, prompts, drafter=DraftModelDrafter(draft), config=METHODS[method],
-                         batch_size=batch_size, max_new_tokens=n)
+    drafter = None if method == "plain" else DraftModelDrafter(draft)  # plain prefills no draft model
+    res = generate_batch(target, None, prompts, drafter=drafter, config=STATICS.get(method),
+                         policy=policy, batch_size=batch_size, max_new_tokens=n)
     seconds = time.perf_counter() - t0
     tokens = sum(len(r.token_ids) for r in res)
     steps = [s for r in res for s in r.steps]
@@ -73,6 +86,28 @@ def run_batch(target, draft, prompts: list[list[int]], method: str, batch_size: 
                              for m, t, r in zip(ms_token, ttft, res)])
 
 
+def run_hf(target, prompts: list[list[int]], batch_size: int, n: int, reference: list[list[int]]) -> dict:
+    """HF `generate`, greedy, on consecutive left-padded batches of `batch_size` prompts (static batching)."""
+    pad = target.generation_config.pad_token_id
+    pad = 1 if pad is None else pad
+    eos = target.generation_config.eos_token_id
+    outputs, t0 = [], time.perf_counter()
+    for i in range(0, len(prompts), batch_size):
+        group = prompts[i:i + batch_size]
+        width = max(len(p) for p in group)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in group])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group])
+        out = target.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=pad)
+        for row in out[:, width:].tolist():
+            cut = next((j for j, t in enumerate(row) if t == eos), None)
+            outputs.append(row if cut is None else row[:cut + 1])
+    seconds = time.perf_counter() - t0
+    tokens = sum(len(o) for o in outputs)
+    return dict(method=HF, batch_size=batch_size, tokens=tokens, seconds=round(seconds, 3),
+                tokens_per_s=round(tokens / seconds, 1), lossless=outputs == reference,
+                agreeing_requests=sum(o == r for o, r in zip(outputs, reference)))
+
+
 def _p90(xs: list[float]) -> float:
     return sorted(xs)[min(len(xs) - 1, int(0.9 * len(xs)))]
 
@@ -82,8 +117,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--held-out", type=int, default=24, help="embedded held-out prompts")
     ap.add_argument("--unseen", type=int, default=8, help="prompts from installed packages' sources")
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--batch-sizes", default="1,2,4,8,16")
-    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {list(METHODS)}")
+    ap.add_argument("--batch-sizes", default="1,2,4,8,16,32")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {METHODS}")
+    ap.add_argument("--target", default=str(DEFAULT_TARGET), help="target model folder (default: embedded)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tag", default="", help="suffix of the output files")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -92,27 +128,29 @@ def main(argv=None) -> dict:
     methods = args.methods.split(",")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        ap.error(f"unknown --methods {unknown}; choose from {list(METHODS)}")
+        ap.error(f"unknown --methods {unknown}; choose from {METHODS}")
     torch.set_num_threads(args.threads)
-    target, tok = load_target(DEFAULT_TARGET, device="cpu", dtype="float32")
+    target, tok = load_target(args.target, device="cpu", dtype="float32")
     draft, _ = load_draft(DEFAULT_DRAFT, tok, device="cpu", dtype="float32")
     held = json.loads((Path(DEFAULT_TARGET).parent / "prompts.json").read_text())[:args.held_out]
     texts = held + (unseen_prompts(args.unseen) if args.unseen else [])
     prompts = [tok(p["text"], add_special_tokens=False)["input_ids"] for p in texts]
     n = args.max_new_tokens
-    for m in methods:  # first-call costs (allocator, kernel choice) are not timed
-        generate_batch(target, None, prompts[:2], drafter=DraftModelDrafter(draft), config=METHODS[m],
+    for m in STATICS:  # first-call costs (allocator, kernel choice) are not timed
+        generate_batch(target, None, prompts[:2], drafter=DraftModelDrafter(draft), config=STATICS[m],
                        batch_size=2, max_new_tokens=4)
     single, reference = run_single(target, prompts, n)
     rows = [single]
     for b in sizes:
         for m in methods:
-            rows.append(run_batch(target, draft, prompts, m, b, n, reference))
+            rows.append(run_hf(target, prompts, b, n, reference) if m == HF else
+                        run_batch(target, draft, prompts, m, b, n, reference))
             print(f"{m} batch {b}: {rows[-1]['tokens_per_s']} tokens/s", file=sys.stderr, flush=True)
     result = dict(device=platform.processor() or "cpu", torch_threads=args.threads, prompts=len(prompts),
-                  held_out=len(held), unseen=len(prompts) - len(held), max_new_tokens=n,
+                  target=args.target, held_out=len(held), unseen=len(prompts) - len(held), max_new_tokens=n,
                   command="python bench/bench_batch.py " + " ".join(sys.argv[1:] if argv is None else argv),
-                  load_average_1min=round(os.getloadavg()[0], 2), rows=rows, aim=_aim(rows))
+                  load_average_1min=round(os.getloadavg()[0], 2), rows=rows, aim=_aim(rows),
+                  comparison=compare(rows))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"batch{'_' + args.tag if args.tag else ''}"
@@ -134,6 +172,32 @@ def _aim(rows: list[dict]) -> dict | None:
                 met=ratio["tokens_per_s"] >= AIM, decode_met=ratio["decode_tokens_per_s"] >= AIM)
 
 
+def compare(rows: list[dict]) -> list[dict]:
+    """Per batch size: plain, `auto`, HF and the best static config there (the per-batch-size table chosen in
+    hindsight) in tokens/s, the best single static config over all batch sizes (by the geometric mean of
+    its speedup over plain), and `auto`'s ratios to each."""
+    at = {(r["method"], r["batch_size"]): r["tokens_per_s"] for r in rows if r["method"] in METHODS}
+    sizes = sorted({b for m, b in at if m == "plain"})
+    statics = [m for m in STATICS if all((m, b) in at for b in sizes)]
+    if "plain" not in statics:
+        return []
+    overall = max(statics, key=lambda m: sum(math.log(at[m, b] / at["plain", b]) for b in sizes))
+    out = []
+    for b in sizes:
+        best = max(statics, key=lambda m: at[m, b])
+        row = dict(batch_size=b, plain=at["plain", b], best_static=best, best_static_tok_s=at[best, b],
+                   best_overall=overall, best_overall_tok_s=at[overall, b], auto=at.get(("auto", b)),
+                   hf=at.get((HF, b)))
+        if row["auto"] is not None:
+            row.update(auto_vs_plain=round(row["auto"] / row["plain"], 3),
+                       auto_vs_table=round(row["auto"] / row["best_static_tok_s"], 3),
+                       auto_vs_single=round(row["auto"] / row["best_overall_tok_s"], 3))
+        if row["hf"] is not None:
+            row.update(plain_vs_hf=round(row["plain"] / row["hf"], 3))
+        out.append(row)
+    return out
+
+
 def table(result: dict) -> str:
     lines = [f"Device: {result['device']} CPU, {result['torch_threads']} torch thread(s); {result['prompts']} prompts "
              f"({result['held_out']} held-out, {result['unseen']} from other unseen text) x "
@@ -145,18 +209,40 @@ def table(result: dict) -> str:
                   f"decode steps (prefill excluded); aim {aim['target']:.0f}x: "
                   f"{'met' if aim['met'] else 'not met'} end to end, {'met' if aim['decode_met'] else 'not met'} "
                   "over decode steps.", ""]
+    lines += _comparison(result.get("comparison") or [])
     lines += ["| method | batch | tokens/s | decode tokens/s | ms/token mean (p90) | TTFT ms mean (p90) "
               "| mean accepted | lossless |", "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        if "prefill_seconds" not in r:
+        if r["method"] == HF:
+            lines.append(f"| {r['method']} | {r['batch_size']} | {r['tokens_per_s']:.1f} | - | - | - | - | "
+                         f"{'yes' if r['lossless'] else 'NO'} ({r['agreeing_requests']}/{result['prompts']}) |")
+        elif "prefill_seconds" not in r:
             lines.append(f"| {r['method']} | 1 | {r['tokens_per_s']:.1f} | {r['decode_tokens_per_s']:.1f} | - | - | - "
                          "| reference |")
-            continue
-        lines.append(f"| {r['method']} | {r['batch_size']} | {r['tokens_per_s']:.1f} | {r['decode_tokens_per_s']:.1f} "
-                     f"| {r['ms_per_token_mean']:.2f} "
-                     f"({r['ms_per_token_p90']:.2f}) | {r['ttft_ms_mean']:.1f} ({r['ttft_ms_p90']:.1f}) | "
-                     f"{r['mean_accepted']:.2f} | {'yes' if r['lossless'] else 'NO'} |")
+        else:
+            lines.append(f"| {r['method']} | {r['batch_size']} | {r['tokens_per_s']:.1f} | "
+                         f"{r['decode_tokens_per_s']:.1f} | {r['ms_per_token_mean']:.2f} "
+                         f"({r['ms_per_token_p90']:.2f}) | {r['ttft_ms_mean']:.1f} ({r['ttft_ms_p90']:.1f}) | "
+                         f"{r['mean_accepted']:.2f} | {'yes' if r['lossless'] else 'NO'} |")
     return "\n".join(lines) + "\n"
+
+
+def _comparison(rows: list[dict]) -> list[str]:
+    """The per-batch-size comparison as markdown lines (none without a comparison)."""
+    if not rows:
+        return []
+    lines = ["| batch | plain tok/s | HF generate tok/s | plain / HF | best static there (tok/s) | "
+             f"best single static: {rows[0]['best_overall']} | auto tok/s | auto / plain | auto / best there | "
+             "auto / best single |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in rows:
+        hf = "- | -" if c["hf"] is None else f"{c['hf']:.1f} | {c['plain_vs_hf']:.2f}x"
+        auto = "- | - | - | -" if c["auto"] is None else (
+            f"{c['auto']:.1f} | {c['auto_vs_plain']:.2f}x | {c['auto_vs_table']:.2f}x | {c['auto_vs_single']:.2f}x")
+        lines.append(f"| {c['batch_size']} | {c['plain']:.1f} | {hf} | "
+                     f"{c['best_static']} ({c['best_static_tok_s']:.1f}) | {c['best_overall_tok_s']:.1f} | {auto} |")
+    met = all(c["auto"] is not None and c["auto_vs_table"] >= 1 for c in rows)
+    return lines + ["", f"Aim (auto >= the best per-batch-size table at every batch size): {'met' if met else 'NOT met'}.",
+                    ""]
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -169,9 +255,10 @@ def plot(rows: list[dict], path: Path) -> None:
     single = next(r for r in rows if "prefill_seconds" not in r)
     sizes = sorted({r["batch_size"] for r in rows if "prefill_seconds" in r})
     for ax, key, title in zip(axes, ("tokens_per_s", "decode_tokens_per_s"), ("end to end", "decode steps only")):
-        for m in dict.fromkeys(r["method"] for r in rows if "prefill_seconds" in r):
-            pts = [(r["batch_size"], r[key]) for r in rows if r["method"] == m]
-            ax.plot(*zip(*pts), marker="o", label=m)
+        for m in dict.fromkeys(r["method"] for r in rows if "prefill_seconds" in r or r["method"] == HF):
+            pts = [(r["batch_size"], r[key]) for r in rows if r["method"] == m and key in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=m, linestyle=":" if m == HF else "-")
         ax.axhline(single[key], linestyle="--", color="grey", label=single["method"])
         ax.set_xscale("log", base=2)
         ax.set_xticks(sizes, [str(b) for b in sizes])
@@ -179,7 +266,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_title(f"tokens/s, {title}")
     axes[0].set_ylabel("tokens/s (all requests)")
     axes[0].legend(fontsize=8)
-    fig.suptitle("Batched greedy decoding, embedded target (CPU)")
+    fig.suptitle("Batched greedy decoding (CPU)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

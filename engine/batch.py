@@ -99,9 +99,10 @@ class PackedBatch:
     @torch.no_grad()
     def prefill(self, joiners: list[Request]) -> None:
         """Joining prompts (all but their last token, the first root) go through the target in one packed
-        forward, each seeing only its own prompt, causally; each request's drafters start afresh, a batched
-        draft model's with every joiner's whole prompt in one packed forward. The target forward's time is
-        shared among the joiners by prompt rows, the draft model's by prompt tokens."""
+        forward, each seeing only its own prompt, causally; each request's drafters start afresh. A batched
+        draft model reads a joiner's prompt at its first draft (in that step's catch-up forward), so a
+        request that never drafts with it never pays for it. The forward's time is shared among the joiners
+        by prompt rows."""
         fed = [r for r in joiners if len(r.ids) > 1]
         t0 = self.clock()
         if fed:
@@ -115,17 +116,13 @@ class PackedBatch:
                 self.target.model(input_ids=ids, position_ids=pos, attention_mask=lay.mask, cache=self.cache,
                                   use_cache=True, packed_layout=lay)
             self.owner = torch.cat([self.owner, row_owner])
-        t1 = self.clock()
-        for drafter, group in _seated(joiners).items():
-            drafter.catch_up([(r.index, r.ids) for r in group])
-        t_target, t_draft = t1 - t0, self.clock() - t1
-        rows, tokens = sum(len(r.ids) - 1 for r in fed) or 1, sum(len(r.ids) for r in joiners)
+        shared, rows = self.clock() - t0, sum(len(r.ids) - 1 for r in fed) or 1
         for r in joiners:
             t0 = self.clock()
             for d in r.pool.values():
-                d.prefill(r.ids)  # a Seat's is nothing: its catch-up was the shared one above
+                d.prefill(r.ids)  # a Seat's is nothing: it catches up when it first drafts
             r.t_start = self.clock()
-            r.prefill_time = t_target * (len(r.ids) - 1) / rows + t_draft * len(r.ids) / tokens + r.t_start - t0
+            r.prefill_time = shared * (len(r.ids) - 1) / rows + r.t_start - t0
         self.active.extend(joiners)
 
     def draft(self) -> None:

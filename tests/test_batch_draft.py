@@ -109,8 +109,9 @@ def test_generate_batch_equals_each_request_alone(target, policy):
 
 
 def test_one_draft_forward_per_level(target, monkeypatch):
-    """Per step the draft model runs once for the catch-up on committed tokens and once per level of the
-    deepest growth, whatever the number of requests; per prefill, once for all the joiners' prompts."""
+    """Per step the draft model runs once for the catch-up on committed tokens (a joiner's prompt at its
+    first draft) and once per level of the deepest growth, whatever the number of requests; never at prefill,
+    and never at all for requests that do not draft with it."""
     draft = tiny_dense()
     forwards, counts = [0], []
 
@@ -131,9 +132,13 @@ def test_one_draft_forward_per_level(target, monkeypatch):
                            batch_size=4, max_new_tokens=10, eos_token_id=-1)
             steps = [n for name, _, n in counts if name == "draft"]
             levels = max(LEVELS[c] for c in configs)
-            assert set(steps) == {levels, levels + 1}  # no catch-up at the first step: prefill caught up
+            assert set(steps) == {levels + 1}
             assert max(b for name, b, _ in counts if name == "draft") == 4  # four requests shared those
-            assert {n for name, _, n in counts if name == "prefill"} == {1}
+            assert {n for name, _, n in counts if name == "prefill"} == {0}
+        forwards[0] = 0
+        generate_batch(target, None, prompts(), drafter=DraftModelDrafter(draft), policy=PerRequest([PLAIN]),
+                       batch_size=4, max_new_tokens=10, eos_token_id=-1)
+        assert forwards[0] == 0  # a draft model no request drafts with never runs
     finally:
         handle.remove()
 

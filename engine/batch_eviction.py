@@ -5,7 +5,8 @@ so the rule is the single-request one (engine/eviction.py) applied to each reque
 path probability (root first, always kept), and at each layer keep the longest prefix of the ranking
 whose expert union fits the request's budget, never longer than at the layer before. The forward then
 loads the union of what the requests kept, which is what traces/batch.py replays. Requests without a
-budget keep every row. Lossless as alone: every kept row's logits are exact.
+budget keep every row. Lossless as alone: every kept row's logits are exact. Under offload the experts
+the layer's fast tier holds are free against each budget, as alone (eviction.kept_prefix).
 
 How it plugs in: through transformers' experts-implementation hook, so the router and the rest of the
 block run as HF wrote them. For the forward the model's experts implementation is "moetune_evict_rows":
@@ -31,6 +32,7 @@ from moetune.step import ModelShape
 
 from .eviction import kept_prefix
 from .loader import moe_blocks
+from .offload import resident_experts
 
 IMPLEMENTATION = "moetune_evict_rows"
 
@@ -107,7 +109,8 @@ def evicted_rows_experts(self: torch.nn.Module, hidden_states: torch.Tensor,  # 
     routing = top_k_index.tolist()
     report.routing[layer] = routing
     previous = report.kept[layer - 1] if layer else [len(g.rank) for g in report.groups]
-    counts = [prev if g.budgets is None else kept_prefix(routing, list(g.rank), g.budgets[layer], prev)
+    free = resident_experts(self)  # before the layer's own reads
+    counts = [prev if g.budgets is None else kept_prefix(routing, list(g.rank), g.budgets[layer], prev, free)
               for g, prev in zip(report.groups, previous)]
     report.kept[layer] = counts
     if all(c == len(g.rank) for c, g in zip(counts, report.groups)):

@@ -17,6 +17,13 @@ The rule (one ranking per step, a handful of tensor ops per layer, no host sync)
 Example: ranked rows r0 (experts {1,2}), r1 ({2,3}), r2 ({4,5}) with top_k 2 and B = 3: the prefix
 unions hold 2, 3, 5 experts, so r0 and r1 are kept (3 experts computed) and r2 is evicted.
 
+Under expert offload (engine/offload.py) a miss costs a slow-tier read, which dominates, so the budget
+counts reads: experts already in the layer's fast tier are free (kept_prefix's `free`), and the kept
+prefix is the longest whose union less the free experts holds at most B_l. In the example with experts
+4 and 5 resident, all three rows are kept (3 experts read, 5 computed). Lossless all the same: the kept
+set is still a prefix of the ranking. Only the host search takes `free`: offload keeps its fast tier in
+CPU memory, so the tensor search (evict, for accelerators) never meets an offloaded model.
+
 Sampling stays exact too: moetune's drafters propose their children deterministically (point
 proposals), and which nodes survive depends only on the context and the tree, never on the random
 draws of the acceptance walk, so the walk over the surviving children emits each token with exactly the
@@ -25,6 +32,8 @@ target's probability (tests/test_eviction.py measures it against the sampling te
 Shape legend: T verified rows (root + N nodes), E experts, K top-k.
 """
 from __future__ import annotations
+
+from collections.abc import Set as AbstractSet
 
 import torch
 
@@ -74,12 +83,16 @@ def kept_prefix(routing: list[list[int]],  # [T][K] this layer's experts per row
                 rank: list[int],  # [T] from node_rank
                 budget: int,
                 previous: int,  # rows kept at the layer before (T at the first layer)
+                free: AbstractSet[int] = frozenset(),  # experts that do not count against the budget
                 ) -> int:
     """evict's count, on the host: the longest prefix of `rank` (at most `previous` rows) whose expert
-    union fits `budget`."""
+    union, less the experts in `free`, fits `budget`. Under offload `free` is the layer's resident set
+    (engine/offload.resident_experts): a resident expert costs compute but no slow-tier read, and reads
+    dominate there, so the budget counts reads. With `free` empty this is evict's rule exactly."""
     union: set[int] = set()
     for kept, row in enumerate(rank[:previous]):
         union.update(routing[row])
+        union -= free
         if len(union) > budget:
             return kept
     return previous

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from moetune.engine import eviction, selection
 from moetune.engine.kernels import reference
 from moetune.engine.loader import moe_blocks, moe_shape
-from moetune.engine.offload import is_offloaded
+from moetune.engine.offload import is_offloaded, resident_experts
 from moetune.step import BUDGET_MODES, SELECTIONS, SUBSTITUTIONS, ModelShape, StepConfig
 
 
@@ -153,7 +153,8 @@ class BudgetReport:
 
     @property
     def unique_experts_kept(self) -> tuple[int, ...]:
-        """Per layer: unique experts actually computed (<= budget)."""
+        """Per layer: unique experts actually computed (<= budget; when evicting offloaded experts only
+        those read from the slow tier are bounded)."""
         return self._compute()["kept"]
 
     @property
@@ -290,7 +291,9 @@ def _evicted_forward(block: torch.nn.Module, layer: int, active: _Active, x: tor
     set operations cost less than ten small tensor ops) and the kept rows are gathered; on an accelerator
     the search is tensor ops (eviction.evict) and evicted rows point at the root's first expert, which is
     computed anyway, with weight 0: no other expert's weights are read and shapes stay static (no host
-    sync). A budget that cannot bind (>= the experts T tokens could touch) costs nothing."""
+    sync). A budget that cannot bind (>= the experts T tokens could touch) costs nothing. Offloaded
+    experts (CPU only, so only the host search meets them) count only the reads: the layer's resident
+    experts are free against the budget (eviction.kept_prefix)."""
     plan, report, budget = active.plan, active.report, active.budgets[layer]
     T = top_k_index.shape[0]
     if plan.rank.numel() != T:
@@ -301,7 +304,8 @@ def _evicted_forward(block: torch.nn.Module, layer: int, active: _Active, x: tor
         report._record_eviction(layer, top_k_index, T)
         return block.experts(x, top_k_index, top_k_weights)
     if _gathers_kept_rows(x.device):
-        kept = eviction.kept_prefix(top_k_index.tolist(), active.rank_list, budget, previous)
+        kept = eviction.kept_prefix(top_k_index.tolist(), active.rank_list, budget, previous,
+                                    resident_experts(block.experts))
         report._record_eviction(layer, top_k_index, kept)
         if kept == T:  # everything fits: HF's own call
             return block.experts(x, top_k_index, top_k_weights)

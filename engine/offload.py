@@ -49,7 +49,7 @@ from .offload_store import (EVICTIONS, SLOW_KINDS, ExpertStore, LayerStats, Laye
 IMPLEMENTATION = "moetune_offload"
 PREFETCH = ("none", "pregate", "history", "both")
 __all__ = ["OffloadConfig", "OffloadError", "OffloadHandle", "OffloadReport", "enable_offload", "handle_of",
-           "is_offloaded"]
+           "is_offloaded", "resident_experts"]
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,21 @@ def handle_of(model) -> "OffloadHandle | None":
     """The handle offloading `model`, or None: how the engine finds the store to report per-step counters."""
     bound = _BOUND.get(moe_blocks(model)[0].experts)
     return None if bound is None else bound[0]
+
+
+def resident_experts(experts: torch.nn.Module) -> frozenset[int]:
+    """The experts this module's layer would not read from the slow tier now: those its fast tier holds or
+    has given a slot (a prefetch still in flight). Empty when it is not offloaded. Eviction budgets count
+    only the others (engine/eviction.kept_prefix). Slotted rather than arrived, so that the set is
+    deterministic: slots are assigned on the main thread (prefetches included) and only a failed read
+    frees one (that expert is then read on demand, beyond the budget), so the set follows from the
+    forwards, not from when reads land. Replay's CacheModel.contents is this set with prefetch="none"
+    (replay models no prefetch)."""
+    bound = _BOUND.get(experts)
+    if bound is None:
+        return frozenset()
+    handle, layer = bound
+    return frozenset(handle.store.layers[layer].slot_of)
 
 
 def offloaded_experts(self: torch.nn.Module, hidden_states: torch.Tensor,  # [T, H]

@@ -30,9 +30,8 @@ from moetune.policies.adaptive import Adaptive
 from moetune.policies.static import Static
 from moetune.step import PLAIN, DecodeState, ModelShape, StepConfig, StepStats
 from moetune.traces.latency import LatencyModel
-from moetune.traces.offload import CacheModel, LinkProfile, OffloadSpec, offload_time, replay_offload, step_forwards
+from moetune.traces.offload import LinkProfile, OffloadSpec, offload_time, replay_offload, step_forwards
 from moetune.traces.reader import read_trace
-from moetune.traces.replay import replay
 
 SAMPLE = Path(__file__).resolve().parents[1] / "traces" / "samples" / "code.trace"
 CHAIN = StepConfig(drafter="draft_model", depth=3)
@@ -156,22 +155,26 @@ def test_replay_step_counters_are_the_cache_models(config):
     link = LinkProfile.for_shape(trace.shape, gbps=2.0, latency_s=2e-5)
     spec = OffloadSpec(6, link)
     policy = Recorder(config)
-    res = replay_offload(trace, policy, LatencyModel.analytic(trace.shape), spec)
-    resident = Recorder(config)
-    replay(trace, resident, LatencyModel.analytic(trace.shape))
+    latency = LatencyModel.analytic(trace.shape)
+    res = replay_offload(trace, policy, latency, spec)
     requests, caches, total = {r.request_id: r for r in trace.requests}, {}, 0
-    for s, plain in zip(policy.stats, resident.stats, strict=True):
+    for s in policy.stats:
         req = requests[s.request_id]
         cache = caches.setdefault(s.request_id, spec.cache(trace.shape))
         p = s.context_len - req.prompt_len
         trees = req.positions[p].trees
         tree = trees[config.drafter] if config.speculate else next(iter(trees.values()))
-        max_new = req.max_new_tokens or len(req.positions)  # as TraceBackend reads it
-        misses = [sum(cache.step(n)[1]) for n in step_forwards(tree, config, max_new - p - 1)]
+        depth = (req.max_new_tokens or len(req.positions)) - p - 1  # as TraceBackend reads it
+        *first, last = step_forwards(tree, config, depth)
+        misses = [sum(cache.step(n)[1]) for n in first]  # evaluation mode's unbudgeted forward comes first
+        if config.budgets is not None:  # then eviction does not count the experts the cache holds
+            [last] = step_forwards(tree, replace(config, eval_agreement=False), depth, cache.contents())
+        misses.append(sum(cache.step(last)[1]))
         assert s.offload_misses == sum(misses)
         assert s.offload_bytes == sum(misses) * link.expert_bytes
         assert s.offload_stall == pytest.approx(sum(offload_time([m], link) for m in misses))
-        assert s.t_verify - s.offload_stall == pytest.approx(plain.t_verify)  # the stall is what offload added
+        verify = latency.verify_time(s.tree_size + 1, sum(s.unique_experts_kept), s.context_len)
+        assert s.t_verify - s.offload_stall == pytest.approx(verify)  # the stall is what offload added
         total += s.offload_misses
     assert total == res.misses.sum() > 0
 

@@ -25,6 +25,10 @@ Which experts a step computes (`step_forwards`), from the recorded routing: the 
 nodes' routed experts; under an eviction budget only the rows each layer keeps; under a substitution
 budget only the experts it keeps (replay's ranking: exact for the layers StepOutcome.budget_layers_exact
 counts, later layers route budgeted hidden states live); with eval_agreement the unbudgeted forward first.
+Under an eviction budget a layer's resident experts are free against its budget, as live
+(engine/eviction.kept_prefix): OffloadBackend derives the kept rows (and so nodes_kept and acceptance)
+from the cache's contents as the budgeted forward starts (`CacheModel.contents`, after evaluation mode's
+unbudgeted forward), which are the live store's with prefetch="none" (engine/offload.resident_experts).
 Draft forwards are not modelled: a drafter that runs the offloaded target itself ("self", or a
 draft_model sharing its experts) also streams through the live store.
 
@@ -34,7 +38,8 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -92,6 +97,10 @@ class CacheModel:
             raise ValueError(f"step needs one set of experts per MoE layer ({len(self.layers)}), got {len(needed)}")
         counts = [self._call(t, sorted(set(n))) for t, n in zip(self.layers, needed)]
         return tuple(h for h, _ in counts), tuple(m for _, m in counts)
+
+    def contents(self) -> list[frozenset[int]]:
+        """[L] the experts each layer holds now: what its next call would not fetch."""
+        return [frozenset(t.slot_of) for t in self.layers]
 
     def _call(self, t: _Layer, needed: list[int]) -> tuple[int, int]:
         """ExpertStore.stream, on demand: pin ready experts, then load misses as slots allow, releasing the
@@ -174,9 +183,11 @@ def offload_time(misses: Iterable[int], link: LinkProfile) -> float:
     return float(sum(misses)) * link.transfer_s
 
 
-def step_forwards(record: TreeRecord, config: StepConfig, max_depth: int | None = None) -> list[list[set[int]]]:
+def step_forwards(record: TreeRecord, config: StepConfig, max_depth: int | None = None,
+                  free: Sequence[AbstractSet[int]] | None = None) -> list[list[set[int]]]:
     """The experts each target forward of this step computes: one [L] list of sets per forward (see the
-    module docstring)."""
+    module docstring). free: [L] experts free against an eviction budget in the budgeted forward (the
+    cache's contents as it starts)."""
     layers = record.experts.shape[1]
     sub = config_subtree(record, config, max_depth) if config.speculate else None
     nodes = sub.nodes if sub is not None else np.zeros(0, dtype=np.int64)
@@ -186,7 +197,7 @@ def step_forwards(record: TreeRecord, config: StepConfig, max_depth: int | None 
     if config.budgets is None or sub is None:  # a plain step's root always fits its budget
         return [full]
     if config.budget_mode == "evict":  # per layer, the ranked rows it keeps
-        ranked, counts, _ = evicted_rows(record, sub, config.budgets)
+        ranked, counts, _ = evicted_rows(record, sub, config.budgets, free)
         experts = record.experts[ranked, :, :record.top_k]  # [n+1, L, K]
         kept = [set(experts[:n, l].ravel().tolist()) for l, n in enumerate(counts)]
     else:
@@ -240,10 +251,19 @@ class OffloadBackend(TraceBackend):
         self.result.plain_time_s += self.plain_stall_s
 
     def verify(self, config: StepConfig, tree: TreeRecord) -> StepOutcome:
-        o = super().verify(config, tree)
+        """As the engine verifies: evaluation mode's unbudgeted forward first, then the step's own, whose
+        eviction budget (if any) does not count the experts the cache holds as it starts."""
+        depth = self.max_new_tokens - self.generated - 1
+        evict = config.budgets is not None and config.budget_mode == "evict" and config.speculate
+        counts = []
+        if evict and config.eval_agreement:
+            counts.append(self.cache.step(step_forwards(tree, replace(config, budgets=None), depth)[0]))
+        free = self.cache.contents() if evict else None
+        o = super().verify(config, tree, free)
+        forwards = step_forwards(tree, replace(config, eval_agreement=False) if evict else config, depth, free)
+        counts += [self.cache.step(needed) for needed in forwards]
         step_misses, step_stall = 0, 0.0
-        for needed in step_forwards(tree, config, self.max_new_tokens - self.generated - 1):
-            hits, misses = self.cache.step(needed)
+        for hits, misses in counts:
             self.hits += hits
             self.misses += misses
             stall = offload_time(misses, self.offload.link)

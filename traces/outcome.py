@@ -20,7 +20,9 @@ under-state acceptance.
 Eviction budgets (budget_mode="evict", engine/eviction.py) follow exactly from the recorded routing and
 draft probabilities: nodes are ranked by cumulative draft probability (ties: depth, then node id), each
 layer keeps the longest ranked prefix whose routed experts fit its budget (and the previous layer's),
-and the accepted length is the number of surviving nodes on the recorded accepted path.
+and the accepted length is the number of surviving nodes on the recorded accepted path. Under offload
+(`free`: the experts each layer's fast tier holds as it decides, traces/offload.CacheModel.contents) those
+experts do not count against the budget, as live (engine/eviction.kept_prefix).
 
 Substitution budgets: per layer, the root's routed experts are kept first (root protection), then experts
 routed by a selected node are ranked as engine/selection.py
@@ -45,7 +47,9 @@ Shape legend: n selected nodes (+1 with the root), L MoE layers, K top-k, M rout
 """
 from __future__ import annotations
 
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -94,10 +98,12 @@ def config_subtree(record: TreeRecord, config: StepConfig, max_depth: int | None
     return hit
 
 
-def outcome(record: TreeRecord, config: StepConfig, max_depth: int | None = None) -> StepOutcome:
+def outcome(record: TreeRecord, config: StepConfig, max_depth: int | None = None,
+            free: Sequence[AbstractSet[int]] | None = None) -> StepOutcome:
     """The counterfactual outcome of verifying `config`'s subtree of `record` (see module docstring).
 
-    max_depth drops deeper nodes, as the engine does when fewer tokens remain than the tree is deep."""
+    max_depth drops deeper nodes, as the engine does when fewer tokens remain than the tree is deep.
+    free: [L] experts free against an eviction budget (under offload, the resident ones)."""
     if not config.speculate:  # the root alone routes to K distinct experts per layer
         layers = record.experts.shape[1]
         unique = (record.top_k,) * layers
@@ -105,7 +111,7 @@ def outcome(record: TreeRecord, config: StepConfig, max_depth: int | None = None
     sub = config_subtree(record, config, max_depth)
     layers = len(sub.unique_experts)
     if config.budgets is not None and config.budget_mode == "evict":
-        return evicted(record, config, sub)
+        return evicted(record, config, sub, free)
     if config.budgets is None or all(b >= u for b, u in zip(config.budgets, sub.unique_experts)):
         if config.budgets is not None and len(config.budgets) != layers:
             raise ValueError(f"StepConfig.budgets has {len(config.budgets)} entries; this trace's model has "
@@ -115,14 +121,15 @@ def outcome(record: TreeRecord, config: StepConfig, max_depth: int | None = None
     return budgeted(record, config, sub)
 
 
-def evicted(record: TreeRecord, config: StepConfig, sub: Subtree) -> StepOutcome:
+def evicted(record: TreeRecord, config: StepConfig, sub: Subtree,
+            free: Sequence[AbstractSet[int]] | None = None) -> StepOutcome:
     """An eviction budget's outcome (engine/eviction.py), exact: it needs only the recorded routing (which
     every kept node sees, being exact) and the draft probabilities that rank the nodes."""
     layers = len(sub.unique_experts)
     if len(config.budgets) != layers:
         raise ValueError(f"StepConfig.budgets has {len(config.budgets)} entries; this trace's model has "
                          f"{layers} MoE layers")
-    rows, counts, sizes = evicted_rows(record, sub, config.budgets)
+    rows, counts, sizes = evicted_rows(record, sub, config.budgets, free)
     entered = [len(rows), *counts[:-1]]  # rows reaching each layer
     demand = [int(sizes[n - 1, layer]) for layer, n in enumerate(entered)]
     kept = [int(sizes[n - 1, layer]) for layer, n in enumerate(counts)]
@@ -133,11 +140,13 @@ def evicted(record: TreeRecord, config: StepConfig, sub: Subtree) -> StepOutcome
                        (1.0,) * layers, (0,) * layers, accepted, None, sub.exact, layers, count - 1)
 
 
-def evicted_rows(record: TreeRecord, sub: Subtree,
-                 budgets) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # [n+1], [L], [n+1, L]
+def evicted_rows(record: TreeRecord, sub: Subtree, budgets,
+                 free: Sequence[AbstractSet[int]] | None = None,  # [L] experts the budget does not count
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # [n+1], [L], [n+1, L]
     """Eviction's ranked rows (root first), how many of them each layer keeps, and the experts each ranked
     prefix routes to per layer: nodes ranked by cumulative draft probability (ties: depth, then node id);
-    each layer keeps the longest prefix whose routed experts fit its budget and the previous layer's."""
+    each layer keeps the longest prefix whose routed experts (less the layer's `free` ones) fit its budget
+    and the previous layer's."""
     nodes = sub.nodes
     order = np.lexsort((nodes, record.depth[nodes], -record.cum_prob[nodes]))  # last key first
     rows = np.concatenate(([0], nodes[order] + 1))  # [n+1] ranked rows, root first
@@ -145,11 +154,24 @@ def evicted_rows(record: TreeRecord, sub: Subtree,
     hits = np.zeros((len(rows), routed.shape[1], int(routed.max()) + 1), dtype=bool)  # [n+1, L, E]
     np.put_along_axis(hits, routed, True, axis=2)
     sizes = np.logical_or.accumulate(hits, axis=0).sum(axis=2)  # [n+1, L] experts of each ranked prefix
+    counted = sizes if free is None else _paid_sizes(hits, free)  # [n+1, L] what the budgets count
     counts, count = [], len(rows)
     for layer, budget in enumerate(budgets):
-        count = min(count, int(np.count_nonzero(sizes[:, layer] <= budget)))
+        count = min(count, int(np.count_nonzero(counted[:, layer] <= budget)))
         counts.append(count)
     return rows, np.array(counts, dtype=np.int64), sizes
+
+
+def _paid_sizes(hits: np.ndarray,  # [n+1, L, E'] ranked rows' routed experts
+                free: Sequence[AbstractSet[int]]) -> np.ndarray:  # [n+1, L]
+    """Per ranked prefix and layer, its routed experts that are not free (under offload: the reads)."""
+    if len(free) != hits.shape[1]:
+        raise ValueError(f"free has {len(free)} sets but the trace's model has {hits.shape[1]} MoE layers: give "
+                         f"one per layer (CacheModel.contents())")
+    held = np.zeros(hits.shape[1:], dtype=bool)  # [L, E']
+    for layer, experts in enumerate(free):
+        held[layer, [e for e in experts if e < held.shape[1]]] = True
+    return np.logical_or.accumulate(hits & ~held, axis=0).sum(axis=2)
 
 
 def budgeted(record: TreeRecord, config: StepConfig, sub: Subtree) -> StepOutcome:

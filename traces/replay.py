@@ -224,10 +224,11 @@ class TraceBackend:
             prepare(drafter_trees(self.trace, config.drafter))
         return tree
 
-    def verify(self, config: StepConfig, tree: TreeRecord) -> StepOutcome:
-        """The counterfactual outcome of `config` here, and its modelled draft and verify times."""
+    def verify(self, config: StepConfig, tree: TreeRecord, free=None) -> StepOutcome:
+        """The counterfactual outcome of `config` here, and its modelled draft and verify times (free: [L]
+        experts free against an eviction budget, see outcome)."""
         p = self.generated
-        o = outcome(tree, config, self.max_new_tokens - p - 1)
+        o = outcome(tree, config, self.max_new_tokens - p - 1, free)
         lat = self.latency
         self.t_verify = float(lat.verify_time(o.tree_size + 1, sum(o.unique_kept), self.prompt_len + p))
         self.t_draft = float(lat.draft_time(config.drafter, o.tree_depth, o.tree_size)) if config.speculate else 0.0

@@ -21,7 +21,7 @@ Per scenario and batch size: every static config of the grid (draft-model and n-
 draft-model tree), the best static config per batch size chosen in hindsight (what a per-batch-size table
 in vLLM/SGLang/TensorRT-LLM can express), `auto` and `adaptive` (one policy object for all requests; its
 substitution budgets are dropped in a batch, as engine/batch.py drops them), and MoESD's predicted
-speedup (traces.batch.moesd_speedup: N(t) i.i.d. and from the recorded routing, with the latency model)
+speedup (traces.moesd.moesd_speedup: N(t) i.i.d. and from the recorded routing, with the latency model)
 for the best static config and the best draft-model config (every static config's is in the JSON).
 """
 from __future__ import annotations
@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from moetune.step import ModelShape, StepConfig
-from moetune.traces.batch import StepMeans, moesd_speedup, recorded_unique, replay_batch, tile_requests
+from moetune.traces.batch import replay_batch, tile_requests
+from moetune.traces.moesd import StepMeans, moesd_speedup, recorded_unique
 from moetune.traces.latency import LatencyModel, fit_trace
 from moetune.traces.outcome import config_subtree
 from moetune.traces.reader import read_trace

@@ -9,7 +9,8 @@ import pytest
 from moetune.adaptive.experts import iid_unique
 from moetune.policies.base import Policy
 from moetune.step import PLAIN, DecodeState, ModelShape, StepConfig, StepStats
-from moetune.traces.batch import StepMeans, moesd_speedup, replay_batch, routed_experts, tile_requests
+from moetune.traces.batch import replay_batch, routed_experts, tile_requests
+from moetune.traces.moesd import StepMeans, moesd_speedup
 from moetune.traces.latency import LatencyModel, fit_trace
 from moetune.traces.outcome import outcome
 from moetune.traces.reader import read_trace

@@ -1,8 +1,11 @@
-"""Batched replay: continuous batches composed offline from single-request traces, and MoESD's prediction.
+"""Batched replay: continuous batches composed offline from single-request traces (MoESD's prediction beside
+it: traces/moesd.py).
 
-Why: a trace records one request at a time, but what a speculative config is worth depends on the batch
-(MoESD, arXiv 2505.19645): verifying extra tokens costs little once the batch's tokens already load
-every expert, and much while few are loaded. Batches of recorded requests show that without a model.
+Why: a trace's counterfactual trees are each request's own (a node's verdict and routing depend on its
+request's context only), but what a speculative config is worth depends on the batch (MoESD, arXiv
+2505.19645): verifying extra tokens costs little once the batch's tokens already load every expert, and
+much while few are loaded. Batches of recorded requests show that without a model; a trace whose live run
+was batched (traces/record.record_batch) replays at its own batch size as that run.
 
 The batch runs as engine/batch.py runs it: at most `batch_size` requests active; a finished one leaves
 and the next waiting one (trace order, once it has arrived) joins; one policy object serves every request,
@@ -40,14 +43,13 @@ import math
 from collections import deque
 from dataclasses import dataclass, replace
 from time import perf_counter
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from moetune.adaptive.experts import iid_unique
 from moetune.driver import check_passive_draft, observes
 from moetune.policies.base import Policy
-from moetune.step import BatchContext, DecodeState, ModelShape, StepConfig
+from moetune.step import BatchContext, DecodeState, StepConfig
 
 from .derive import prepare
 from .latency import LatencyModel
@@ -391,76 +393,3 @@ def tile_requests(traces: Trace | Sequence[Trace], count: int) -> Trace:
                                  positions=req.positions[skip:], complete=req.complete, prompt_ids=ids,
                                  max_new_tokens=req.max_new_tokens - skip if req.max_new_tokens else 0))
     return Trace(traces[0].meta, pool, path=f"{len(pool)} requests tiled from {len(base)}")
-
-
-# -- MoESD's prediction ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class StepMeans:
-    """What MoESD's model needs of a speculative config, per request-step: drafter, drafted nodes, draft
-    depth, accepted length and context (e.g. from its replay at batch 1)."""
-
-    drafter: str
-    tree_size: float
-    tree_depth: float
-    accepted: float
-    context: float
-
-    def __post_init__(self):
-        if not (0 <= self.accepted <= self.tree_size and 0 <= self.tree_depth <= self.tree_size
-                and 0 <= self.context < math.inf):
-            raise ValueError(f"StepMeans needs 0 <= accepted <= tree_size, 0 <= tree_depth <= tree_size and a "
-                             f"finite context >= 0, got {self}")
-
-    @classmethod
-    def of(cls, result: BatchReplayResult, config: StepConfig) -> "StepMeans":
-        """From a static config's replay; a chain's depth is its size, a tree's the config's depth."""
-        t = result.replay.total()
-        steps = max(t.steps, 1)
-        size = t.drafted / steps
-        depth = size if config.topk == 1 and config.tree is None else min(float(config.depth), size)
-        return cls(config.drafter, size, depth, t.accepted / steps, float(result.column("context").sum()) / steps)
-
-
-def recorded_unique(traces: Trace | Sequence[Trace], tokens: Sequence[int], draws: int = 16,
-                    seed: int = 0) -> np.ndarray:
-    """[len(tokens)] mean unique experts per layer of t recorded tokens drawn at random across requests
-    and positions (the root rows: tokens the target emitted): MoESD's N(t) with the traces' own expert
-    popularity instead of i.i.d. routing. Drawn without replacement while the traces hold enough."""
-    traces = [traces] if isinstance(traces, Trace) else list(traces)
-    roots = np.stack([next(iter(pos.trees.values())).experts[0, :, :traces[0].shape.top_k]
-                      for t in traces for r in t.requests for pos in r.positions]).astype(np.int64)  # [P, L, K]
-    layers, rng = roots.shape[1], np.random.default_rng(seed)
-    out = []
-    for t in tokens:
-        total = 0
-        for _ in range(draws):
-            pick = roots[rng.choice(len(roots), size=int(t), replace=int(t) > len(roots))]  # [t, L, K]
-            mask = np.zeros((layers, traces[0].shape.num_experts), dtype=bool)
-            mask[np.broadcast_to(np.arange(layers)[None, :, None], pick.shape), pick] = True
-            total += int(mask.sum())
-        out.append(total / (draws * layers))
-    return np.array(out)
-
-
-def moesd_speedup(latency: LatencyModel, shape: ModelShape, means: StepMeans, batch_sizes: Sequence[int],
-                  unique: Callable | None = None, draft: str = "engine") -> np.ndarray:
-    """[len(batch_sizes)] MoESD's predicted speedup of a fixed speculative config over plain decoding at
-    batch b, from the latency model and N(t) alone: b requests verify b (tree_size + 1) tokens loading
-    L N(b (tree_size + 1)) experts and emit b (1 + accepted); plain verifies b tokens loading L N(b). Step
-    times as replay_batch charges them (drafts as `draft` says, overhead per request).
-    unique: N(t), unique experts per layer of t tokens (default MoESD's i.i.d. E (1 - (1 - K/E)^t))."""
-    if draft not in DRAFT_MODES:
-        raise ValueError(f"draft must be one of {DRAFT_MODES}, got {draft!r}")
-    n_of = unique or (lambda t: iid_unique(shape.num_experts, shape.top_k, t))
-    m, layers = means, shape.num_layers
-    out = []
-    for b in batch_sizes:
-        ctx = [m.context] * b
-        plain = batch_verify_time(latency, [1] * b, layers * float(n_of(b)), ctx) + b * latency.step_overhead
-        rows = m.tree_size + 1
-        verify = batch_verify_time(latency, [rows] * b, layers * float(n_of(b * rows)), ctx)
-        one = float(latency.draft_time(m.drafter, m.tree_depth, m.tree_size))
-        serial = draft == "serial" or (draft == "engine" and m.drafter not in ENGINE_BATCHED)
-        drafts = b * one if serial else float(latency.draft_time(m.drafter, m.tree_depth, b * m.tree_size))
-        out.append((1 + m.accepted) * plain / (verify + drafts + b * latency.step_overhead))
-    return np.array(out)

@@ -102,6 +102,10 @@ class Controller:
         self.handed: dict = {}  # the last ended request's slots: a new request's first choices
         self.current: int | None = None  # the request of the last decision (StepStats built by hand lack one)
         self.steps = 0
+        # forwards observed, exploration's clock: a batch of B requests advances it by 1/B per request, so a
+        # batch forces tries as often in time as one request does, not B times as often (each try holds the
+        # shared forward)
+        self.forwards = 0.0
         self.steps_since_plan = 0
         self.step_configs: dict = {}  # (candidate, budgets) -> StepConfig, built once
         self.unlearned: list = []  # steps observed but not yet learned from (see observe)
@@ -126,6 +130,7 @@ class Controller:
         self.requests, self.handed, self.current, self.unlearned = {}, {}, None, []
         self.eval_sampler = EvalSampler(EVAL_EVERY, c.seed)
         self.steps = self.calibrating = 0
+        self.forwards = 0.0
         self.step_configs = {}
         self.replan()
         self.calibration = calibration_options(self.menu, self.plan)
@@ -213,6 +218,7 @@ class Controller:
     def _decide(self, state: DecodeState) -> Decision:
         r = self._request(state.request_id)
         self.current = state.request_id
+        r.share = 1.0 if state.batch is None else 1.0 / (state.batch.requests + 1)
         slot = r.enter(self._order(state.lookahead))
         if slot.hold > 0:
             d = r.decision = slot.held()
@@ -271,12 +277,12 @@ class Controller:
         ranked goodput. With a latency target only while the request runs ahead of it with the usual
         margin (a target is a promise, not an experiment)."""
         c = self.config
-        drafter = self.exploration.due(self.steps)
+        drafter = self.exploration.due(self.forwards)
         if drafter is None or c.latency_target_ms is not None and not (
                 r.emitted >= MIN_EVIDENCE and r.time / r.emitted <= c.latency_target_ms / 1e3 * (1 - c.target_margin)):
             return None
         option = max(self.menu.drafter_options[drafter], key=lambda o: E[o] / T[o])
-        return option if self.exploration.priced(drafter, self.steps, T[option] / T[0]) else None
+        return option if self.exploration.priced(drafter, self.forwards, T[option] / T[0]) else None
 
     def _explore(self, r: RequestState, slot: Slot, option: int, mean_E, T) -> Decision:
         """A forced try, for one step; it pays if it reaches the best option's predicted goodput."""
@@ -401,6 +407,7 @@ class Controller:
         self._judge_eviction(r.decision, stats)
         r.count(stats.step_time, stats.emitted)
         self.steps += 1
+        self.forwards += r.share
         self._seen(stats)
         self.steps_since_plan += 1
         if self.steps_since_plan >= self.config.refresh_every or \
@@ -428,6 +435,6 @@ class Controller:
         drafter = stats.config.drafter if stats.config.speculate else None
         self.exploration.judge(drafter, stats.emitted, stats.step_time)
         if drafter is not None:
-            self.exploration.observed(drafter, self.steps)
+            self.exploration.observed(drafter, self.forwards)
         if stats.probe is not None:
-            self.exploration.observed(stats.probe.drafter, self.steps)
+            self.exploration.observed(stats.probe.drafter, self.forwards)

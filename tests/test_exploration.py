@@ -9,6 +9,7 @@ from moetune.adaptive.controller import Controller, ControllerConfig
 from moetune.adaptive.explore import ExplorationSchedule
 from moetune.policies.registry import make_policy
 from moetune.step import ModelShape
+from moetune.traces.batch import replay_batch
 from moetune.traces.latency import LatencyModel
 from moetune.traces.replay import replay
 from moetune.traces.synthetic import Phase, synthetic_trace
@@ -92,3 +93,17 @@ def test_thompson_draws_of_shapes_near_zero_are_never_nan():
     c.setup(SHAPE)
     draws = [c.ranking.thompson([[1e-3]], [[2e-3]])[0][0] for _ in range(2000)]
     assert np.all(np.isfinite(draws)) and 0.0 <= min(draws) and max(draws) <= 1.0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_batch_forces_tries_per_forward_not_per_request(seed):
+    """In a batch the schedule runs on forwards: 8 requests with a useless drafter force about as many tries
+    per forward as one request does per step (before, every request's step advanced it: 10-25 useless
+    speculative steps in 128 forwards, each holding the shared forward)."""
+    c = ControllerConfig()
+    useless = synthetic_trace(SHAPE, n_requests=16, n_tokens=64, phases=[[Phase(64, (0.0,), alt=0.0)]] * 16)
+    result = replay_batch(useless, make_policy(f"adaptive:budgets=false,seed={seed}"), LATENCY, 8)
+    spec = [result.replay.configs[int(i)].speculate for i in result.replay.log[:, 3]]
+    forwards = len(result.steps)
+    forced = math.log2(c.explore_every_max / c.explore_every) + 1 + forwards / c.explore_every_max
+    assert forwards == 128 and sum(spec) <= 4 + 2 + forced  # 4 calibration steps, a couple of draws

@@ -236,23 +236,22 @@ class PackedBatch:
         with experts offloaded, each carries what the forward read from the slow tier (StepStats.offload_*)."""
         total = sum(r.rows.stop - r.rows.start for r in self.active)
         device = self.target.device
-        loads = None if kept is None else [kept.expert_sets(i) for i in range(len(self.active))]  # [B][L] sets
-        forward = self.forward(total, t_verify, routing, loads)
+        unique, computed, others, experts = self.experts(routing, kept)
+        alone = len(self.active) == 1
+        forward = None if alone else dict(batch_tokens=total, batch_experts=experts, batch_t_verify=t_verify,
+                                          batch_context=sum(len(r.ids) - len(r.emitted) for r in self.active))
         for i, r in enumerate(self.active):
-            share = (r.rows.stop - r.rows.start) / total
-            if kept is not None:
-                unique, evicted = kept.experts(i, kept=False), dict(kept=tuple(len(s) for s in loads[i]))
-                if r.config.budgets is not None:
-                    evicted["nodes_kept"] = kept.kept[-1][i] - 1
-            else:
-                unique, evicted = () if routing is None else tuple(
-                    routing.unique_experts(torch.arange(r.rows.start, r.rows.stop, device=device)).tolist()), {}
-            r.batch = self.others(i, total, routing, loads)
+            mine = r.rows.stop - r.rows.start
+            share = mine / total
+            evicted = {} if kept is None else dict(kept=computed[i])
+            if kept is not None and r.config.budgets is not None:
+                evicted["nodes_kept"] = kept.kept[-1][i] - 1
+            r.batch = None if alone else BatchContext(len(self.active) - 1, total - mine, others[i])
             stats = step_stats(
                 r.request_id, r.step, r.config, accepted=r.acc.accepted, emitted=r.emitted, tree_size=len(r.tree),
                 tree_depth=r.tree.depth, context_len=len(r.ids) - len(r.emitted),
                 times=(r.t_draft, t_verify * share, r.t_accept, r.t_commit + t_compact * share),
-                t_control=r.t_decide + r.t_observe, unique=unique, passive=self.passive, chain=r.chain,
+                t_control=r.t_decide + r.t_observe, unique=unique[i], passive=self.passive, chain=r.chain,
                 gpu=gpu_snapshot(device), forward=forward, offload=offload, **evicted)
             r.steps.append(stats)
             t0 = self.clock()
@@ -262,33 +261,25 @@ class PackedBatch:
             if r.step == 1:
                 r.first_token = now
 
-    def forward(self, total: int, t_verify: float, routing: Routing | None, loads: list | None) -> dict | None:
-        """The whole forward as StepStats' batch_* fields (None alone): the latency fit learns from it."""
-        if len(self.active) == 1:
-            return None
-        if loads is not None:
-            experts = sum(len(set().union(*layer)) for layer in zip(*loads))
-        else:
-            experts = None if routing is None else int(routing.unique_experts().sum())
-        return dict(batch_tokens=total, batch_experts=experts,
-                    batch_context=sum(len(r.ids) - len(r.emitted) for r in self.active), batch_t_verify=t_verify)
-
-    def others(self, i: int, total: int, routing: Routing | None, loads: list | None) -> BatchContext | None:
-        """The other requests' rows and per-layer union of experts at this step: request i's next
-        BatchContext. loads: under eviction, each request's kept experts per layer."""
-        if len(self.active) == 1:
-            return None
-        r = self.active[i]
-        rows, others = total - (r.rows.stop - r.rows.start), len(self.active) - 1
-        if loads is not None:
-            rest = loads[:i] + loads[i + 1:]
-            return BatchContext(others, rows, tuple(len(set().union(*layer)) for layer in zip(*rest)))
+    def experts(self, routing: Routing | None, kept: RowReport | None) -> tuple[list, list, list, int | None]:
+        """Per request its unique experts per layer (of the rows entering each layer), the experts its kept
+        rows computed (eviction only), the union of the other requests' per layer; and the forward's experts
+        summed over layers (None without routing). Without eviction all from one scatter of the routing."""
+        B, L = len(self.active), self.shape.num_layers
+        if kept is not None:  # each request's kept experts, as the forward loaded them
+            loads = [kept.expert_sets(i) for i in range(B)]  # [B][L] sets
+            rest = [tuple(len(set().union(*layer)) for layer in zip(*(loads[:i] + loads[i + 1:]))) for i in range(B)]
+            return ([kept.experts(i, kept=False) for i in range(B)], [tuple(len(x) for x in ld) for ld in loads],
+                    rest, sum(len(set().union(*layer)) for layer in zip(*loads)))
         if routing is None:
-            return BatchContext(others, rows, ())
-        mask = torch.ones(total, dtype=torch.bool)
-        mask[r.rows] = False
-        return BatchContext(others, rows, tuple(routing.unique_experts(mask.nonzero().flatten().to(
-            self.target.device)).tolist()))
+            return [()] * B, [], [()] * B, None
+        sizes = torch.tensor([r.rows.stop - r.rows.start for r in self.active])
+        hits = routing.group_hits(torch.repeat_interleave(torch.arange(B), sizes).to(self.target.device), B)
+        loads = hits.sum(0)  # [L, E] requests loading each expert
+        own, rest = hits.sum(2), ((loads[None] - hits.int()) > 0).sum(2)  # [B, L] each
+        host = torch.cat([own.flatten(), rest.flatten(), (loads > 0).sum()[None]]).tolist()  # one transfer
+        per = [tuple(host[i * L:(i + 1) * L]) for i in range(2 * B)]
+        return per[:B], [], per[B:], host[-1]
 
     def leave(self, now: float) -> None:
         """Finished requests leave the batch (their target cache positions went at this step's commit, their

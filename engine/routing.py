@@ -44,6 +44,16 @@ class Routing:
         hit = torch.zeros(len(self.layers), self.num_experts, dtype=torch.bool, device=index.device)
         return hit.scatter_(1, index.flatten(1), True).sum(dim=1)
 
+    def group_hits(self, group: torch.Tensor,  # [T] each token's group (a batch's request), in [0, groups)
+                   groups: int) -> torch.Tensor:  # [groups, L, E] bool
+        """Which experts each group's tokens are routed to, per layer: a batch's per-request loads at once."""
+        index = torch.stack([lr.top_k_index for lr in self.layers])  # [L, T, K]
+        L, T, K = index.shape
+        hit = torch.zeros(groups, L, self.num_experts, dtype=torch.bool, device=index.device)
+        layer = torch.arange(L, device=index.device)[:, None, None].expand(L, T, K)
+        hit[group[None, :, None].expand(L, T, K), layer, index] = True
+        return hit
+
 
 _BLOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its MoE blocks (found once)
 

@@ -133,3 +133,24 @@ def test_invalid_arguments(kwargs, word):
     with pytest.raises(ValueError, match=word) as err:
         generate_batch(None, None, [[5, 6], [7]], **kwargs)
     assert "\n" not in str(err.value)
+
+
+def test_group_hits_equal_per_request_unique_experts():
+    """Routing.group_hits (one scatter for the whole batch) gives each request's unique experts and the
+    union of the others' exactly as unique_experts over their rows does."""
+    from moetune.engine.routing import LayerRouting, Routing
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        T, B, E = int(torch.randint(2, 30, (1,), generator=g)), 4, 16
+        index = [torch.randint(0, E, (T, 2), generator=g) for _ in range(3)]
+        routing = Routing(E, [LayerRouting(i, torch.ones(T, 2), torch.zeros(T, E)) for i in index])
+        group = torch.randint(0, B, (T,), generator=g)
+        hits = routing.group_hits(group, B)  # [B, L, E]
+        loads = hits.sum(0)
+        for b in range(B):
+            rows = (group == b).nonzero().flatten()
+            own = routing.unique_experts(rows) if len(rows) else torch.zeros(3, dtype=torch.long)
+            assert hits[b].sum(1).tolist() == own.tolist()
+            rest = (group != b).nonzero().flatten()
+            others = routing.unique_experts(rest) if len(rest) else torch.zeros(3, dtype=torch.long)
+            assert ((loads - hits[b].int()) > 0).sum(1).tolist() == others.tolist()

@@ -139,8 +139,9 @@ def drive_together(growths: list[Growth], feed) -> list[DraftTree]:
 
 class Seat(Proposer):
     """A request's place at a BatchedDraftModel: the entry of its drafter pool that its configs name.
-    engine/batch.py drafts the seats of a step together and catches joiners up together, so a seat's
-    prefill and commit have nothing to do; alone, a seat drafts as a batch of one."""
+    engine/batch.py drafts the seats of a step together, each catching up on what it has not seen (a
+    joiner's prompt at its first draft), so a seat's prefill and commit have nothing to do; alone, a seat
+    drafts as a batch of one."""
 
     name = "draft_model"
 

@@ -36,6 +36,9 @@ def replay(*extra):
     (["--offload", "8"], ["--offload CAPACITY and --offload-gbps G go together"]),
     (["--offload", "99", "--offload-gbps", "1"], ["--offload 99", "capacity 99 is above the model's 32 experts"]),
     (["--offload", "8", "--offload-gbps", "-1"], ["--offload 8 --offload-gbps -1", "LinkProfile.gbps"]),
+    (["--batch-size", "0"], ["--batch-size must be >= 1", "got --batch-size 0"]),
+    (["--batch-size", "4", "--offload", "8", "--offload-gbps", "1"], ["without --offload and --latency-target-ms"]),
+    (["--batch-size", "4", "--latency-target-ms", "5"], ["without --offload and --latency-target-ms"]),
 ])
 def test_bad_values(capsys, extra, names):
     fails(capsys, replay(*extra), *names)
@@ -84,3 +87,18 @@ def test_offloaded_replay_reports_the_fast_tier(capsys):
         rows[capacity] = [c.strip() for c in line.strip("|").split("|")]
     assert float(rows["4"][-1]) > float(rows["32"][-1]) > 0  # stall_s: cold misses even with every expert fitting
     assert float(rows["4"][-3]) < float(rows["32"][-3])  # hit rate
+
+
+def test_batched_replay_reports_speedup_over_batched_plain(capsys):
+    """--batch-size: the table is the batch's (throughput, speedup over batched plain at that size, time
+    per output token); plain is 1.00x and the batch of 4 runs the recorded requests together."""
+    from moetune.cli import main
+    assert main(["replay", SAMPLE, "--policy", "plain", "--policy", "static:drafter=ngram,depth=4",
+                 "--batch-size", "4"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    start = next(i for i, x in enumerate(out) if x.startswith("| policy | batch_size"))
+    header = [c.strip() for c in out[start].strip("|").split("|")]
+    rows = {c[0]: dict(zip(header, c)) for c in ([x.strip() for x in line.strip("|").split("|")]
+                                                for line in out[start + 2:start + 4])}
+    assert float(rows["plain"]["speedup"]) == 1.0 and rows["plain"]["batch_size"] == "4"
+    assert float(rows["static"]["speedup"]) > 1.0 and float(rows["plain"]["mean_active"]) > 1.0

@@ -1,4 +1,5 @@
-"""`moetune replay`: replay recorded traces offline against policies; a table, JSON and PNG plots."""
+"""`moetune replay`: replay recorded traces offline against policies (one request at a time, with experts
+offloaded, or in batches); a table, JSON and PNG plots."""
 from __future__ import annotations
 
 import json
@@ -26,6 +27,11 @@ def add_arguments(p) -> None:
     p.add_argument("--offload-eviction", choices=("lru", "lfu"), default="lru", help="with --offload (default lru)")
     p.add_argument("--offload-bytes-per-param", type=int, default=2,
                    help="with --offload: bytes per expert weight on the link (default 2: bf16)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="B",
+                   help="replay every trace's requests together, at most B at once (continuous batching, "
+                        "traces.batch.replay_batch); speedup is over batched plain decoding at B")
+    p.add_argument("--draft-mode", choices=("engine", "serial", "batched"), default="engine",
+                   help="with --batch-size: how drafting is charged (engine: as engine/batch.py drafts; default)")
     p.add_argument("--strict", action="store_true",
                    help="fail (exit 2) on a trace that stops early (a killed run) instead of replaying what it holds")
 
@@ -84,6 +90,10 @@ def main(args) -> int:
     if (args.offload is None) != (args.offload_gbps is None):
         raise ValueError("--offload CAPACITY and --offload-gbps G go together (experts resident per layer, and the "
                          "slow tier's read rate)")
+    if args.batch_size is not None and (args.batch_size < 1 or args.offload is not None
+                                        or args.latency_target_ms is not None):
+        raise ValueError(f"--batch-size must be >= 1 and replays without --offload and --latency-target-ms "
+                         f"(batched replay models neither), got --batch-size {args.batch_size}")
     check_latency_target(args.latency_target_ms, "--latency-target-ms")  # the rule `moetune run` applies
     for spec in args.policy:
         make_policy(spec)  # fail early on a bad spec
@@ -115,7 +125,11 @@ def _replay(args) -> int:
     latency = latency_for(args, first)
     cols = ["policy", "requests", "tokens", "goodput_tok_s", "speedup", "mean_accepted", "fidelity", "attainment",
             "unique_kept", "control_us_per_step", "inexact_steps"]
-    if args.offload is None:
+    if args.batch_size is not None:
+        results, summaries = _replay_batched(args, first, latency)
+        cols = ["policy", "batch_size", "requests", "tokens", "throughput_tok_s", "speedup", "mean_accepted",
+                "tpot_ms", "mean_active", "experts_per_layer", "budgets_dropped"]
+    elif args.offload is None:
         results = replay_many(args.traces, args.policy, latency, args.latency_target_ms, args.workers)
         summaries = [r.summary() for r in results]
     else:
@@ -157,3 +171,19 @@ def _replay_offloaded(args, first, latency) -> list:
         return [replay_offload(traces, make_policy(p), latency, spec, args.latency_target_ms) for p in args.policy]
     except ValueError as e:
         raise ValueError(f"--offload {args.offload} --offload-gbps {args.offload_gbps}: {e}") from None
+
+
+def _replay_batched(args, first, latency) -> tuple[list, list[dict]]:
+    """Every policy over all traces' requests in continuous batches of --batch-size (traces.batch), beside
+    batched plain decoding at the same size: speedup is throughput over plain's."""
+    from moetune.traces.batch import replay_batch
+    from moetune.traces.reader import read_trace
+    from moetune.traces.replay import make_policy
+
+    traces = [first] + [read_trace(p, strict=args.strict) for p in args.traces[1:]]
+    plain = replay_batch(traces, make_policy("plain"), latency, args.batch_size, draft=args.draft_mode)
+    runs = [replay_batch(traces, make_policy(p), latency, args.batch_size, draft=args.draft_mode)
+            for p in args.policy]
+    summaries = [dict(r.summary(), speedup=r.throughput / plain.throughput if plain.throughput else 0.0)
+                 for r in runs]
+    return [r.replay for r in runs], summaries

@@ -267,9 +267,9 @@ class PackedBatch:
         summed over layers (None without routing). Without eviction all from one scatter of the routing."""
         B, L = len(self.active), self.shape.num_layers
         if kept is not None:  # each request's kept experts, as the forward loaded them
-            loads = [kept.expert_sets(i) for i in range(B)]  # [B][L] sets
+            demand, loads = zip(*(kept.loads(i) for i in range(B)))  # [B][L] sets each
             rest = [tuple(len(set().union(*layer)) for layer in zip(*(loads[:i] + loads[i + 1:]))) for i in range(B)]
-            return ([kept.experts(i, kept=False) for i in range(B)], [tuple(len(x) for x in ld) for ld in loads],
+            return ([tuple(len(d) for d in ds) for ds in demand], [tuple(len(x) for x in ld) for ld in loads],
                     rest, sum(len(set().union(*layer)) for layer in zip(*loads)))
         if routing is None:
             return [()] * B, [], [()] * B, None

@@ -30,7 +30,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from moetune.step import ModelShape
 
-from .eviction import kept_prefix
+from .eviction import kept_prefix, prefix_experts
 from .loader import moe_blocks
 from .offload import resident_experts
 
@@ -70,20 +70,11 @@ class RowReport:
         rank, count = self.groups[group].rank, self.kept[-1][group]
         return None if count == len(rank) else list(rank[:count])
 
-    def experts(self, group: int, kept: bool = True) -> tuple[int, ...]:
-        """Per layer, the group's unique experts: of the rows it kept, or (kept=False) of the rows that
-        entered the layer, as EvictionReport's unique_experts_kept / unique_experts count them."""
-        return tuple(len(s) for s in self.expert_sets(group, kept))
-
-    def expert_sets(self, group: int, kept: bool = True) -> list[set[int]]:
-        rank, out = self.groups[group].rank, []
-        entered = len(rank)
-        for layer, routing in enumerate(self.routing):
-            count = self.kept[layer][group]
-            rows = rank[:count] if kept else rank[:entered]
-            out.append(set().union(*(routing[r] for r in rows)) if routing is not None else set())
-            entered = count
-        return out
+    def loads(self, group: int) -> tuple[list[set[int]], list[set[int]]]:
+        """Per layer, the group's experts of the rows that entered the layer and of the rows it kept (as
+        EvictionReport's unique_experts / unique_experts_kept count them)."""
+        counts = [layer[group] for layer in self.kept]
+        return prefix_experts(self.routing, list(self.groups[group].rank), counts)
 
 
 @dataclass(frozen=True)

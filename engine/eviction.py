@@ -96,3 +96,17 @@ def kept_prefix(routing: list[list[int]],  # [T][K] this layer's experts per row
         if len(union) > budget:
             return kept
     return previous
+
+
+def prefix_experts(routing: list[list[list[int]]],  # [L][T][K] each layer's experts per row
+                   rank: list[int],  # rows in keep order
+                   counts: list[int],  # [L] rows kept at each layer (a prefix of rank)
+                   ) -> tuple[list[set[int]], list[set[int]]]:
+    """Per layer, the experts of the rows that entered it (those the layer before kept; all at the first)
+    and of the rows it kept: what an evicted pass was asked for, and what it computed."""
+    demand, kept, entered = [], [], len(rank)
+    for layer, count in zip(routing, counts):
+        demand.append(set().union(*(layer[r] for r in rank[:entered])))
+        kept.append(set().union(*(layer[r] for r in rank[:count])))
+        entered = count
+    return demand, kept

@@ -217,14 +217,10 @@ class EvictionReport(BudgetReport):
         return self._numbers
 
     def _count_on_host(self, index: list) -> dict:  # index [L][T][K]
-        demand, sets, entered = [], [], len(self.rank)
-        for layer, count in zip(index, self.kept_rows):
-            demand.append(len(set().union(*(layer[r] for r in self.rank[:entered]))))
-            sets.append(tuple(sorted(set().union(*(layer[r] for r in self.rank[:count])))))
-            entered = count
+        demand, kept = eviction.prefix_experts(index, self.rank, self.kept_rows)
         L = len(index)
-        return {"unique": tuple(demand), "kept": tuple(len(u) for u in sets), "mass": (1.0,) * L,
-                "subst": (0,) * L, "selected": tuple(sets)}
+        return {"unique": tuple(len(d) for d in demand), "kept": tuple(len(k) for k in kept), "mass": (1.0,) * L,
+                "subst": (0,) * L, "selected": tuple(tuple(sorted(k)) for k in kept)}
 
 
 @dataclass(frozen=True)

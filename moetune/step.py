@@ -30,11 +30,14 @@ class DrafterTraits:
     chain_only: bool
     # may be a policy's passive draft (Policy.passive_draft), drafted beside every step
     passive: bool
+    # engine/batch.py drafts it for every request of a batch in one forward per level (its time is the
+    # batch's, shared), where the others draft per request, in turn
+    batched: bool = False
     max_order: int = 0  # the longest n-gram it matches by default (moetune.ngram.MAX_N); 0: none
 
 
 DRAFTER_TRAITS = {
-    "draft_model": DrafterTraits(model_free=False, chain_only=False, passive=False),
+    "draft_model": DrafterTraits(model_free=False, chain_only=False, passive=False, batched=True),
     "ngram": DrafterTraits(model_free=True, chain_only=True, passive=True, max_order=MAX_N),
     "self": DrafterTraits(model_free=False, chain_only=False, passive=False),
 }

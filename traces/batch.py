@@ -49,7 +49,7 @@ import numpy as np
 
 from moetune.driver import check_passive_draft, observes
 from moetune.policies.base import Policy
-from moetune.step import BatchContext, DecodeState, StepConfig
+from moetune.step import DRAFTER_TRAITS, BatchContext, DecodeState, StepConfig
 
 from .derive import prepare
 from .latency import LatencyModel
@@ -59,7 +59,6 @@ from .schema import RequestTrace, Trace, TreeRecord
 
 STEP_COLUMNS = ("start", "active", "tokens", "experts", "context", "emitted", "verify_s", "draft_s", "overhead_s")
 DRAFT_MODES = ("engine", "serial", "batched")
-ENGINE_BATCHED = frozenset({"draft_model"})  # engine/batch.py drafts these for all its requests at once
 
 
 # -- what one request's step loads ------------------------------------------------------------------------
@@ -153,12 +152,12 @@ class Member(TraceBackend):
 def draft_times(latency: LatencyModel, batch: list[Member], mode: str) -> list[float]:
     """Each request's draft seconds this step: its own (serial), or its share, by its rows (root and drafted
     nodes), of one batched draft per drafter (draft_time at the deepest tree and all the drafter's nodes);
-    "engine": as engine/batch.py drafts, the drafters in ENGINE_BATCHED batched, the others serial."""
+    "engine": as engine/batch.py drafts, the drafters it batches (DRAFTER_TRAITS) batched, the others serial."""
     out = [m.t_draft for m in batch]
     if mode == "serial":
         return out
     for drafter in {m.config.drafter for m in batch if m.config.speculate}:
-        if mode == "engine" and drafter not in ENGINE_BATCHED:
+        if mode == "engine" and not DRAFTER_TRAITS[drafter].batched:
             continue
         mine = [i for i, m in enumerate(batch) if m.config.speculate and m.config.drafter == drafter]
         rows = [batch[i].outcome.tree_size + 1 for i in mine]

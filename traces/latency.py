@@ -24,7 +24,7 @@ import numpy as np
 
 from moetune.errors import path_error
 from moetune.features import draft_features, verify_features
-from moetune.step import DRAFTERS, ModelShape
+from moetune.step import DRAFTER_TRAITS, DRAFTERS, ModelShape
 
 from .derive import prepare
 
@@ -234,14 +234,12 @@ def _live_samples(prompt_len: int, live, rows: list, draft: dict, forwards: dict
 
 
 def _shared_drafts(members: list, draft: dict) -> None:
-    """Draft samples of one shared forward's step: a drafter the engine batches (traces/batch.py
-    ENGINE_BATCHED) drafted once for all its requests (the deepest tree, all their nodes; the time is the
-    sum of their shares); any other drafted per request."""
-    from .batch import ENGINE_BATCHED  # lazily: traces.batch imports this module
-
+    """Draft samples of one shared forward's step: a drafter the engine batches (DRAFTER_TRAITS) drafted
+    once for all its requests (the deepest tree, all their nodes; the time is the sum of their shares);
+    any other drafted per request."""
     batched: dict[str, list] = {}
     for _, n, cfg, t_draft in members:
-        if cfg.speculate and cfg.drafter in ENGINE_BATCHED:
+        if cfg.speculate and DRAFTER_TRAITS[cfg.drafter].batched:
             batched.setdefault(cfg.drafter, []).append((cfg.depth, n - 1, t_draft))
         elif cfg.speculate:
             draft.setdefault(cfg.drafter, []).append((cfg.depth, n - 1, t_draft))

@@ -17,9 +17,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from moetune.adaptive.experts import iid_unique
-from moetune.step import ModelShape, StepConfig
+from moetune.step import DRAFTER_TRAITS, ModelShape, StepConfig
 
-from .batch import DRAFT_MODES, ENGINE_BATCHED, BatchReplayResult, batch_verify_time
+from .batch import DRAFT_MODES, BatchReplayResult, batch_verify_time
 from .latency import LatencyModel
 from .schema import Trace
 
@@ -90,7 +90,7 @@ def moesd_speedup(latency: LatencyModel, shape: ModelShape, means: StepMeans, ba
         rows = m.tree_size + 1
         verify = batch_verify_time(latency, [rows] * b, layers * float(n_of(b * rows)), ctx)
         one = float(latency.draft_time(m.drafter, m.tree_depth, m.tree_size))
-        serial = draft == "serial" or (draft == "engine" and m.drafter not in ENGINE_BATCHED)
+        serial = draft == "serial" or (draft == "engine" and not DRAFTER_TRAITS[m.drafter].batched)
         drafts = b * one if serial else float(latency.draft_time(m.drafter, m.tree_depth, b * m.tree_size))
         out.append((1 + m.accepted) * plain / (verify + drafts + b * latency.step_overhead))
     return np.array(out)

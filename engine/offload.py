@@ -43,8 +43,8 @@ import torch.nn.functional as F
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from .loader import moe_blocks, moe_shape
-from .offload_store import (EVICTIONS, SLOW_KINDS, ExpertStore, LayerStats, LayerTier, OffloadError, SlowTier,
-                            write_slow_tier)
+from .offload_slow import SLOW_KINDS, SlowTier, write_slow_tier
+from .offload_store import EVICTIONS, ExpertStore, LayerStats, LayerTier, OffloadError
 
 IMPLEMENTATION = "moetune_offload"
 PREFETCH = ("none", "pregate", "history", "both")
@@ -54,7 +54,7 @@ __all__ = ["OffloadConfig", "OffloadError", "OffloadHandle", "OffloadReport", "e
 
 @dataclass(frozen=True)
 class OffloadConfig:
-    """capacity: experts per MoE layer in the fast tier (1..E). slow: SLOW_KINDS (offload_store.py).
+    """capacity: experts per MoE layer in the fast tier (1..E). slow: SLOW_KINDS (offload_slow.py).
     slow_gbps: pace slow-tier reads to this rate (needed by "paced"). timeout_s: the longest wait for one
     read before OffloadError. workdir: where the slow tier's file goes (a new temporary folder if None).
     prefetch_min_prob: pre-gating prefetches a token's predicted expert only at this router probability or

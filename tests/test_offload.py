@@ -13,7 +13,7 @@ from tiny import FAMILIES, tiny_moe
 from moetune.engine.drafters import DraftModelDrafter
 from moetune.engine.generate import generate
 from moetune.engine.offload import OffloadError, enable_offload, handle_of, is_offloaded
-from moetune.engine.offload_store import ALIGN
+from moetune.engine.offload_slow import ALIGN
 from moetune.step import PLAIN, StepConfig
 
 PROMPT = [5, 17, 33, 17, 33, 90, 4, 17, 33]

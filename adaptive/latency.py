@@ -78,8 +78,9 @@ class RLS:
     """
 
     def __init__(self, theta, prior_std, noise: float, forgetting: float, name: str = "least-squares fit",
-                 prior_floor: float = 1.0):
+                 prior_floor: float = 1.0, nonnegative: bool = False):
         self.prior = np.array(theta, dtype=float)  # (p,) theta0
+        self.nonnegative = nonnegative  # every coefficient >= 0 (each feature can only add time)
         std = np.broadcast_to(np.asarray(prior_std, dtype=float), self.prior.shape)
         self.precision = (noise / std) ** 2  # (p,) diagonal of Lambda0
         if not (np.all(np.isfinite(self.prior)) and np.all(np.isfinite(self.precision)) and np.all(self.precision > 0)):
@@ -100,24 +101,44 @@ class RLS:
         self.theta = self.prior.copy()
         self.n = 0
 
-    def observe(self, x: np.ndarray, y: float) -> None:
-        self.observe_many(np.asarray(x, dtype=float)[None], np.array([y], dtype=float))
+    def observe(self, x: np.ndarray, y: float, weight: float = 1.0) -> None:
+        self.observe_many(np.asarray(x, dtype=float)[None], np.array([y], dtype=float), np.array([weight]))
 
-    def observe_many(self, X: np.ndarray, y: np.ndarray) -> None:
+    def observe_many(self, X: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None) -> None:
         """The m observations (rows of X, oldest first) at once, exactly as m single ones: the statistics
-        decay by forgetting^m and row i joins with weight forgetting^(m-1-i); then theta is refitted."""
+        decay by forgetting^m and row i joins with weight forgetting^(m-1-i); then theta is refitted.
+        weights (m,): what each row is worth, in observations (default 1 each); a row of weight w ages the
+        older ones as w observations would. Why: a batched forward is seen once per request, each with
+        weight its share, so a batch of 16 does not forget 16 times as fast (its verify fit then ran on the
+        last dozen forwards, collinear in tokens, experts and context, and swung negative)."""
         m, lam = len(y), self.forgetting
-        Xw = X.T * lam ** (m - 1.0 - np.arange(m))  # (p, m)
-        decay = lam ** m
+        w = np.ones(m) if weights is None else np.asarray(weights, dtype=float)
+        later = np.cumsum(w[::-1])[::-1] - w  # (m,) weight observed after each row
+        Xw = X.T * (w * lam ** later)  # (p, m)
+        decay = lam ** w.sum()
         self.A = decay * self.A + Xw @ X
         self.b = decay * self.b + Xw @ y
-        self.n += m
-        k = self._prior_weight() * self.precision  # (p,) diagonal of k Lambda0
-        try:
-            self.theta = np.linalg.solve(self.A + np.diag(k), self.b + k * self.prior)
-        except np.linalg.LinAlgError:  # singular only with non-finite statistics: check() resets them
-            self.theta = np.full_like(self.prior, np.nan)
+        self.n += float(w.sum())
+        self.theta = self._solve(self._prior_weight() * self.precision)
         self.check()
+
+    def _solve(self, k: np.ndarray) -> np.ndarray:
+        """theta from the statistics and the prior's diagonal k Lambda0 (k (p,)); when nonnegative, the
+        coefficients the unconstrained solution makes negative are held at 0 and the rest solved again
+        (active set; at most p rounds of a p x p solve)."""
+        M, v = self.A + np.diag(k), self.b + k * self.prior
+        free = np.ones(len(v), dtype=bool)
+        theta = np.zeros_like(v)
+        try:
+            while free.any():
+                theta[:] = 0.0
+                theta[free] = np.linalg.solve(M[np.ix_(free, free)], v[free])
+                if not self.nonnegative or theta.min() >= 0:
+                    return theta
+                free &= theta > 0
+        except np.linalg.LinAlgError:  # singular only with non-finite statistics: check() resets them
+            return np.full_like(self.prior, np.nan)
+        return theta
 
     def check(self) -> bool:
         """True when healthy; otherwise reset to the prior (warning once, see adaptive/health.py)."""
@@ -159,9 +180,9 @@ class OnlineLatency:
         self.config = config
         c = config
         self.verify = RLS(c.verify_prior, np.array(c.verify_prior) * c.prior_scale, c.noise_s, c.forgetting,
-                          VERIFY_NAME, c.prior_floor)
+                          VERIFY_NAME, c.prior_floor, nonnegative=True)
         self.draft = {d: RLS(c.draft_prior, np.array(c.draft_prior) * c.prior_scale, c.noise_s, c.forgetting,
-                             DRAFT_NAME.format(d), c.prior_floor) for d in drafters}
+                             DRAFT_NAME.format(d), c.prior_floor, nonnegative=True) for d in drafters}
         self.seeded = False
         self._pending: list[tuple] = []
 
@@ -177,19 +198,21 @@ class OnlineLatency:
         theta = np.array([c0 + float(profile.step_overhead), ct, ce, cc, cct]) * FIT_SCALE
         floor = 0.1 * np.array(c.verify_prior)
         self.verify = RLS(theta, np.hypot(theta * c.seeded_scale, floor), c.noise_s, c.forgetting, VERIFY_NAME,
-                          c.prior_floor)
+                          c.prior_floor, nonnegative=True)
         for name, rls in self.draft.items():
             if name in profile.draft:
                 d = np.array(profile.draft[name], dtype=float)
                 self.draft[name] = RLS(d, np.hypot(d * c.seeded_scale, 0.1 * np.array(c.draft_prior)),
-                                       c.noise_s, c.forgetting, DRAFT_NAME.format(name), c.prior_floor)
+                                       c.noise_s, c.forgetting, DRAFT_NAME.format(name), c.prior_floor,
+                                       nonnegative=True)
         self.seeded = True
 
     def observe(self, drafter: str | None, tokens: int, experts: float, context_len: int,
-                t_verify: float, depth: int = 0, nodes: int = 0, t_draft: float = 0.0) -> None:
-        """Queue one step (applied by `flush`); drafter None or unknown: no drafting happened or is fitted."""
+                t_verify: float, depth: int = 0, nodes: int = 0, t_draft: float = 0.0, weight: float = 1.0) -> None:
+        """Queue one step (applied by `flush`); drafter None or unknown: no drafting happened or is fitted.
+        weight: what the verify observation is worth (a batched forward: each request's share, RLS.observe_many)."""
         self._pending.append((drafter if drafter in self.draft else None, tokens, experts, context_len, t_verify,
-                              depth, nodes, t_draft))
+                              depth, nodes, t_draft, weight))
 
     def flush(self) -> None:
         """Apply the queued steps as block updates of the verify fit and of each drafter's fit."""
@@ -197,8 +220,8 @@ class OnlineLatency:
             return
         drafter, *cols = zip(*self._pending)
         self._pending.clear()
-        tokens, experts, ctx, t_verify, depth, nodes, t_draft = (np.array(c, dtype=float) for c in cols)
-        self.verify.observe_many(fit_features(tokens, experts, ctx), t_verify)
+        tokens, experts, ctx, t_verify, depth, nodes, t_draft, weight = (np.array(c, dtype=float) for c in cols)
+        self.verify.observe_many(fit_features(tokens, experts, ctx), t_verify, weight)
         for name, rls in self.draft.items():
             sel = np.array([d == name for d in drafter])
             if sel.any():

@@ -205,10 +205,11 @@ class Learners:
         if stats.batch_experts is None:
             self.latency.observe(cfg.drafter if cfg.speculate else None, tokens, computed, stats.context_len,
                                  stats.t_verify - stall + overhead, stats.tree_depth, stats.tree_size, stats.t_draft)
-        else:  # batched: the whole forward (a row share would price a token as alone), with this request's overhead
+        else:  # batched: the whole forward (a row share would price a token as alone), with this request's
+            # overhead, worth its row share of one observation (every request sees the forward)
             self.latency.observe(cfg.drafter if cfg.speculate else None, stats.batch_tokens, stats.batch_experts,
                                  stats.batch_context, stats.batch_t_verify - stall + overhead, stats.tree_depth,
-                                 stats.tree_size, stats.t_draft)
+                                 stats.tree_size, stats.t_draft, weight=tokens / stats.batch_tokens)
 
     # ---- plan ----------------------------------------------------------------------------------------
     def check(self) -> None:

@@ -131,6 +131,37 @@ def test_block_rls_update_equals_sequential_updates():
     assert one.n == block.n == 30 and np.allclose(block.theta, theta, atol=0.05)
 
 
+def test_weighted_rows_age_the_fit_as_their_total_weight():
+    """A forward seen by each of a batch's 4 requests with weight 1/4 is one observation: the statistics and
+    the prior's decay match one row of weight 1 (to within the quarter-steps the four rows age each other),
+    and earlier data ages by one forgetting step, not four."""
+    rng = np.random.default_rng(1)
+    X, y = rng.normal(size=(20, 3)), rng.normal(size=20)
+    shared, single = (RLS([1.0, 2.0, 3.0], 1.0, 0.1, 0.995) for _ in range(2))
+    for rls in (shared, single):
+        rls.observe_many(X, y)
+    x, t = rng.normal(size=3), 0.5
+    shared.observe_many(np.tile(x, (4, 1)), np.full(4, t), np.full(4, 0.25))
+    single.observe(x, t)
+    assert np.allclose(shared.A, single.A, rtol=1e-2) and np.allclose(shared.b, single.b, rtol=1e-2)
+    assert np.isclose(shared.n, 21.0) and np.allclose(shared.theta, single.theta, rtol=1e-2)
+
+
+def test_nonnegative_fit_holds_a_negative_coefficient_at_zero():
+    """A latency coefficient cannot be negative (each feature only adds time): where the data would make
+    one negative, it is held at 0 and the others fitted without it."""
+    rng = np.random.default_rng(2)
+    X = np.c_[np.ones(200), rng.uniform(1, 9, 200), rng.uniform(0, 3, 200)]
+    y = X @ np.array([1.0, 0.5, -0.2]) + 0.01 * rng.normal(size=200)
+    free, held = (RLS([1.0, 1.0, 1.0], 1e3, 1e-3, 1.0, nonnegative=nn) for nn in (False, True))
+    for rls in (free, held):
+        rls.observe_many(X, y)
+    assert free.theta[2] < -0.1 and held.theta[2] == 0.0 and held.theta.min() >= 0
+    ref = RLS([1.0, 1.0], 1e3, 1e-3, 1.0)
+    ref.observe_many(X[:, :2], y)
+    assert np.allclose(held.theta[:2], ref.theta)
+
+
 def test_expert_model_learns_coactivation_and_tail():
     m = ExpertModel(SHAPE, max_tokens=20)
     for _ in range(100):  # co-activated routing: half the i.i.d. unique experts; tail gamma = 3
@@ -496,3 +527,16 @@ def test_latency_learns_from_whole_batch_forwards():
     assert theta[2] == pytest.approx(env.per_expert, rel=0.1)
     with pytest.raises(ValueError, match="set together"):
         StepStats(0, PLAIN, 0, 1, 0, 0, 100, batch_tokens=8)
+
+
+def test_a_batched_forward_is_one_observation_of_the_latency_fit():
+    """Each of a forward's 8 requests reports it, worth its row share: 25 forwards age the fit as 25
+    observations (seen as 200, its memory was a dozen forwards at batch 16 and its coefficients swung)."""
+    c = make(ControllerConfig(budgets=False))
+    for step in range(25):
+        for rid in range(8):
+            c.observe(StepStats(step, PLAIN, 0, 1, 0, 0, 100, t_verify=1e-3, request_id=rid, batch_tokens=8,
+                                batch_experts=60, batch_context=800, batch_t_verify=8e-3))
+    c.learn()
+    c.latency.flush()
+    assert c.latency.verify.n == pytest.approx(25.0)

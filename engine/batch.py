@@ -135,8 +135,9 @@ class PackedBatch:
             if self.passive is not None:
                 look, r.chain = passive_lookahead(r.pool, self.passive, r.ids, self.target)
             t1 = self.clock()
+            batch = r.batch if r.batch is not None else BatchContext.unseen(len(self.active) - 1)
             state = DecodeState(r.request_id, r.step, len(r.ids), r.generated, r.max_new_tokens - r.generated, look,
-                                r.batch)
+                                batch)
             r.config = _batchable(self.policy.decide(state))
             t2 = self.clock()
             r.tree = self.empty

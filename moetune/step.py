@@ -315,6 +315,14 @@ class BatchContext:
         if any(e < 0 for e in self.experts):
             raise ValueError(f"BatchContext.experts must be non-negative counts per layer, got {self.experts}")
 
+    @classmethod
+    def unseen(cls, others: int) -> "BatchContext | None":
+        """The context of a request whose last step did not share a forward with these `others` (its first
+        step in the batch, or the batch grew around it): each verifies a row at least, experts unknown. None
+        when alone. Why not None in a batch: the decision would price its options as if it ran alone, and
+        calibrate serial drafters a batch waits for (adaptive/controller.py)."""
+        return cls(others, others, ()) if others > 0 else None
+
 
 @dataclass(frozen=True)
 class DecodeState:

@@ -8,7 +8,7 @@ import pytest
 from moetune.adaptive.controller import Controller, ControllerConfig
 from moetune.adaptive.explore import ExplorationSchedule
 from moetune.policies.registry import make_policy
-from moetune.step import ModelShape
+from moetune.step import BatchContext, DecodeState, ModelShape
 from moetune.traces.batch import replay_batch
 from moetune.traces.latency import LatencyModel
 from moetune.traces.replay import replay
@@ -107,3 +107,29 @@ def test_a_batch_forces_tries_per_forward_not_per_request(seed):
     forwards = len(result.steps)
     forced = math.log2(c.explore_every_max / c.explore_every) + 1 + forwards / c.explore_every_max
     assert forwards == 128 and sum(spec) <= 4 + 2 + forced  # 4 calibration steps, a couple of draws
+
+
+def test_a_batch_neither_calibrates_nor_force_tries_a_drafter_it_waits_for():
+    """Self-speculation drafts request by request with a model forward while the whole batch waits: in a
+    batch it is neither calibrated nor forced (at batch 16 that cost auto 15%); alone it is both."""
+    c = Controller(ControllerConfig(drafters=("draft_model", "ngram", "self")))
+
+    def drafters(batch) -> set:
+        out = set()
+        for rid in range(16):
+            d = c.decide(DecodeState(rid, 0, 100, 0, 64, None, batch))
+            out.add(d.config.drafter if d.config.speculate else None)
+        return out
+
+    def fresh(overdue: bool) -> None:
+        c.setup(SHAPE)
+        if overdue:  # past calibration, self overdue for a try
+            c.warmup, c.exploration.due = 0, lambda forwards: "self"
+
+    for overdue in (False, True):
+        fresh(overdue)
+        assert "self" in drafters(None)
+        fresh(overdue)
+        assert "self" not in drafters(BatchContext.unseen(15))
+    fresh(False)
+    assert drafters(BatchContext.unseen(15)) == {None, "draft_model", "ngram"}

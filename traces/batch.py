@@ -114,13 +114,15 @@ class Member(TraceBackend):
         self.batch: BatchContext | None = None  # the others of its last step, for its next decision (step)
         self.forward: dict = {}  # its last step's whole forward, as StepStats' batch_* fields (step)
 
-    def plan(self, policy: Policy, passive: StepConfig | None) -> None:
-        """Decide, draft, verify (the counterfactual outcome) and accept this request's step."""
+    def plan(self, policy: Policy, passive: StepConfig | None, others: int) -> None:
+        """Decide, draft, verify (the counterfactual outcome) and accept this request's step, in a batch
+        with `others` other requests."""
         p = self.generated
         look = None if passive is None else self.lookahead(passive)
+        batch = self.batch if self.batch is not None else BatchContext.unseen(others)
         t0 = perf_counter()
         config = policy.decide(DecodeState(self.req.request_id, self.steps, self.prompt_len + p, p,
-                                           self.max_new_tokens - p, look, self.batch))
+                                           self.max_new_tokens - p, look, batch))
         self.control += perf_counter() - t0
         if config.budgets is not None and config.budget_mode == "substitute":  # as engine/batch.py
             config = replace(config, budgets=None, eval_agreement=False)
@@ -331,7 +333,7 @@ def step(batch: list[Member], policy: Policy, passive: StepConfig | None, latenc
          report: bool) -> tuple:
     """One batch step (module docstring); returns its STEP_COLUMNS values after `start`."""
     for m in batch:
-        m.plan(policy, passive)
+        m.plan(policy, passive, len(batch) - 1)
     tokens = [m.outcome.tree_size + 1 for m in batch]  # [B] verified rows per request
     total = sum(tokens)
     union = np.logical_or.reduce([m.experts for m in batch])  # [L, E]

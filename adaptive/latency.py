@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from moetune.features import DRAFT_FEATURES, VERIFY_FEATURES, draft_features, verify_features
+from moetune.step import DRAFTER_TRAITS
 
 from .health import report_reset
 
@@ -44,6 +45,10 @@ class LatencyConfig:
     prior_floor: float = 0.1
     verify_prior: tuple[float, ...] = (4e-3, 2e-4, 5e-5, 1e-4, 1e-5)
     draft_prior: tuple[float, ...] = (2e-4, 1e-3, 1e-4)
+    # a model-free drafter (DrafterTraits.model_free: a lookup in the context) costs microseconds. Why its
+    # own prior: at the model drafters' 1 ms per level an n-gram chain of 4 was priced at 4 ms until it was
+    # tried with a match, and at batch 8 in replay it never was (auto ran plain throughout)
+    model_free_draft_prior: tuple[float, ...] = (2e-5, 5e-6, 1e-6)
 
     def __post_init__(self):
         if not 0.9 <= self.forgetting <= 1.0:
@@ -57,9 +62,11 @@ class LatencyConfig:
         if len(self.verify_prior) != len(VERIFY_FEATURES) or min(self.verify_prior) <= 0:
             raise ValueError(f"LatencyConfig.verify_prior needs {len(VERIFY_FEATURES)} positive coefficients "
                              f"{VERIFY_FEATURES}, got {self.verify_prior}")
-        if len(self.draft_prior) != len(DRAFT_FEATURES) or min(self.draft_prior) <= 0:
-            raise ValueError(f"LatencyConfig.draft_prior needs {len(DRAFT_FEATURES)} positive coefficients "
-                             f"{DRAFT_FEATURES}, got {self.draft_prior}")
+        for name in ("draft_prior", "model_free_draft_prior"):
+            prior = getattr(self, name)
+            if len(prior) != len(DRAFT_FEATURES) or min(prior) <= 0:
+                raise ValueError(f"LatencyConfig.{name} needs {len(DRAFT_FEATURES)} positive coefficients "
+                                 f"{DRAFT_FEATURES}, got {prior}")
 
 
 class RLS:
@@ -184,10 +191,21 @@ class OnlineLatency:
         # not: a batched drafter's time is a share by nodes, and held >= 0 they drafted less in replay
         self.verify = RLS(c.verify_prior, np.array(c.verify_prior) * c.prior_scale, c.noise_s, c.forgetting,
                           VERIFY_NAME, c.prior_floor, nonnegative=True)
-        self.draft = {d: RLS(c.draft_prior, np.array(c.draft_prior) * c.prior_scale, c.noise_s, c.forgetting,
-                             DRAFT_NAME.format(d), c.prior_floor) for d in drafters}
+        self.draft = {d: self._draft_fit(d) for d in drafters}
         self.seeded = False
         self._pending: list[tuple] = []
+
+    def _draft_fit(self, drafter: str) -> RLS:
+        """The unseeded draft fit: for a lookup drafter the model-free prior's coefficients, held as loosely
+        as the model prior's (the same std), so the data weighs as much and a slow lookup is learned."""
+        c = self.config
+        traits = DRAFTER_TRAITS.get(drafter)
+        if traits is None or not traits.model_free:
+            return RLS(c.draft_prior, np.array(c.draft_prior) * c.prior_scale, c.noise_s, c.forgetting,
+                       DRAFT_NAME.format(drafter), c.prior_floor)
+        prior = np.array(c.model_free_draft_prior)
+        return RLS(prior, np.array(c.draft_prior) * c.prior_scale, c.noise_s, c.forgetting, DRAFT_NAME.format(drafter),
+                   c.prior_floor)
 
     def seed(self, profile) -> None:
         """Start from a hardware profile (a traces.latency.LatencyModel): its coefficients become the prior.

@@ -162,6 +162,18 @@ def test_nonnegative_fit_holds_a_negative_coefficient_at_zero():
     assert np.allclose(held.theta[:2], ref.theta)
 
 
+def test_a_lookup_drafter_starts_priced_as_a_lookup_and_learns_a_slow_one():
+    """Before any data an n-gram chain of 4 is priced in microseconds (at the model drafters' prior it cost
+    4 ms, and auto never tried it at batch 8); a lookup that really is slow is learned within 50 steps."""
+    from moetune.features import draft_features
+    lat = OnlineLatency(("draft_model", "ngram"))
+    chain4 = draft_features(np.array([4.0]), np.array([4.0]))
+    assert lat.predict_draft("ngram", chain4)[0] < 1e-4 < 1e-3 < lat.predict_draft("draft_model", chain4)[0]
+    for _ in range(50):
+        lat.observe("ngram", 5, 40, 100, 5e-3, depth=4, nodes=4, t_draft=2e-3)
+    assert lat.predict_draft("ngram", chain4)[0] == pytest.approx(2e-3, rel=0.2)
+
+
 def test_expert_model_learns_coactivation_and_tail():
     m = ExpertModel(SHAPE, max_tokens=20)
     for _ in range(100):  # co-activated routing: half the i.i.d. unique experts; tail gamma = 3

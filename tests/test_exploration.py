@@ -123,8 +123,8 @@ def test_a_batch_neither_calibrates_nor_force_tries_a_drafter_it_waits_for():
 
     def fresh(overdue: bool) -> None:
         c.setup(SHAPE)
-        if overdue:  # past calibration, self overdue for a try
-            c.warmup, c.exploration.due = 0, lambda forwards: "self"
+        if overdue:  # past calibration, self overdue for a try at any price
+            c.warmup, c.exploration.due, c.exploration.priced = 0, lambda forwards: "self", lambda *args: True
 
     for overdue in (False, True):
         fresh(overdue)

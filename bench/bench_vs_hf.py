@@ -121,8 +121,8 @@ class PhaseClock:
         self._undo = []
 
     def wrap(self, owner, attr: str, phase: str) -> None:
-        if not hasattr(owner, attr):
-            return
+        """Time owner.attr as `phase`. A missing attribute is an error: skipped, its phase's time fell into
+        'loop (other)' unseen (the lookahead, after engine/generate renamed it)."""
         inner = getattr(owner, attr)
 
         def timed(*a, **k):
@@ -151,7 +151,7 @@ def breakdown_moetune(target, tok, draft, prompts, n, spec: str, routing: bool |
     clock = PhaseClock()
     policy = make_policy(spec)
     g, v = engine_generate, engine_verify
-    for owner, attr, phase in [(g, "_lookahead", "lookahead"), (policy, "decide", "decide"),
+    for owner, attr, phase in [(g, "passive_lookahead", "lookahead"), (policy, "decide", "decide"),
                                (NgramDrafter, "draft", "draft"), (DraftModelDrafter, "draft", "draft"),
                                (g, "verify", "verify (other)"), (v, "forward_args", "mask, positions, inputs"),
                                (target, "forward", "verify forward"), (g, "accept_greedy", "accept"),

@@ -102,11 +102,17 @@ def fit_tree(tree: DraftTree, remaining: int) -> DraftTree:
 
 
 @torch.no_grad()
-def prefill(target, cache, ids: list[int]) -> None:
-    """Fill the target cache with every prompt token but the last (the first root)."""
+def prefill(target, cache, ids: list[int], with_root: bool = False) -> torch.Tensor | None:
+    """Fill the target cache with every prompt token but the last (the first root, verified with the first
+    tree). with_root: the root too, returning its last hidden state [1, 1, H], so a first step that verifies
+    the root alone (plain decoding) runs no forward of its own, as HF's prefill emits the first token."""
+    if with_root:
+        out = target.model(input_ids=torch.tensor([ids], device=target.device), cache=cache, use_cache=True)
+        return out.last_hidden_state[:, -1:]
     if len(ids) > 1:
         target.model(input_ids=torch.tensor([ids[:-1]], device=target.device), cache=cache,
                      use_cache=True)
+    return None
 
 
 def generate(target, tokenizer, prompts, drafter=None, policy: Policy | None = None,
@@ -177,6 +183,7 @@ class LiveBackend:
         self.chain: list[int] | None = None  # the passive draft's chain at this step
         self.t_look = self.prefill_time = self.t_start = 0.0
         self.cache = None
+        self.root_hidden: torch.Tensor | None = None  # [1, 1, H] when prefill also ran the first root
         self.offload = handle_of(target)  # the experts' offload store (engine/offload.py), None when resident
         self.verify_offload: dict | None = None  # the last verify forward's StepStats.offload_* fields
 
@@ -184,7 +191,9 @@ class LiveBackend:
         """Target cache of the prompt (all but its last token, the first root); drafters forget the last request."""
         t0 = time.perf_counter()
         self.cache = kv.new_cache(self.target)
-        prefill(self.target, self.cache, self.ids)
+        # A step that captures routing or reads offloaded experts needs the root in its own forward.
+        with_root = not self.routing and self.offload is None
+        self.root_hidden = prefill(self.target, self.cache, self.ids, with_root)
         for d in self.pool.values():
             d.prefill(self.ids)
         self.t_start = time.perf_counter()
@@ -207,6 +216,13 @@ class LiveBackend:
         """Target forward over [root, N nodes]: logits [N+1, V], the cache grows by N+1 entries. With experts
         offloaded, what it read from the slow tier is kept for the step's StepStats (draft forwards that
         share the store are draft time, not counted)."""
+        if self.root_hidden is not None:  # the first step, after a prefill that ran the root
+            hidden, self.root_hidden = self.root_hidden, None
+            if not len(tree) and config.budgets is None:
+                with self.timer.phase("verify"):
+                    logits = self.target.get_output_embeddings()(hidden)[0]  # [1, V]
+                return Verification(logits, None, kv.cache_len(self.cache) - 1)
+            kv.crop(self.cache, kv.cache_len(self.cache) - 1)  # the tree is verified with its root
         before = None if self.offload is None else offload_counters(self.offload)
         with self.timer.phase("verify"):
             ver = verify(self.target, self.cache, self.ids[-1], tree, config, self.routing)

@@ -58,6 +58,22 @@ def test_static_steps_skip_routing(target):
     assert all(s.unique_experts == () for s in res.steps)
 
 
+def test_plain_decoding_runs_as_many_forwards_as_hf(target):
+    """Plain decoding's prefill also runs the first root (as HF's prefill emits the first token): n new
+    tokens cost one prefill and n - 1 decode forwards, HF's count, and the output is HF's."""
+    calls = []
+    hook = target.model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        ref = hf_greedy(target, PROMPT, 12)
+        hf_calls = len(calls)
+        calls.clear()
+        res = generate(target, None, [PROMPT], max_new_tokens=12, eos_token_id=-1)[0]
+    finally:
+        hook.remove()
+    assert res.token_ids == ref and len(res.steps) == 12
+    assert len(calls) == hf_calls == 12
+
+
 def test_eos_and_max_tokens_mid_tree(target):
     ref = hf_greedy(target, PROMPT, 20)
     drafter = DraftModelDrafter(target)

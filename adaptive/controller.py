@@ -156,7 +156,7 @@ class Controller:
         """Fastest time per output token the latency model allows: all drafts accepted, minimal experts."""
         th, g = self.learners.latency.verify.theta, self.menu.grid
         min_experts = self.shape.num_layers * (1 if self.menu.levels.size else self.shape.top_k)
-        t = th[0] + th[1] * g.tokens + th[2] * min_experts
+        t = th[0] + self.learners.latency.overhead.value + th[1] * g.tokens + th[2] * min_experts
         return float(max(np.min(t / (g.depth + 1)), 0.0) * 1e3)
 
     # the estimators, for inspection (tests, health checks), with every observed step learned

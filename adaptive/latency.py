@@ -49,13 +49,21 @@ class LatencyConfig:
     # own prior: at the model drafters' 1 ms per level an n-gram chain of 4 was priced at 4 ms until it was
     # tried with a match, and at batch 8 in replay it never was (auto ran plain throughout)
     model_free_draft_prior: tuple[float, ...] = (2e-5, 5e-6, 1e-6)
+    # a request's own bookkeeping per step (accept, commit, decide + observe), outside the forwards
+    overhead_prior: float = 1e-4
+    # forgetting of a batched drafter's paid share (OnlineLatency.draft_share): faster than the fits', so a
+    # few lone tries raise the price of the next
+    share_forgetting: float = 0.98
 
     def __post_init__(self):
-        if not 0.9 <= self.forgetting <= 1.0:
-            raise ValueError(f"LatencyConfig.forgetting must be in [0.9, 1], got {self.forgetting}")
+        for name in ("forgetting", "share_forgetting"):
+            if not 0.9 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"LatencyConfig.{name} must be in [0.9, 1], got {getattr(self, name)}")
         if not 0.0 < self.prior_floor <= 1.0:
             raise ValueError(f"LatencyConfig.prior_floor must be in (0, 1] (1 = the prior is never forgotten), "
                              f"got {self.prior_floor}")
+        if not 0.0 <= self.overhead_prior < 1.0:
+            raise ValueError(f"LatencyConfig.overhead_prior must be seconds in [0, 1), got {self.overhead_prior}")
         for name in ("noise_s", "prior_scale", "seeded_scale"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"LatencyConfig.{name} must be > 0, got {getattr(self, name)}")
@@ -180,8 +188,48 @@ def fit_features(tokens, experts, context_len) -> np.ndarray:
     return verify_features(tokens, experts, context_len) / FIT_SCALE
 
 
+class RunningMean:
+    """An exponentially weighted mean whose prior counts as one observation (OnlineLatency's per-request
+    overhead and each batched drafter's paid share of its forward)."""
+
+    def __init__(self, prior: float, forgetting: float, name: str):
+        self.prior, self.forgetting, self.name = float(prior), forgetting, name
+        self.resets = 0
+        self.reset()
+
+    def reset(self) -> None:
+        self.total, self.weight = self.prior, 1.0
+
+    @property
+    def value(self) -> float:
+        return self.total / self.weight
+
+    def observe_many(self, values: np.ndarray) -> None:
+        """The m observations (oldest first), as m single exponentially weighted updates."""
+        m, lam = len(values), self.forgetting
+        age = lam ** (m - 1 - np.arange(m))
+        self.total = lam ** m * self.total + float(age @ values)
+        self.weight = lam ** m * self.weight + float(age.sum())
+
+    def check(self) -> bool:
+        healthy = bool(np.isfinite(self.total) and self.total >= 0.0 and self.weight > 0.0)
+        if not healthy:
+            report_reset(self, self.name, f"non-finite or negative mean {self.total} / {self.weight}")
+            self.reset()
+        return healthy
+
+
 class OnlineLatency:
-    """Step time = verify(tokens, experts, ctx) + draft[drafter](depth, nodes), both fitted online."""
+    """Step time = verify(tokens, experts, ctx) + draft[drafter](depth, nodes) + the request's overhead: the
+    two fitted online, the last a running mean.
+
+    Why the overhead apart from the verify fit: in a batch the forward is shared but each request's
+    bookkeeping (accept, commit, decide + observe) is not; folded into the forward's constant, then shared
+    by the batch, it priced plain decoding at batch 64 (replay) at 0.28 ms a request-step where it costs
+    0.65 ms, and auto ran plain. Why a batched drafter's paid share (`draft_share`, the mean over drafting
+    requests of 1 / the requests in their draft forward, starting at 0: as if the whole batch drafted):
+    priced alone while few drafted with it none started, priced as shared by the whole batch a lone try
+    looked 8 times cheaper than it was at batch 8 (adaptive/plan.py Plan.batch_times)."""
 
     def __init__(self, drafters: tuple[str, ...], config: LatencyConfig = LatencyConfig()):
         self.config = config
@@ -192,6 +240,8 @@ class OnlineLatency:
         self.verify = RLS(c.verify_prior, np.array(c.verify_prior) * c.prior_scale, c.noise_s, c.forgetting,
                           VERIFY_NAME, c.prior_floor, nonnegative=True)
         self.draft = {d: self._draft_fit(d) for d in drafters}
+        self.overhead = RunningMean(c.overhead_prior, c.forgetting, "step overhead mean")
+        self.draft_share = {d: RunningMean(0.0, c.share_forgetting, f"draft forward share of {d!r}") for d in drafters}
         self.seeded = False
         self._pending: list[tuple] = []
 
@@ -211,12 +261,12 @@ class OnlineLatency:
         """Start from a hardware profile (a traces.latency.LatencyModel): its coefficients become the prior.
 
         The profile's coefficients are per token; the fit's context terms per CONTEXT_SCALE tokens.
-        Accept + commit overhead joins the constant, as our verify target includes them. A zero
-        coefficient gets a small floor on its prior std so data can still move it.
+        Its per-request accept + commit overhead seeds the overhead mean. A zero coefficient gets a small
+        floor on its prior std so data can still move it.
         """
         c = self.config
-        c0, ct, ce, cc, cct = (float(x) for x in profile.verify)
-        theta = np.array([c0 + float(profile.step_overhead), ct, ce, cc, cct]) * FIT_SCALE
+        theta = np.array([float(x) for x in profile.verify]) * FIT_SCALE
+        self.overhead = RunningMean(float(profile.step_overhead), c.forgetting, "step overhead mean")
         floor = 0.1 * np.array(c.verify_prior)
         self.verify = RLS(theta, np.hypot(theta * c.seeded_scale, floor), c.noise_s, c.forgetting, VERIFY_NAME,
                           c.prior_floor, nonnegative=True)
@@ -228,11 +278,15 @@ class OnlineLatency:
         self.seeded = True
 
     def observe(self, drafter: str | None, tokens: int, experts: float, context_len: int,
-                t_verify: float, depth: int = 0, nodes: int = 0, t_draft: float = 0.0, weight: float = 1.0) -> None:
+                t_verify: float, depth: int = 0, nodes: int = 0, t_draft: float = 0.0, weight: float = 1.0,
+                draft_weight: float = 1.0, overhead: float = 0.0, draft_share: float | None = None) -> None:
         """Queue one step (applied by `flush`); drafter None or unknown: no drafting happened or is fitted.
-        weight: what the verify observation is worth (a batched forward: each request's share, RLS.observe_many)."""
+        weight, draft_weight: what the verify and the draft observation are worth (a batched forward: each
+        request's share of it, RLS.observe_many). overhead: the request's own seconds outside the forwards.
+        draft_share: in a batched draft forward, 1 / the requests that drafted in it (None: none)."""
         self._pending.append((drafter if drafter in self.draft else None, tokens, experts, context_len, t_verify,
-                              depth, nodes, t_draft, weight))
+                              depth, nodes, t_draft, weight, draft_weight, overhead,
+                              np.nan if draft_share is None else draft_share))
 
     def flush(self) -> None:
         """Apply the queued steps as block updates of the verify fit and of each drafter's fit."""
@@ -240,17 +294,23 @@ class OnlineLatency:
             return
         drafter, *cols = zip(*self._pending)
         self._pending.clear()
-        tokens, experts, ctx, t_verify, depth, nodes, t_draft, weight = (np.array(c, dtype=float) for c in cols)
+        tokens, experts, ctx, t_verify, depth, nodes, t_draft, weight, draft_weight, overhead, share = (
+            np.array(c, dtype=float) for c in cols)
         self.verify.observe_many(fit_features(tokens, experts, ctx), t_verify, weight)
+        self.overhead.observe_many(overhead)
         for name, rls in self.draft.items():
             sel = np.array([d == name for d in drafter])
             if sel.any():
-                rls.observe_many(draft_features(depth[sel], nodes[sel]), t_draft[sel])
+                rls.observe_many(draft_features(depth[sel], nodes[sel]), t_draft[sel], draft_weight[sel])
+                shared = share[sel][~np.isnan(share[sel])]
+                if len(shared):
+                    self.draft_share[name].observe_many(shared)
 
     def check(self) -> bool:
         """Apply the queued steps and check every fit (each resets itself to its prior if degraded)."""
         self.flush()
-        return all([self.verify.check(), *(rls.check() for rls in self.draft.values())])
+        means = [self.overhead, *self.draft_share.values()]
+        return all([self.verify.check(), *(m.check() for m in means), *(rls.check() for rls in self.draft.values())])
 
     def predict_verify(self, tokens, experts, context_len) -> np.ndarray:
         self.flush()
@@ -260,3 +320,12 @@ class OnlineLatency:
         """Draft seconds for rows of moetune.features.draft_features, built once by the caller."""
         self.flush()
         return np.maximum(self.draft[drafter].predict(features), 0.0)
+
+    def predict_draft_shared(self, drafter: str, features: np.ndarray) -> np.ndarray:
+        """The part of predict_draft a batched draft forward shares among its requests: its constant and its
+        per-level forwards (DRAFT_FEATURES const and depth; the nodes are each request's own), within the
+        whole prediction."""
+        self.flush()
+        theta = self.draft[drafter].theta
+        shared = features[:, :2] @ theta[:2]
+        return np.clip(shared, 0.0, np.maximum(features @ theta, 0.0))

@@ -202,14 +202,20 @@ class Learners:
         if stats.offload_misses is not None:
             forward_experts = computed if stats.batch_experts is None else stats.batch_experts
             self.transfers.observe(stats.offload_misses, stall, forward_experts)
+        # batched: the whole forward (a share would price a token, a drafted node, as alone), worth this
+        # request's share of one observation (every request sees the forward); its overhead is its own
+        draft = (stats.tree_depth, stats.tree_size, stats.t_draft) if stats.batch_t_draft is None else (
+            stats.batch_draft_depth, stats.batch_draft_nodes, stats.batch_t_draft)
+        shared = {} if stats.batch_t_draft is None else dict(
+            draft_weight=stats.tree_size / stats.batch_draft_nodes, draft_share=1.0 / stats.batch_draft_requests)
+        drafter = cfg.drafter if cfg.speculate else None
         if stats.batch_experts is None:
-            self.latency.observe(cfg.drafter if cfg.speculate else None, tokens, computed, stats.context_len,
-                                 stats.t_verify - stall + overhead, stats.tree_depth, stats.tree_size, stats.t_draft)
-        else:  # batched: the whole forward (a row share would price a token as alone), with this request's
-            # overhead, worth its row share of one observation (every request sees the forward)
-            self.latency.observe(cfg.drafter if cfg.speculate else None, stats.batch_tokens, stats.batch_experts,
-                                 stats.batch_context, stats.batch_t_verify - stall + overhead, stats.tree_depth,
-                                 stats.tree_size, stats.t_draft, weight=tokens / stats.batch_tokens)
+            self.latency.observe(drafter, tokens, computed, stats.context_len, stats.t_verify - stall, *draft,
+                                 overhead=overhead, **shared)
+        else:
+            self.latency.observe(drafter, stats.batch_tokens, stats.batch_experts, stats.batch_context,
+                                 stats.batch_t_verify - stall, *draft, weight=tokens / stats.batch_tokens,
+                                 overhead=overhead, **shared)
 
     # ---- plan ----------------------------------------------------------------------------------------
     def check(self) -> None:
@@ -219,9 +225,13 @@ class Learners:
 
     def estimates(self, menu: Menu) -> Estimates:
         """The global models' predictions a plan is built from."""
-        draft = np.zeros(len(menu.grid))
+        draft, shared, paid = np.zeros(len(menu.grid)), np.zeros(len(menu.grid)), np.ones(len(menu.grid))
         for name, sel, features in menu.drafting:
             draft[sel] = self.latency.predict_draft(name, features)
+            if DRAFTER_TRAITS[name].batched:
+                shared[sel] = self.latency.predict_draft_shared(name, features)
+                paid[sel] = self.latency.draft_share[name].value
         return Estimates(self.experts.predict(menu.token_counts), self.fidelity.w, self.experts.gamma,
                          self.fidelity.lam, self.latency.verify.theta, draft, self.experts.shape.num_experts,
-                         self.config.max_agreement_loss, self.transfers.seconds_per_expert)
+                         self.config.max_agreement_loss, self.transfers.seconds_per_expert, shared, paid,
+                         self.latency.overhead.value)

@@ -117,6 +117,13 @@ class Estimates:
     # experts offloaded: the expected slow-tier seconds each unique expert computed adds (adaptive/transfers.py,
     # miss rate x seconds per miss); 0 with every expert resident
     transfer_seconds: float = 0.0
+    # (C,) the part of draft_seconds a batched draft forward shares among its requests (its constant and
+    # per-level forwards: OnlineLatency.predict_draft_shared); None: nothing shared (no batched drafter)
+    draft_shared: np.ndarray | None = None
+    # (C,) the share of that part a request drafting with it pays (OnlineLatency.draft_share; 0: split by the
+    # whole batch); None: 1
+    draft_paid: np.ndarray | None = None
+    overhead_seconds: float = 0.0  # a request's own seconds per step outside the forwards (OnlineLatency.overhead)
 
     @property
     def expert_seconds(self) -> float:
@@ -147,6 +154,8 @@ class Plan:
     positions: tuple | None  # ... and per option (family, depth)
     verify_const: float  # the verify fit's constant: a forward's, shared by every request of a batch
     expert_seconds: np.ndarray  # (C * J,) verify seconds of each option's predicted experts
+    draft_shared: np.ndarray  # (C * J,) draft seconds a batched draft forward shares (Estimates.draft_shared)
+    draft_paid: np.ndarray  # (C * J,) the share of it each pays (Estimates.draft_paid)
 
     def batch_times(self, times, loaded: float, requests: int) -> list | np.ndarray:
         """Each option's step seconds in a batch of `requests`: what it adds to the forward (its step
@@ -155,8 +164,13 @@ class Plan:
         a share x is loaded add about u (1 - x)) plus its even share of the constant, so the requests'
         times add up to the step's. The verify fit is linear: the others' tokens and context cancel.
         Why the share: priced at the bare marginal, the constant looks free and each extra token costly
-        (auto ran shallow n-gram chains at batch 8, 1.35x plain where it reaches 1.57x with the share)."""
-        saved = self.verify_const * (1.0 - 1.0 / requests) + loaded * self.expert_seconds
+        (auto ran shallow n-gram chains at batch 8, 1.35x plain where it reaches 1.57x with the share).
+        A batched drafter's forward is priced alike: each pays the share of its constant and levels that
+        requests drafting with it have paid (OnlineLatency.draft_share), at least 1 / requests. Why learned and
+        starting shared by the whole batch: priced alone while few used it, none started (auto ran plain at
+        batch 32 in replay, where the draft-model chain is the best static config)."""
+        saved = self.verify_const * (1.0 - 1.0 / requests) + loaded * self.expert_seconds \
+            + self.draft_shared * (1.0 - np.maximum(self.draft_paid, 1.0 / requests))
         if isinstance(times, np.ndarray):
             return np.maximum(times - saved, 1e-6)
         return [max(t - s, 1e-6) for t, s in zip(times, saved.tolist())]
@@ -212,18 +226,22 @@ def build_plan(menu: Menu, est: Estimates) -> Plan:
     return Plan(X, M, tuple(loss.tolist()), tuple(valid.tolist()),
                 tuple(np.where(loss > est.max_agreement_loss, -np.inf, 0.0).tolist()),
                 tuple(map(tuple, budgets.tolist())), est.layer_weights.tolist(), terms, positions,
-                float(est.verify_theta[0]), np.maximum(est.expert_seconds * kept.ravel(), 0.0))
+                float(est.verify_theta[0]), np.maximum(est.expert_seconds * kept.ravel(), 0.0),
+                np.repeat(np.zeros(C) if est.draft_shared is None else est.draft_shared, J),
+                np.repeat(np.ones(C) if est.draft_paid is None else est.draft_paid, J))
 
 
 def _time_terms(menu: Menu, est: Estimates, kept: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """(C * J, 2 + 2F) step-time terms: verify(tokens, experts, context) + draft, with the context folded
+    """(C * J, 2 + 2F) step-time terms: verify(tokens, experts, context) + draft + the request's overhead, with
+    the context folded
     out, less the verify time of an option's draft nodes (what a step that drafts fewer saves). Each expert
     costs Estimates.expert_seconds: compute, and under offload its expected transfer."""
     g, J, th, per_expert = menu.grid, menu.levels_per_candidate, est.verify_theta, est.expert_seconds
     C, F = len(g), len(g.families)
     n = np.repeat(g.tokens.astype(float), J)
     # clamped: a step takes some time, and a longer context never makes it faster
-    t0 = np.maximum(th[0] + th[1] * n + per_expert * kept.ravel() + np.repeat(est.draft_seconds, J), 1e-6)
+    t0 = np.maximum(th[0] + th[1] * n + per_expert * kept.ravel() + np.repeat(est.draft_seconds, J)
+                    + est.overhead_seconds, 1e-6)
     t1 = np.maximum(th[3] + th[4] * n, 0.0) / 1000.0
     n0 = np.maximum(th[1] * (n - 1) + per_expert * (kept.ravel() - kept[0, 0]), 0.0)
     n1 = np.maximum(th[4] * (n - 1), 0.0) / 1000.0

@@ -146,17 +146,22 @@ class PackedBatch:
                 seated.setdefault(drafter.shared, []).append(r)
             elif drafter is not None:
                 r.tree = fit_tree(drafter.draft(r.ids, r.config), r.max_new_tokens - r.generated)
-            r.t_decide, r.t_draft = t2 - t1, t1 - t0 + self.clock() - t2
+            r.t_decide, r.t_draft, r.draft_forward = t2 - t1, t1 - t0 + self.clock() - t2, None
         for drafter, group in seated.items():
             self.draft_together(drafter, group)
 
     def draft_together(self, drafter: BatchedDraftModel, group: list[Request]) -> None:
         """The group's trees from one packed draft forward per round (catch-up, then each level); the
-        shared time is divided among the group by drafted nodes, as verify's is by verified rows."""
+        shared time is divided among the group by drafted nodes, as verify's is by verified rows; in a batch,
+        each also carries the whole draft forward (StepStats.batch_draft_*)."""
         t0 = self.clock()
         trees = drafter.draft([(r.index, r.ids, r.config) for r in group])
         elapsed, nodes = self.clock() - t0, sum(len(tree) for tree in trees)
+        forward = None if len(self.active) == 1 or not nodes else dict(
+            batch_draft_depth=max(tree.depth for tree in trees), batch_draft_nodes=nodes, batch_t_draft=elapsed,
+            batch_draft_requests=len(group))
         for r, tree in zip(group, trees):
+            r.draft_forward = forward
             r.tree = fit_tree(tree, r.max_new_tokens - r.generated)
             r.t_draft += elapsed * (len(tree) / nodes if nodes else 1 / len(group))
 
@@ -253,7 +258,8 @@ class PackedBatch:
                 tree_depth=r.tree.depth, context_len=len(r.ids) - len(r.emitted),
                 times=(r.t_draft, t_verify * share, r.t_accept, r.t_commit + t_compact * share),
                 t_control=r.t_decide + r.t_observe, unique=unique[i], passive=self.passive, chain=r.chain,
-                gpu=gpu_snapshot(device), forward=forward, offload=offload, **evicted)
+                gpu=gpu_snapshot(device), forward=forward, draft_forward=r.draft_forward, offload=offload,
+                **evicted)
             r.steps.append(stats)
             t0 = self.clock()
             self.policy.observe(stats)

@@ -61,6 +61,7 @@ class Request:
         self.emitted: list[int] = []
         self.t_decide = self.t_draft = self.t_accept = self.t_commit = 0.0
         self.batch: BatchContext | None = None  # the others of its last step, for its next decision
+        self.draft_forward: dict | None = None  # this step's shared draft forward (StepStats.batch_draft_*)
 
     def result(self, tokenizer) -> BatchResult:
         out = self.ids[len(self.prompt):]

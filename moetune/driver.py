@@ -136,7 +136,8 @@ def step_stats(request_id: int, step: int, config: StepConfig, *, accepted: int,
                t_control: float, unique: tuple = (), kept: tuple | None = None, mass_kept: tuple | None = None,
                substituted: tuple | None = None, nodes_kept: int | None = None, agreement: float | None = None,
                passive: StepConfig | None = None, chain: Sequence[int] | None = None,
-               gpu: dict | None = None, forward: dict | None = None, offload: dict | None = None) -> StepStats:
+               gpu: dict | None = None, forward: dict | None = None, draft_forward: dict | None = None,
+               offload: dict | None = None) -> StepStats:
     """The one place a StepStats is built, live and in replay alike.
 
     emitted: the tokens the step committed (its count goes into StepStats.emitted; the passive draft is
@@ -145,7 +146,8 @@ def step_stats(request_id: int, step: int, config: StepConfig, *, accepted: int,
     to unique, mass kept to 1 and substituted tokens to 0. passive: the policy's passive draft; chain: its
     chain at this step, None when unknown (sampling, where emitted tokens are not the target's argmax, or a
     trace without that drafter): then StepStats.probe is None. forward: in a batch, the shared forward's
-    StepStats.batch_* fields. offload: with experts offloaded, the verify forward's StepStats.offload_* fields.
+    StepStats.batch_* fields; draft_forward: the shared draft forward's (batch_draft_*). offload: with experts
+    offloaded, the verify forward's StepStats.offload_* fields.
     """
     layers = len(unique)
     return StepStats(
@@ -158,4 +160,4 @@ def step_stats(request_id: int, step: int, config: StepConfig, *, accepted: int,
         agreement=agreement, gpu=gpu,
         probe=None if passive is None or chain is None else Probe.check(passive.drafter, passive.depth, chain,
                                                                         emitted),
-        request_id=request_id, **(forward or {}), **(offload or {}))
+        request_id=request_id, **(forward or {}), **(draft_forward or {}), **(offload or {}))

@@ -262,6 +262,14 @@ class StepStats:
     batch_experts: int | None = None
     batch_context: int | None = None
     batch_t_verify: float | None = None
+    # in a batch, the draft forward this request drafted in (engine/batch.py batches the drafters
+    # DrafterTraits.batched; None alone, or when it drafted with none of them): the draft fit learns the whole
+    # forward, as t_draft is only this request's node share of it. Its depth (deepest tree), nodes (summed),
+    # seconds, and the requests that drafted in it (the controller learns what share of it a drafter pays).
+    batch_draft_depth: int | None = None
+    batch_draft_nodes: int | None = None
+    batch_t_draft: float | None = None
+    batch_draft_requests: int | None = None
     # experts offloaded to a slow tier (engine/offload.py live, traces/offload.py in replay; None when off): what
     # the verify forward (both, in evaluation mode; in a batch, the shared one) read from the slow tier on its
     # critical path. Misses: experts it computed that were not in the fast tier (summed over layers); bytes:
@@ -278,6 +286,11 @@ class StepStats:
             raise ValueError(f"StepStats: batch_tokens, batch_context and batch_t_verify are set together (a "
                              f"batched step) or not at all, batch_experts only with them; got {forward}, "
                              f"batch_experts={self.batch_experts}")
+        draft = (self.batch_draft_depth, self.batch_draft_nodes, self.batch_t_draft, self.batch_draft_requests)
+        if draft != (None,) * 4 and not (all(x is not None for x in draft) and min(draft[1], draft[3]) >= 1):
+            raise ValueError(f"StepStats: batch_draft_depth, batch_draft_nodes (>= 1), batch_t_draft and "
+                             f"batch_draft_requests (>= 1) are set together (a batched draft forward) or not at all; "
+                             f"got {draft}")
         offload = (self.offload_misses, self.offload_bytes, self.offload_stall)
         if offload != (None, None, None) and not all(x is not None and x >= 0 for x in offload):
             raise ValueError(f"StepStats: offload_misses, offload_bytes and offload_stall are set together (experts "

@@ -10,7 +10,7 @@ from moetune.adaptive.eviction import EvictionChooser, EvictionConfig
 from moetune.adaptive.experts import ExpertModel, iid_unique
 from moetune.adaptive.fidelity import FidelityModel
 from moetune.adaptive.latency import RLS, OnlineLatency
-from moetune.step import PLAIN, BatchContext, DecodeState, Lookahead, ModelShape, Probe, StepStats
+from moetune.step import PLAIN, BatchContext, DecodeState, Lookahead, ModelShape, Probe, StepConfig, StepStats
 from moetune.traces.latency import LatencyModel
 
 SHAPE = ModelShape(num_layers=6, num_experts=32, top_k=4)
@@ -114,7 +114,8 @@ def test_latency_rls_recovers_coefficients_and_seeds_from_profile():
     assert np.all(np.abs(pred - true) / true < 0.03)
     seeded = OnlineLatency(("draft_model",))
     seeded.seed(LatencyModel(verify=(1e-3, 1e-4, 2e-5, 1e-7, 0.0), step_overhead=1e-4))
-    assert seeded.seeded and np.allclose(seeded.verify.theta, [1.1e-3, 1e-4, 2e-5, 1e-4, 0.0])
+    assert seeded.seeded and np.allclose(seeded.verify.theta, [1e-3, 1e-4, 2e-5, 1e-4, 0.0])
+    assert seeded.overhead.value == pytest.approx(1e-4)  # the profile's per-request overhead, apart
 
 
 def test_block_rls_update_equals_sequential_updates():
@@ -552,3 +553,58 @@ def test_a_batched_forward_is_one_observation_of_the_latency_fit():
     c.learn()
     c.latency.flush()
     assert c.latency.verify.n == pytest.approx(25.0)
+
+
+def test_a_requests_overhead_stays_its_own_in_a_batch():
+    """In a batch the forward is shared but each request's accept, commit and control are not: the verify
+    fit learns the forward alone, the overhead is each request's, so a plain step at batch 16 is priced at
+    its share of the forward plus its whole overhead (folded into the shared constant it became 1/16 of it)."""
+    c = make(ControllerConfig(budgets=False))
+    base, per_token, per_expert, overhead = 5e-3, 1e-4, 2e-5, 3e-4
+    rng = np.random.default_rng(0)
+    for step in range(100):
+        tokens, experts, context = int(rng.integers(16, 64)), int(rng.integers(60, 190)), int(rng.integers(1, 4000))
+        for rid in range(16):
+            c.observe(StepStats(step, PLAIN, 0, 1, 0, 0, 100, t_verify=1e-3, t_accept=1e-4, t_commit=2e-4,
+                                request_id=rid, batch_tokens=tokens, batch_experts=experts, batch_context=context,
+                                batch_t_verify=base + per_token * tokens + per_expert * experts))
+    c.learn()
+    assert c.latency.overhead.value == pytest.approx(overhead, rel=0.01)
+    assert c.latency.verify.theta[0] == pytest.approx(base, rel=0.1)
+    c.replan()
+    # a plain step in a batch of 16 whose others load every expert: its overhead, 1/16 of the forward's
+    # constant and its token (its experts cost nothing new)
+    plain = c.plan.batch_times(c.plan.step_times([0.0] * len(c.menu.grid.families), 100), 1.0, 16)[0]
+    assert plain == pytest.approx(overhead + base / 16 + per_token, rel=0.1)
+
+
+def test_a_shared_draft_forward_is_learned_whole_and_priced_shared():
+    """A batched draft forward is observed whole by each request in it (worth its node share), so the draft
+    fit finds the per-level forward time, not a share of it; in a batch a request pays the share of its
+    constant and levels that drafting requests paid (here 1/2..1/16), the nodes stay its own."""
+    c = make(ControllerConfig(budgets=False, drafters=("draft_model",)))
+    per_level, per_node = 1.2e-3, 2e-5
+    cfg = StepConfig(depth=2)
+    rng = np.random.default_rng(0)
+    for step in range(100):
+        depth, drafting = int(rng.integers(1, 5)), int(rng.integers(2, 17))  # requests drafting with it
+        nodes = depth * drafting
+        t_draft = per_level * depth + per_node * nodes
+        for rid in range(drafting):
+            c.observe(StepStats(step, cfg, 1, 2, depth, depth, 100, t_draft=t_draft / drafting, t_verify=1e-3,
+                                request_id=rid, batch_tokens=16 + nodes, batch_experts=150, batch_context=1600,
+                                batch_t_verify=6e-3, batch_draft_depth=depth, batch_draft_nodes=nodes,
+                                batch_t_draft=t_draft, batch_draft_requests=drafting))
+    c.replan()
+    theta = c.latency.draft["draft_model"].theta
+    assert theta[1] == pytest.approx(per_level, rel=0.1)
+    chain = c.menu.grid.configs.index(StepConfig(depth=2))
+    option = chain * c.menu.levels_per_candidate
+    shared, paid = c.plan.draft_shared[option], c.plan.draft_paid[option]
+    assert shared == pytest.approx(theta[0] + 2 * theta[1])
+    assert 1 / 16 < paid < 1 / 2  # what a drafting request paid: 1 / (2..16 requests drafting)
+    alone = c.plan.step_times([0.0] * len(c.menu.grid.families), 100)
+    batched = c.plan.batch_times(alone, 0.0, 16)
+    assert batched[option] == pytest.approx(alone[option] - c.plan.verify_const * 15 / 16 - shared * (1 - paid))
+    with pytest.raises(ValueError, match="batch_draft_depth"):
+        StepStats(0, cfg, 0, 1, 2, 2, 100, batch_draft_nodes=4)

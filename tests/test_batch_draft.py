@@ -104,6 +104,16 @@ def test_generate_batch_equals_each_request_alone(target, policy):
         assert r.token_ids == s.token_ids == hf_greedy(target, p, 14)
         assert [(x.tree_size, x.accepted) for x in r.steps] == [(x.tree_size, x.accepted) for x in s.steps]
         assert all(x.t_draft > 0 for x in r.steps if x.config.speculate)
+    # a step's draft-model requests share one draft forward: each carries it whole, with its group's size
+    # (its nodes as drafted: a tree cut at max_new_tokens verifies fewer)
+    forwards = {}
+    for r in res:
+        for x in r.steps:
+            if x.batch_t_draft is not None:
+                assert x.config.drafter == "draft_model"
+                forwards.setdefault(x.batch_t_draft, []).append(x)
+    assert forwards and all(len(g) == g[0].batch_draft_requests and sum(x.tree_size for x in g) <= g[0].batch_draft_nodes
+                            for g in forwards.values())
     drafted = [x.accepted for r in res for x in r.steps if x.config.speculate and x.config.drafter == "draft_model"]
     assert sum(drafted) / len(drafted) >= 1.5  # the same-model draft really speculated
 

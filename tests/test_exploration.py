@@ -96,17 +96,22 @@ def test_thompson_draws_of_shapes_near_zero_are_never_nan():
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_a_batch_forces_tries_per_forward_not_per_request(seed):
+def test_a_batch_forces_tries_per_forward_not_per_request(seed, monkeypatch):
     """In a batch the schedule runs on forwards: 8 requests with a useless drafter force about as many tries
     per forward as one request does per step (before, every request's step advanced it: 10-25 useless
-    speculative steps in 128 forwards, each holding the shared forward)."""
+    speculative steps in 128 forwards, each holding the shared forward). With the tries Thompson draws make
+    early on (the batched draft forward is priced as shared until lone tries raise its price), the useless
+    drafter costs at most 4% of plain decoding's throughput (measured: 2.5%)."""
     c = ControllerConfig()
+    tries, tried = [], ExplorationSchedule.tried
+    monkeypatch.setattr(ExplorationSchedule, "tried", lambda self, *a: (tries.append(a), tried(self, *a))[1])
     useless = synthetic_trace(SHAPE, n_requests=16, n_tokens=64, phases=[[Phase(64, (0.0,), alt=0.0)]] * 16)
     result = replay_batch(useless, make_policy(f"adaptive:budgets=false,seed={seed}"), LATENCY, 8)
-    spec = [result.replay.configs[int(i)].speculate for i in result.replay.log[:, 3]]
+    plain = replay_batch(useless, make_policy("plain"), LATENCY, 8)
     forwards = len(result.steps)
     forced = math.log2(c.explore_every_max / c.explore_every) + 1 + forwards / c.explore_every_max
-    assert forwards == 128 and sum(spec) <= 4 + 2 + forced  # 4 calibration steps, a couple of draws
+    assert forwards == 128 and len(tries) <= forced
+    assert result.throughput >= 0.96 * plain.throughput
 
 
 def test_a_batch_neither_calibrates_nor_force_tries_a_drafter_it_waits_for():

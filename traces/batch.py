@@ -113,6 +113,7 @@ class Member(TraceBackend):
         self.experts, self.context = None, 0  # [L, E] bool and context length, set by plan
         self.batch: BatchContext | None = None  # the others of its last step, for its next decision (step)
         self.forward: dict = {}  # its last step's whole forward, as StepStats' batch_* fields (step)
+        self.draft_forward: dict | None = None  # its last step's shared draft forward (draft_times)
 
     def plan(self, policy: Policy, passive: StepConfig | None, others: int) -> None:
         """Decide, draft, verify (the counterfactual outcome) and accept this request's step, in a batch
@@ -144,8 +145,8 @@ class Member(TraceBackend):
         """The step's StepStats (model times only, as single-request replay) to the policy's observe."""
         stats = self.stats(self.req.request_id, step, self.config, passive, self.tree, self.outcome,
                            self.accepted, 0.0)
-        if self.forward:
-            stats = replace(stats, **self.forward)
+        if self.forward or self.draft_forward:
+            stats = replace(stats, **self.forward, **(self.draft_forward or {}))
         t0 = perf_counter()
         policy.observe(stats)
         self.control += perf_counter() - t0
@@ -154,8 +155,11 @@ class Member(TraceBackend):
 def draft_times(latency: LatencyModel, batch: list[Member], mode: str) -> list[float]:
     """Each request's draft seconds this step: its own (serial), or its share, by its rows (root and drafted
     nodes), of one batched draft per drafter (draft_time at the deepest tree and all the drafter's nodes);
-    "engine": as engine/batch.py drafts, the drafters it batches (DRAFTER_TRAITS) batched, the others serial."""
+    "engine": as engine/batch.py drafts, the drafters it batches (DRAFTER_TRAITS) batched, the others serial.
+    In a batch, each member of a batched draft gets the whole draft forward (Member.draft_forward), as live."""
     out = [m.t_draft for m in batch]
+    for m in batch:
+        m.draft_forward = None
     if mode == "serial":
         return out
     for drafter in {m.config.drafter for m in batch if m.config.speculate}:
@@ -163,10 +167,13 @@ def draft_times(latency: LatencyModel, batch: list[Member], mode: str) -> list[f
             continue
         mine = [i for i, m in enumerate(batch) if m.config.speculate and m.config.drafter == drafter]
         rows = [batch[i].outcome.tree_size + 1 for i in mine]
-        total = float(latency.draft_time(drafter, max(batch[i].outcome.tree_depth for i in mine),
-                                         sum(batch[i].outcome.tree_size for i in mine)))
+        depth, nodes = max(batch[i].outcome.tree_depth for i in mine), sum(batch[i].outcome.tree_size for i in mine)
+        total = float(latency.draft_time(drafter, depth, nodes))
+        forward = dict(batch_draft_depth=depth, batch_draft_nodes=nodes, batch_t_draft=total,
+                       batch_draft_requests=len(mine)) if len(batch) > 1 and nodes else None
         for i, r in zip(mine, rows):
             out[i] = total * (r / sum(rows))
+            batch[i].draft_forward = forward
     return out
 
 

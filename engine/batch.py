@@ -1,4 +1,4 @@
-"""Batched greedy decoding: several requests share one target forward per step (continuous batching).
+"""Batched decoding: several requests share one target forward per step (continuous batching).
 
 Layout: the batch is packed into ONE sequence (batch dim 1), so the single-request machinery (a
 DynamicCache, explicit position ids, tree masks and acceptance) carries over:
@@ -22,7 +22,9 @@ padded batch does. One plain decode forward on the embedded target (CPU, 1 threa
 cached tokens, best of 24, ms): batch 1: full mask 5.4, gathered 5.7, padded 5.2, one request alone 4.9;
 batch 8: 11.7, 10.5, 9.2, eight single-request forwards 42.1; batch 16: 21.1, 14.6, 13.3, 92.0.
 
-Greedy only (temperature 0). A draft model drafts for all its requests of a step at once
+Greedy, or sampled (temperature > 0, top_p) with each request's own generator, seeded seed + its index, so
+a request samples what engine.generate samples for it alone with that seed (given the same trees: static
+configs). A draft model drafts for all its requests of a step at once
 (engine/drafters/batched.py): one draft cache packed as the target's, and one packed forward for the
 catch-up on committed tokens, then one per tree level, whatever the requests' shapes; each request's tree
 is what its own DraftModelDrafter would propose. Other drafters run per request, in turn, each request
@@ -51,7 +53,7 @@ from moetune.policies.static import Static
 from moetune.step import PLAIN, BatchContext, DecodeState, StepConfig
 
 from . import kv
-from .accept import accept_greedy
+from .accept import accept_greedy, accept_sample
 from .batch_eviction import Group, RowReport, evict_rows
 from .batch_request import BatchResult, Request, check_arguments, emit, throughput
 from .drafters import DraftModelDrafter, Proposer
@@ -81,8 +83,9 @@ def _batchable(config: StepConfig) -> StepConfig:
 class PackedBatch:
     """The active requests and their shared cache; one method per decoding phase of a batched step."""
 
-    def __init__(self, target, policy: Policy, eos: frozenset, routing: bool):
+    def __init__(self, target, policy: Policy, eos: frozenset, routing: bool, sampling: tuple = (0.0, 1.0)):
         self.target, self.policy, self.eos, self.routing = target, policy, eos, routing
+        self.temperature, self.top_p = sampling
         self.passive = check_passive_draft(getattr(policy, "passive_draft", None))  # after policy.setup
         self.shape = moe_shape(target)
         self.offload = handle_of(target)  # the experts' offload store (engine/offload.py), None when resident
@@ -198,14 +201,18 @@ class PackedBatch:
         return evict_rows(self.target, groups)
 
     def accept(self, logits: torch.Tensor, kept: RowReport | None) -> None:  # logits [T, V]
-        """Greedy acceptance of each request's tree against its own rows (those its budget kept)."""
+        """Each request's tree against its own rows (those its budget kept): greedy, or sampled with its own
+        generator."""
         for i, r in enumerate(self.active):
             t0 = self.clock()
             alive = None
             if kept is not None and (rows := kept.survivors(i)) is not None:
                 alive = torch.zeros(len(r.tree) + 1, dtype=torch.bool, device=logits.device)
                 alive[torch.tensor(rows) - r.rows.start] = True
-            r.acc = accept_greedy(r.tree, logits[r.rows], alive)
+            if self.temperature == 0:
+                r.acc = accept_greedy(r.tree, logits[r.rows], alive)
+            else:
+                r.acc = accept_sample(r.tree, logits[r.rows], self.temperature, self.top_p, r.generator, alive)
             r.t_accept = self.clock() - t0
 
     def commit(self, row_owner: torch.Tensor) -> float:  # row_owner [T]
@@ -257,7 +264,8 @@ class PackedBatch:
                 r.request_id, r.step, r.config, accepted=r.acc.accepted, emitted=r.emitted, tree_size=len(r.tree),
                 tree_depth=r.tree.depth, context_len=len(r.ids) - len(r.emitted),
                 times=(r.t_draft, t_verify * share, r.t_accept, r.t_commit + t_compact * share),
-                t_control=r.t_decide + r.t_observe, unique=unique[i], passive=self.passive, chain=r.chain,
+                t_control=r.t_decide + r.t_observe, unique=unique[i], passive=self.passive,
+                chain=r.chain if self.temperature == 0 else None,  # checked under greedy decoding only
                 gpu=gpu_snapshot(device), forward=forward, draft_forward=r.draft_forward, offload=offload,
                 **evicted)
             r.steps.append(stats)
@@ -320,9 +328,11 @@ class PackedBatch:
 def generate_batch(target, tokenizer, prompts, drafter=None, policy: Policy | None = None,
                    config: StepConfig | None = None, batch_size: int = 8, max_new_tokens: int = 64,
                    eos_token_id: int | list[int] | None = None, arrivals=None, request_ids=None,
-                   temperature: float = 0.0, routing: bool | None = None) -> list[BatchResult]:
-    """Greedy decoding of every prompt, at most `batch_size` requests per target forward; each request's
-    output equals its own greedy decoding (HF `generate` on it alone).
+                   temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, routing: bool | None = None
+                   ) -> list[BatchResult]:
+    """Decoding of every prompt, at most `batch_size` requests per target forward; greedy (temperature 0),
+    each request's output equals its own greedy decoding (HF `generate` on it alone). Sampled, request i
+    draws from its own generator seeded `seed + i` (its distribution is the target's: engine/accept.py).
 
     prompts, drafter, policy, config, eos_token_id, request_ids, routing: as engine.generate.generate (each
     request gets its own copy of every drafter, but a draft model's requests draft together in one
@@ -332,18 +342,19 @@ def generate_batch(target, tokenizer, prompts, drafter=None, policy: Policy | No
     """
     prompts = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else list(prompts)
     ids, times = check_arguments(prompts, policy, config, batch_size, max_new_tokens, arrivals, request_ids,
-                                  temperature)
+                                  temperature, top_p)
     if policy is None:
         policy = Static(config if config is not None else (StepConfig() if drafter is not None else PLAIN))
     if eos_token_id is None:
         eos_token_id = getattr(target.generation_config, "eos_token_id", None)
     eos = frozenset([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     pool = _batch_pool(target, drafter, batch_size)
-    requests = [Request(i, rid, prompt_token_ids(tokenizer, p), max_new_tokens, _own_drafters(pool, i), t)
+    requests = [Request(i, rid, prompt_token_ids(tokenizer, p), max_new_tokens, _own_drafters(pool, i), t,
+                        torch.Generator().manual_seed(seed + i) if temperature > 0 else None)
                 for i, (rid, p, t) in enumerate(zip(ids, prompts, times))]
     policy.setup(moe_shape(target))
     routing = getattr(policy, "wants_routing", True) if routing is None else routing
-    batch = PackedBatch(target, policy, eos, routing)
+    batch = PackedBatch(target, policy, eos, routing, (temperature, top_p))
     with torch.inference_mode():  # as HF's decoders run: no autograd bookkeeping on any tensor op
         _serve(batch, requests, batch_size)
     return [r.result(tokenizer) for r in requests]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 from moetune.policies.static import Static
 from moetune.step import PLAIN, BatchContext, StepConfig, StepStats
 
@@ -46,8 +48,9 @@ class Request:
     """One request in the batch: its committed tokens and drafters, this step's plan and outcome, times."""
 
     def __init__(self, index: int, request_id: int, prompt_ids: list[int], max_new_tokens: int,
-                 pool: dict[str, Proposer], arrival: float):
+                 pool: dict[str, Proposer], arrival: float, generator: torch.Generator | None = None):
         self.index, self.request_id, self.pool, self.arrival = index, request_id, pool, arrival
+        self.generator = generator  # its sampling draws (None: greedy)
         self.prompt, self.ids = list(prompt_ids), list(prompt_ids)  # ids[-1]: the next root, not cached
         self.max_new_tokens, self.generated, self.done = max_new_tokens, 0, False
         self.steps: list[StepStats] = []
@@ -85,13 +88,12 @@ def emit(r: Request, eos: frozenset) -> None:
 
 
 def check_arguments(prompts, policy, config, batch_size, max_new_tokens, arrivals, request_ids,
-                     temperature) -> tuple[list[int], list[float]]:
+                     temperature, top_p) -> tuple[list[int], list[float]]:
     """Request ids and arrival times, or a ValueError naming the argument and the fix."""
     if not prompts:
         raise ValueError("prompts is empty; pass at least one prompt")
-    if temperature != 0:
-        raise ValueError(f"generate_batch decodes greedily only: temperature must be 0, got {temperature}; "
-                         "use moetune.engine.generate.generate for sampling")
+    if not (temperature >= 0 and 0 < top_p <= 1):
+        raise ValueError(f"need temperature >= 0 (0: greedy) and 0 < top_p <= 1, got {temperature}, {top_p}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1 (requests decoded together), got {batch_size!r}; "
                          "pass batch_size=1 or more")

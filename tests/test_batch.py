@@ -56,6 +56,22 @@ def test_mixed_batch_matches_hf(target):
     assert throughput(res) > 0
 
 
+def test_sampled_batch_equals_each_request_sampled_alone(target):
+    """Sampling: request i of a batch draws from its own generator (seed + i), so with the trees it drafts
+    alone (a static config per request) it emits exactly what engine.generate samples for it alone with
+    that seed; the draws are not greedy's."""
+    from moetune.engine.generate import generate
+    ps = prompts()
+    kw = dict(drafter=DraftModelDrafter(target), max_new_tokens=12, eos_token_id=-1, temperature=0.9, top_p=0.95)
+    res = generate_batch(target, None, ps, policy=PerRequest(CONFIGS), batch_size=3, seed=5, **kw)
+    for i, (p, r) in enumerate(zip(ps, res)):
+        alone = generate(target, None, [p], config=CONFIGS[i % len(CONFIGS)], seed=5 + i, **kw)[0]
+        assert r.token_ids == alone.token_ids
+        assert [(s.tree_size, s.accepted) for s in r.steps] == [(s.tree_size, s.accepted) for s in alone.steps]
+        assert all(s.probe is None for s in r.steps)  # a passive draft is checked under greedy only
+    assert any(r.token_ids != hf_greedy(target, p, 12) for p, r in zip(ps, res))
+
+
 def test_eos_and_max_new_tokens_mid_tree():
     target = tiny_moe("qwen3_moe")
     ps = prompts()[:4]
@@ -125,7 +141,7 @@ def test_arrivals_and_adaptive_policy():
 
 
 @pytest.mark.parametrize("kwargs, word", [
-    (dict(batch_size=0), "batch_size"), (dict(temperature=0.7), "temperature"),
+    (dict(batch_size=0), "batch_size"), (dict(temperature=-0.7), "temperature"), (dict(top_p=0.0), "top_p"),
     (dict(request_ids=[1]), "request_ids"), (dict(arrivals=[0.0, 1.0, 2.0]), "arrivals"),
     (dict(arrivals=[0.0, -1.0]), "arrivals"), (dict(config=StepConfig(budgets=(8, 8), budget_mode="substitute")), "budget_mode"),
 ])

@@ -93,7 +93,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offload-prefetch", choices=("both", "pregate", "history", "none"), default="both",
                    help="with --offload: which predictors prefetch experts (default both)")
     p.add_argument("--batch-size", type=_positive, default=1,
-                   help="decode this many requests together (continuous batching; greedy only; default 1)")
+                   help="decode this many requests together (continuous batching; default 1)")
     p.add_argument("--arrival-rate", type=float, default=None,
                    help="with --batch-size: requests arrive at this rate per second (Poisson, seeded by --seed); "
                         "default: all at once")
@@ -173,8 +173,6 @@ def arrivals(args) -> list[float] | None:
 
 
 def _check_batching(args, config: StepConfig) -> None:
-    if args.batch_size > 1 and args.temperature != 0:
-        raise ValueError("--batch-size > 1 decodes greedily: drop --temperature or use --batch-size 1")
     if args.batch_size > 1 and config.budgets is not None and config.budget_mode != "evict":
         raise ValueError("--batch-size > 1 applies eviction budgets only: use --budget-mode evict or --batch-size 1")
 
@@ -269,7 +267,8 @@ def _batched(target, tokenizer, prompts, run: str, kw: dict, args, times) -> lis
     tokens/s is then per request (its tokens over its own decode time)."""
     from moetune.engine.batch import generate_batch, throughput
     results = generate_batch(target, tokenizer, prompts, **kw, batch_size=args.batch_size,
-                             max_new_tokens=args.max_new_tokens, arrivals=times)
+                             max_new_tokens=args.max_new_tokens, arrivals=times, temperature=args.temperature,
+                             top_p=args.top_p, seed=args.seed)
     ttft = sorted(r.time_to_first_token for r in results)
     tpot = sorted(r.time_per_output_token for r in results)
     print(f"{run}: batch {args.batch_size}, {throughput(results):.1f} tokens/s overall; time to first token "

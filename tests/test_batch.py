@@ -68,8 +68,12 @@ def test_sampled_batch_equals_each_request_sampled_alone(target):
         alone = generate(target, None, [p], config=CONFIGS[i % len(CONFIGS)], seed=5 + i, **kw)[0]
         assert r.token_ids == alone.token_ids
         assert [(s.tree_size, s.accepted) for s in r.steps] == [(s.tree_size, s.accepted) for s in alone.steps]
-        assert all(s.probe is None for s in r.steps)  # a passive draft is checked under greedy only
     assert any(r.token_ids != hf_greedy(target, p, 12) for p, r in zip(ps, res))
+    # a passive draft (auto's n-gram probe) is checked against the emitted tokens under greedy decoding only
+    kw.pop("temperature")
+    probes = {t: [s.probe for r in generate_batch(target, None, ps[:3], policy=make_policy("auto"), batch_size=3,
+                                                  temperature=t, **kw) for s in r.steps] for t in (0.0, 0.9)}
+    assert any(p is not None for p in probes[0.0]) and all(p is None for p in probes[0.9])
 
 
 def test_eos_and_max_new_tokens_mid_tree():

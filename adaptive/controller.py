@@ -20,11 +20,9 @@ chain length. N-gram acceptance is learned per order, and choices are kept per o
 (adaptive/slots.py), each held and revised on its own: after a long match a deep n-gram chain, after a
 short one the draft model or plain decoding.
 
-Latency-target mode: among configs predicted to meet the target time per output token, take the best
-fidelity (lossless whenever possible), then the best goodput. A request behind its target aims lower to
-catch up, but goes lossy for it only when no lossless config meets the target with the usual margin. A
-target the seeded latency model proves unreachable raises InfeasibleTarget at setup; one found unreachable
-online is flagged in the decision.
+Latency-target mode (adaptive/target.py): the best fidelity, then the best goodput, among options predicted
+to meet the target time per output token. A target the seeded latency model proves unreachable raises
+InfeasibleTarget at setup; one found unreachable online is flagged in the decision.
 """
 from __future__ import annotations
 
@@ -35,6 +33,7 @@ import numpy as np
 
 from moetune.step import DRAFTER_TRAITS, BatchContext, DecodeState, Lookahead, ModelShape, StepConfig, StepStats
 
+from . import target
 from .candidates import CandidateGrid, label
 from .config import ControllerConfig
 from .eviction import EvictionChooser, EvictionConfig
@@ -47,7 +46,6 @@ from .slots import RequestState, Slot
 
 __all__ = ["Controller", "ControllerConfig", "Decision", "InfeasibleTarget"]
 
-MIN_EVIDENCE = 8  # steps of a request before its target is declared infeasible online
 CONFIG_CACHE = 4096  # budgeted StepConfigs kept for reuse
 EVAL_EVERY = 32  # one lossy budgeted step in this many (on average) also verifies unbudgeted (eval mode)
 
@@ -153,11 +151,10 @@ class Controller:
                     f"latency_target_ms >= {lb:.3g}")
 
     def lower_bound_ms(self) -> float:
-        """Fastest time per output token the latency model allows: all drafts accepted, minimal experts."""
-        th, g = self.learners.latency.verify.theta, self.menu.grid
+        """Fastest time per output token the latency model allows (adaptive/target.py)."""
+        latency, g = self.learners.latency, self.menu.grid
         min_experts = self.shape.num_layers * (1 if self.menu.levels.size else self.shape.top_k)
-        t = th[0] + self.learners.latency.overhead.value + th[1] * g.tokens + th[2] * min_experts
-        return float(max(np.min(t / (g.depth + 1)), 0.0) * 1e3)
+        return target.lower_bound_ms(latency.verify.theta, latency.overhead.value, g.tokens, g.depth, min_experts)
 
     # the estimators, for inspection (tests, health checks), with every observed step learned
     acceptance = property(lambda self: self.learn().acceptance)
@@ -291,10 +288,10 @@ class Controller:
         """A forced try due now (adaptive/explore.py): the due drafter's unbudgeted option of the best
         ranked goodput. With a latency target only while the request runs ahead of it with the usual
         margin (a target is a promise, not an experiment)."""
-        c = self.config
         drafter = self.exploration.due(self.forwards)
-        if drafter is None or drafter in self.serial and r.share < 1.0 or c.latency_target_ms is not None and not (
-                r.emitted >= MIN_EVIDENCE and r.time / r.emitted <= c.latency_target_ms / 1e3 * (1 - c.target_margin)):
+        waited_for = drafter in self.serial and r.share < 1.0  # a serial drafter in a batch
+        if drafter is None or waited_for or self.config.latency_target_ms is not None and not target.ahead(
+                self.config, r):
             return None
         option = max(self.menu.drafter_options[drafter], key=lambda o: E[o] / T[o])
         return option if self.exploration.priced(drafter, self.forwards, T[option] / T[0]) else None
@@ -330,47 +327,14 @@ class Controller:
         return self._commit(r, choice, mean_E, T, switched=not keep and best != cur)
 
     def _decide_target(self, r: RequestState, E: np.ndarray, T: np.ndarray, mean_E: np.ndarray) -> Decision:
-        """Latency-target mode (see the module docstring), vectorized: its menu holds every budget level."""
-        c, target_s, util = self.config, self.config.latency_target_ms / 1e3, E / T
-        nominal = target = target_s * (1 - c.target_margin)
-        if r.emitted >= 8 and r.time / r.emitted > target_s:
-            target *= max(0.5, target_s / (r.time / r.emitted))
-        # feasibility from the posterior mean (a target is a promise, not an experiment); the Thompson
-        # draw only ranks goodput among the feasible options of the best fidelity
-        tpt = T / mean_E
-        feasible = (tpt <= target) & np.isfinite(util)
-        plan_loss = np.array(self.plan.loss)
-        lossless = (tpt <= nominal) & (plan_loss <= 0.0) & np.isfinite(util)
-        if lossless.any() and not (feasible & lossless).any():
-            # a request behind its target (slow early steps) tightens the target to catch up, but never
-            # by giving up fidelity: a lossless option that meets the target with the usual margin wins
-            feasible = lossless
-        if not feasible.any():
-            return self._fastest(r, T, util, mean_E)
-        loss = np.where(feasible, plan_loss, np.inf)
-        cand = loss <= loss.min() + 1e-12
-        best = int(np.argmax(np.where(cand, util, -np.inf)))
-        cur, dwell = r.slot.option, r.slot.dwell
-        keep = cur >= 0 and feasible[cur] and self.plan.loss[cur] <= self.plan.loss[best] + 1e-12 and (
-            dwell < c.min_dwell or util[cur] * (1 + c.hysteresis) >= util[best])
-        r.infeasible = False
-        return self._commit(r, cur if keep else best, mean_E, T, switched=not keep and best != cur)
-
-    def _fastest(self, r: RequestState, T, util, mean_E) -> Decision:
-        """Target unreachable as sampled: the fastest option within the default fidelity bound, flagged
-        once the request's own evidence (posterior mean, >= MIN_EVIDENCE steps) and its time so far agree."""
-        target_s = self.config.latency_target_ms / 1e3
-        best = int(np.argmax(util + np.array(self.plan.over_loss)))
-        infeasible = r.steps >= MIN_EVIDENCE and (T[best] / mean_E[best]) > target_s \
-            and r.time > r.emitted * target_s  # ... and the request is not meeting it
-        msg = ""
-        if infeasible and not r.notes:
-            msg = (f"latency target {self.config.latency_target_ms:g} ms/token is infeasible for this request: "
-                   f"best predicted {T[best] / mean_E[best] * 1e3:.3g} ms/token "
-                   f"({label(self._config(best))}); running at the fastest configuration")
-            r.notes.append(msg)
-        r.infeasible = infeasible
-        return self._commit(r, best, mean_E, T, switched=best != r.slot.option, infeasible=infeasible,
+        """Latency-target mode (adaptive/target.py), vectorized: its menu holds every budget level."""
+        choice = target.choose(self.config, self.plan, r, E, T, mean_E)
+        if choice is not None:
+            option, switched = choice
+            return self._commit(r, option, mean_E, T, switched=switched)
+        option, infeasible, msg = target.fastest(self.config, self.plan, r, T, E / T, mean_E,
+                                                 lambda o: label(self._config(o)))
+        return self._commit(r, option, mean_E, T, switched=option != r.slot.option, infeasible=infeasible,
                             message=msg)
 
     def _commit(self, r: RequestState, option: int, E, T, switched: bool, infeasible: bool = False,

@@ -224,12 +224,12 @@ class OnlineLatency:
     two fitted online, the last a running mean.
 
     Why the overhead apart from the verify fit: in a batch the forward is shared but each request's
-    bookkeeping (accept, commit, decide + observe) is not; folded into the forward's constant, then shared
-    by the batch, it priced plain decoding at batch 64 (replay) at 0.28 ms a request-step where it costs
-    0.65 ms, and auto ran plain. Why a batched drafter's paid share (`draft_share`, the mean over drafting
-    requests of 1 / the requests in their draft forward, starting at 0: as if the whole batch drafted):
-    priced alone while few drafted with it none started, priced as shared by the whole batch a lone try
-    looked 8 times cheaper than it was at batch 8 (adaptive/plan.py Plan.batch_times)."""
+    bookkeeping (accept, commit, decide + observe) is not; folded into the forward's constant and then shared
+    by a batch of B, it was priced at 1/B of itself, plain decoding looked cheap and auto ran plain at large
+    batches. Why a batched drafter's paid share (`draft_share`: the mean over drafting requests of 1 / the
+    requests in their draft forward, starting at 0, as if the whole batch drafted): priced alone while few
+    drafted with it, none started; priced as shared by the whole batch, a lone try looked B times cheaper
+    than it was (adaptive/plan.py Plan.batch_times)."""
 
     def __init__(self, drafters: tuple[str, ...], config: LatencyConfig = LatencyConfig()):
         self.config = config

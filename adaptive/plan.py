@@ -232,10 +232,10 @@ def build_plan(menu: Menu, est: Estimates) -> Plan:
 
 
 def _time_terms(menu: Menu, est: Estimates, kept: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """(C * J, 2 + 2F) step-time terms: verify(tokens, experts, context) + draft + the request's overhead, with
-    the context folded
-    out, less the verify time of an option's draft nodes (what a step that drafts fewer saves). Each expert
-    costs Estimates.expert_seconds: compute, and under offload its expected transfer."""
+    """(C * J, 2 + 2F) step-time terms: verify(tokens, experts, context) + draft + the request's overhead,
+    with the context folded out, less the verify time of an option's draft nodes (what a step that drafts
+    fewer saves). Each expert costs Estimates.expert_seconds: compute, and under offload its expected
+    transfer."""
     g, J, th, per_expert = menu.grid, menu.levels_per_candidate, est.verify_theta, est.expert_seconds
     C, F = len(g), len(g.families)
     n = np.repeat(g.tokens.astype(float), J)

@@ -1,11 +1,13 @@
 """Live decoding: the engine's side of moetune.driver (prefill, then per step draft -> verify -> accept ->
 commit), around the policy's lookahead -> decide ... observe that the driver runs.
 
-One request at a time (batch size 1). The target's KV cache always holds every committed token except
-the last one (the root of the next tree), so a step feeds [root, drafted nodes] and keeps the root plus
-the accepted path. Policies may change drafter, shape or speculation on/off every step. `LiveBackend`
-owns the tensors, the caches, the drafters and the timing; the step protocol itself (and the one
-function that builds StepStats) is moetune.driver's, shared with trace replay.
+One request at a time (batch size 1). The target's KV cache holds every committed token except the last
+one (the root of the next tree), so a step feeds [root, drafted nodes] and keeps the root plus the accepted
+path. (Between a prefill that also ran the root and the first step, the cache holds the root too: that
+step either takes its logits from the prefill or crops the root first; `prefill`.) Policies may change
+drafter, shape or speculation on/off every step. `LiveBackend` owns the tensors, the caches, the drafters
+and the timing; the step protocol itself (and the one function that builds StepStats) is moetune.driver's,
+shared with trace replay.
 
 Shape legend: N drafted nodes, V vocabulary, L MoE layers.
 """
@@ -188,7 +190,8 @@ class LiveBackend:
         self.verify_offload: dict | None = None  # the last verify forward's StepStats.offload_* fields
 
     def prefill(self, passive: StepConfig | None) -> None:
-        """Target cache of the prompt (all but its last token, the first root); drafters forget the last request."""
+        """Target cache of the prompt (all but its last token, the first root, unless this backend's first step
+        may take the root's logits from the prefill: see `prefill`); drafters forget the last request."""
         t0 = time.perf_counter()
         self.cache = kv.new_cache(self.target)
         # A step that captures routing or reads offloaded experts needs the root in its own forward.

@@ -204,12 +204,13 @@ class RunningMean:
     def value(self) -> float:
         return self.total / self.weight
 
-    def observe_many(self, values: np.ndarray) -> None:
-        """The m observations (oldest first), as m single exponentially weighted updates."""
-        m, lam = len(values), self.forgetting
-        age = lam ** (m - 1 - np.arange(m))
-        self.total = lam ** m * self.total + float(age @ values)
-        self.weight = lam ** m * self.weight + float(age.sum())
+    def observe_many(self, values) -> None:
+        """The observations (oldest first), one exponentially weighted update each. Plain Python: a few
+        numbers per flush, where numpy calls right after a forward pass cost more than the arithmetic."""
+        lam, total, weight = self.forgetting, self.total, self.weight
+        for v in values:
+            total, weight = lam * total + v, lam * weight + 1.0
+        self.total, self.weight = total, weight
 
     def check(self) -> bool:
         healthy = bool(np.isfinite(self.total) and self.total >= 0.0 and self.weight > 0.0)
@@ -244,6 +245,8 @@ class OnlineLatency:
         self.draft_share = {d: RunningMean(0.0, c.share_forgetting, f"draft forward share of {d!r}") for d in drafters}
         self.seeded = False
         self._pending: list[tuple] = []
+        self._overheads: list[float] = []  # queued with _pending: each step's overhead
+        self._shares: list[tuple[str, float]] = []  # ... and (drafter, paid share) of each batched draft
 
     def _draft_fit(self, drafter: str) -> RLS:
         """The unseeded draft fit: for a lookup drafter the model-free prior's coefficients, held as loosely
@@ -284,9 +287,12 @@ class OnlineLatency:
         weight, draft_weight: what the verify and the draft observation are worth (a batched forward: each
         request's share of it, RLS.observe_many). overhead: the request's own seconds outside the forwards.
         draft_share: in a batched draft forward, 1 / the requests that drafted in it (None: none)."""
-        self._pending.append((drafter if drafter in self.draft else None, tokens, experts, context_len, t_verify,
-                              depth, nodes, t_draft, weight, draft_weight, overhead,
-                              np.nan if draft_share is None else draft_share))
+        drafter = drafter if drafter in self.draft else None
+        self._pending.append((drafter, tokens, experts, context_len, t_verify, depth, nodes, t_draft, weight,
+                              draft_weight))
+        self._overheads.append(overhead)
+        if draft_share is not None and drafter is not None:
+            self._shares.append((drafter, draft_share))
 
     def flush(self) -> None:
         """Apply the queued steps as block updates of the verify fit and of each drafter's fit."""
@@ -294,17 +300,18 @@ class OnlineLatency:
             return
         drafter, *cols = zip(*self._pending)
         self._pending.clear()
-        tokens, experts, ctx, t_verify, depth, nodes, t_draft, weight, draft_weight, overhead, share = (
+        tokens, experts, ctx, t_verify, depth, nodes, t_draft, weight, draft_weight = (
             np.array(c, dtype=float) for c in cols)
         self.verify.observe_many(fit_features(tokens, experts, ctx), t_verify, weight)
-        self.overhead.observe_many(overhead)
+        self.overhead.observe_many(self._overheads)
+        self._overheads.clear()
         for name, rls in self.draft.items():
             sel = np.array([d == name for d in drafter])
             if sel.any():
                 rls.observe_many(draft_features(depth[sel], nodes[sel]), t_draft[sel], draft_weight[sel])
-                shared = share[sel][~np.isnan(share[sel])]
-                if len(shared):
-                    self.draft_share[name].observe_many(shared)
+        for name, share in self._shares:
+            self.draft_share[name].observe_many((share,))
+        self._shares.clear()
 
     def check(self) -> bool:
         """Apply the queued steps and check every fit (each resets itself to its prior if degraded)."""

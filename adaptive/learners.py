@@ -234,4 +234,4 @@ class Learners:
         return Estimates(self.experts.predict(menu.token_counts), self.fidelity.w, self.experts.gamma,
                          self.fidelity.lam, self.latency.verify.theta, draft, self.experts.shape.num_experts,
                          self.config.max_agreement_loss, self.transfers.seconds_per_expert, shared, paid,
-                         self.latency.overhead.value)
+                         self.latency.overhead.value, self.experts.shape.top_k)

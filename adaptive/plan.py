@@ -31,11 +31,13 @@ class Allocation:
     budgets: np.ndarray  # (T, J, L) per-layer expert budgets
 
 
-def allocate(U: np.ndarray, levels: np.ndarray, w: np.ndarray, gamma: np.ndarray, num_experts: int) -> Allocation:
+def allocate(U: np.ndarray, levels: np.ndarray, w: np.ndarray, gamma: np.ndarray, num_experts: int,
+             top_k: int = 1) -> Allocation:
     """Budgets for predicted unique experts U (L, T) at agreement-loss levels (J - 1,).
 
     w (L,): per-layer agreement loss per unit of router mass dropped; gamma (L,): mass dropped ~=
-    (fraction of unique experts dropped) ** gamma.
+    (fraction of unique experts dropped) ** gamma. A layer keeps top_k experts at least (each token needs
+    its top-k: engine/moe_budget.py refuses a smaller budget), or all it is predicted to touch if fewer.
     """
     L, T = U.shape
     J, E = 1 + len(levels), num_experts
@@ -46,12 +48,13 @@ def allocate(U: np.ndarray, levels: np.ndarray, w: np.ndarray, gamma: np.ndarray
     valid[:, 0] = True
     removed = np.zeros((T, J, L), dtype=int)
     if J > 1 and E > 1:
-        # marginal agreement loss of removing the k-th expert (k = 1..E-1) of layer l, inf past U - 1
+        # marginal agreement loss of removing the k-th expert (k = 1..E-1) of layer l, inf past U - top_k
         k = np.arange(1, E, dtype=float)
         x1, x0 = k / Ui[:, :, None], (k - 1) / Ui[:, :, None]
         g = gamma[None, :, None]
         marg = w[None, :, None] * (np.minimum(x1, 1.0) ** g - np.minimum(x0, 1.0) ** g)
-        marg = np.where(k < Ui[:, :, None], marg, np.inf).reshape(T, -1)
+        removable = Ui - np.minimum(Ui, top_k)  # (T, L)
+        marg = np.where(k <= removable[:, :, None], marg, np.inf).reshape(T, -1)
         order = np.argsort(marg, axis=1, kind="stable")
         cum = np.cumsum(np.take_along_axis(marg, order, axis=1), axis=1)  # (T, L*(E-1))
         m = (cum[:, :, None] <= levels).sum(axis=1)  # removals per level (T, J-1)
@@ -124,6 +127,7 @@ class Estimates:
     # whole batch); None: 1
     draft_paid: np.ndarray | None = None
     overhead_seconds: float = 0.0  # a request's own seconds per step outside the forwards (OnlineLatency.overhead)
+    top_k: int = 1  # experts each token is routed to: the least a budget may keep per layer
 
     @property
     def expert_seconds(self) -> float:
@@ -205,7 +209,7 @@ def build_plan(menu: Menu, est: Estimates) -> Plan:
     """The plan for the menu under the current estimates (pure: the same inputs give the same plan)."""
     g, J = menu.grid, menu.levels_per_candidate
     C, F, D = len(g), len(g.families), g.max_depth
-    a = allocate(est.unique, menu.levels, est.layer_weights, est.gamma, est.num_experts)
+    a = allocate(est.unique, menu.levels, est.layer_weights, est.gamma, est.num_experts, est.top_k)
     inv = menu.token_index
     kept, loss, valid = a.kept[inv], a.loss[inv], a.valid[inv]
     valid[0, 1:] = False  # plain decoding has nothing to budget

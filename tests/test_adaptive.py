@@ -608,3 +608,14 @@ def test_a_shared_draft_forward_is_learned_whole_and_priced_shared():
     assert batched[option] == pytest.approx(alone[option] - c.plan.verify_const * 15 / 16 - shared * (1 - paid))
     with pytest.raises(ValueError, match="batch_draft_depth"):
         StepStats(0, cfg, 0, 1, 2, 2, 100, batch_draft_nodes=4)
+
+
+def test_budget_allocation_keeps_every_layer_at_top_k():
+    """However much agreement loss a level allows, no layer's budget goes below top_k (engine/moe_budget.py
+    refuses it: every token needs its top-k experts); a layer predicted to touch fewer keeps what it touches.
+    Before, a lossy level could cut a layer to 1 expert, and a latency-target run crashed on a budget of 3."""
+    from moetune.adaptive.plan import allocate
+    U = np.array([[7.0, 12.0, 3.0], [6.0, 15.0, 3.0]])  # (L=2, 3 token counts)
+    a = allocate(U, np.array([0.05, 0.5, 5.0]), np.ones(2), np.full(2, 2.0), 32, top_k=4)
+    assert a.budgets.min() == 3 and (a.budgets[:2] >= 4).all()  # the third count touches 3: nothing to cut
+    assert (a.budgets[:2, -1] == 4).all()  # the loosest level cuts down to top_k, no further

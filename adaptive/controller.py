@@ -331,9 +331,13 @@ class Controller:
         choice = target.choose(self.config, self.plan, r, E, T, mean_E)
         if choice is not None:
             option, switched = choice
+            r.infeasible = False
             return self._commit(r, option, mean_E, T, switched=switched)
         option, infeasible, msg = target.fastest(self.config, self.plan, r, T, E / T, mean_E,
                                                  lambda o: label(self._config(o)))
+        r.infeasible = infeasible
+        if msg:
+            r.notes.append(msg)
         return self._commit(r, option, mean_E, T, switched=option != r.slot.option, infeasible=infeasible,
                             message=msg)
 

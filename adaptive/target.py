@@ -1,5 +1,6 @@
-"""Latency-target mode: which option holds a request's target time per output token (adaptive/controller.py
-commits it).
+"""Latency-target mode: which option holds a request's target time per output token. Functions of the
+config, plan and request state that change none of them: adaptive/controller.py records the outcome on the
+request and commits the option.
 
 Among options predicted to meet the target, take the best fidelity (lossless whenever possible), then the
 best goodput, kept under the usual hysteresis. A request behind its target aims lower to catch up, but goes
@@ -60,15 +61,15 @@ def choose(config: ControllerConfig, plan: Plan, r: RequestState,
     cur, dwell = r.slot.option, r.slot.dwell
     keep = cur >= 0 and feasible[cur] and plan.loss[cur] <= plan.loss[best] + 1e-12 and (
         dwell < config.min_dwell or util[cur] * (1 + config.hysteresis) >= util[best])
-    r.infeasible = False
     return (cur, False) if keep else (best, best != cur)
 
 
 def fastest(config: ControllerConfig, plan: Plan, r: RequestState, T: np.ndarray, util: np.ndarray,
             mean_E: np.ndarray, describe: Callable[[int], str]) -> tuple[int, bool, str]:  # each (O,)
     """Target unreachable as sampled: (the fastest option within the default fidelity bound, whether the
-    request is flagged infeasible, the message reported once). Flagged once the request's own evidence
-    (posterior mean, >= MIN_EVIDENCE steps) and its time so far agree; describe(option) names an option."""
+    request is flagged infeasible, the message to report: "" unless flagged and not reported before).
+    Flagged once the request's own evidence (posterior mean, >= MIN_EVIDENCE steps) and its time so far
+    agree; describe(option) names an option."""
     target_s = config.latency_target_ms / 1e3
     best = int(np.argmax(util + np.array(plan.over_loss)))
     infeasible = r.steps >= MIN_EVIDENCE and (T[best] / mean_E[best]) > target_s \
@@ -78,6 +79,4 @@ def fastest(config: ControllerConfig, plan: Plan, r: RequestState, T: np.ndarray
         msg = (f"latency target {config.latency_target_ms:g} ms/token is infeasible for this request: "
                f"best predicted {T[best] / mean_E[best] * 1e3:.3g} ms/token ({describe(best)}); running at the "
                "fastest configuration")
-        r.notes.append(msg)
-    r.infeasible = infeasible
     return best, infeasible, msg

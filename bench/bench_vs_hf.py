@@ -154,7 +154,7 @@ def breakdown_moetune(target, tok, draft, prompts, n, spec: str, routing: bool |
     for owner, attr, phase in [(g, "passive_lookahead", "lookahead"), (policy, "decide", "decide"),
                                (NgramDrafter, "draft", "draft"), (DraftModelDrafter, "draft", "draft"),
                                (g, "verify", "verify (other)"), (v, "forward_args", "mask, positions, inputs"),
-                               (target, "forward", "verify forward"), (g, "accept_greedy", "accept"),
+                               (target, "forward", "verify forward"), (g, "accept_tree", "accept"),
                                (kv, "commit", "KV commit"), (g, "_stats", "stats"), (policy, "observe", "observe"),
                                (g, "gpu_snapshot", "telemetry")]:
         clock.wrap(owner, attr, phase)

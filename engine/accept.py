@@ -118,3 +118,14 @@ def accept_sample(tree: DraftTree, logits: torch.Tensor,  # [N+1, V]
         else:
             nxt = int(torch.multinomial(p, 1, generator=generator))
             return Acceptance(tuple(path), tuple(tokens[i] for i in path) + (nxt,))
+
+
+def accept_tree(tree: DraftTree, logits: torch.Tensor,  # [N+1, V]
+                temperature: float, top_p: float, generator: torch.Generator | None,
+                alive: torch.Tensor | None = None,  # [N+1] bool, rows an eviction budget kept (None: all)
+                ) -> Acceptance:
+    """The step's acceptance, as live decoding and batches run it: greedy at temperature 0, else sampled."""
+    if temperature == 0:
+        return accept_greedy(tree, logits, alive)
+    return accept_sample(tree, logits, temperature, top_p, generator, alive)
+

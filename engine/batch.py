@@ -53,7 +53,7 @@ from moetune.policies.static import Static
 from moetune.step import PLAIN, BatchContext, DecodeState, StepConfig
 
 from . import kv
-from .accept import accept_greedy, accept_sample
+from .accept import accept_tree
 from .batch_eviction import Group, RowReport, evict_rows
 from .batch_request import BatchResult, Request, check_arguments, emit, throughput
 from .drafters import DraftModelDrafter, Proposer
@@ -209,10 +209,7 @@ class PackedBatch:
             if kept is not None and (rows := kept.survivors(i)) is not None:
                 alive = torch.zeros(len(r.tree) + 1, dtype=torch.bool, device=logits.device)
                 alive[torch.tensor(rows) - r.rows.start] = True
-            if self.temperature == 0:
-                r.acc = accept_greedy(r.tree, logits[r.rows], alive)
-            else:
-                r.acc = accept_sample(r.tree, logits[r.rows], self.temperature, self.top_p, r.generator, alive)
+            r.acc = accept_tree(r.tree, logits[r.rows], self.temperature, self.top_p, r.generator, alive)
             r.t_accept = self.clock() - t0
 
     def commit(self, row_owner: torch.Tensor) -> float:  # row_owner [T]

@@ -25,7 +25,7 @@ from moetune.policies.static import Static
 from moetune.step import PLAIN, Lookahead, StepConfig, StepStats
 
 from . import kv
-from .accept import Acceptance, accept_greedy, accept_sample
+from .accept import Acceptance, accept_tree
 from .drafters import Proposer, make_drafter
 from .loader import moe_shape
 from .offload import OffloadHandle, handle_of
@@ -236,9 +236,7 @@ class LiveBackend:
 
     def accept(self, tree: DraftTree, ver: Verification) -> Acceptance:
         with self.timer.phase("accept"):
-            if self.temperature == 0:
-                return accept_greedy(tree, ver.logits, ver.alive)
-            return accept_sample(tree, ver.logits, self.temperature, self.top_p, self.generator, ver.alive)
+            return accept_tree(tree, ver.logits, self.temperature, self.top_p, self.generator, ver.alive)
 
     def commit(self, config: StepConfig, tree: DraftTree, ver: Verification, acc: Acceptance) -> None:
         """Keep the root and the accepted rows in the cache; emit up to max_new_tokens, through EOS."""

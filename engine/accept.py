@@ -19,10 +19,11 @@ Shape legend: N drafted nodes, V vocabulary.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
-from .tree import DraftTree, ancestors, children, depths, is_chain, path_to
+from .tree import DraftTree, children, depths, is_chain, path_to
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,8 @@ def sampling_probs(logits: torch.Tensor,  # [R, V]
 def accept_greedy(tree: DraftTree, logits: torch.Tensor,  # [N+1, V]
                   alive: torch.Tensor | None = None,  # [N+1] bool, rows an eviction budget kept (None: all)
                   ) -> Acceptance:
-    """Longest path of kept nodes agreeing with the target's argmax, plus the bonus token (one host transfer).
+    """Longest path of kept nodes agreeing with the target's argmax, plus the bonus token: the step's one
+    host transfer (engine/host.py), then plain Python.
 
     Evicted rows (alive False) have no valid logits and are never accepted; the kept rows are closed under
     ancestors, so the bonus token always comes from a kept row."""
@@ -74,20 +76,33 @@ def accept_greedy(tree: DraftTree, logits: torch.Tensor,  # [N+1, V]
         kept = n if alive is None else sum(host[2 * n + 1:])  # a chain's kept nodes are a prefix
         a = next((i for i in range(kept) if host[n + 1 + i] != host[i]), kept)
         return Acceptance(tuple(range(a)), tuple(host[n + 1:n + 1 + a]) + (host[a],))
-    parent_rows = torch.tensor(tree.parents, device=target.device) + 1
-    match = tokens == target[parent_rows]  # [N]
+    match = tokens == target[parent_rows(tree.parents).to(target.device)]  # [N]
     if alive is not None:
         match &= alive[1:]
-    host = torch.cat([target, match.long()]).cpu()
-    target_h, match_h = host[:n + 1], host[n + 1:].bool()
-    ok = ~(ancestors(tree.parents)[1:, 1:] & ~match_h[None, :]).any(dim=1)  # [N] whole path agrees
-    score = torch.where(ok, torch.tensor(depths(tree.parents)), 0)
-    best = int(score.argmax())
-    if score[best] == 0:
-        return Acceptance((), (int(target_h[0]),))
-    path = path_to(tree.parents, best)
-    tokens = tree.tokens.cpu()[path].tolist() + [int(target_h[best + 1])]
-    return Acceptance(tuple(path), tuple(tokens))
+    host = torch.cat([target, match.long()]).tolist()
+    return longest_agreeing_path(tree.parents, host[:n + 1], host[n + 1:])
+
+
+@lru_cache(maxsize=512)
+def parent_rows(parents: tuple[int, ...]) -> torch.Tensor:
+    """[N] each node's parent row (the root is row 0)."""
+    return torch.tensor(parents, dtype=torch.long) + 1
+
+
+def longest_agreeing_path(parents: tuple[int, ...], target: list[int], match: list[int]) -> Acceptance:
+    """The deepest node whose whole path matches (the first such in drafting order), its path and the
+    target's tokens along it plus the bonus. target: argmax per row [N+1]; match: per node [N]."""
+    depth = depths(parents)
+    ok: list[bool] = []  # node i and all its ancestors match
+    best, best_depth = -1, 0
+    for i, p in enumerate(parents):
+        ok.append(bool(match[i]) and (p < 0 or ok[p]))
+        if ok[i] and depth[i] > best_depth:
+            best, best_depth = i, depth[i]
+    if best < 0:
+        return Acceptance((), (target[0],))
+    path = path_to(parents, best)
+    return Acceptance(tuple(path), tuple(target[parents[i] + 1] for i in path) + (target[best + 1],))
 
 
 def accept_sample(tree: DraftTree, logits: torch.Tensor,  # [N+1, V]
@@ -96,11 +111,17 @@ def accept_sample(tree: DraftTree, logits: torch.Tensor,  # [N+1, V]
                   ) -> Acceptance:
     """Walk down the tree trying each kept node's children in order; lossless for point proposals (which
     children were kept depends on the tree and context only, not on the walk's random draws)."""
-    probs = sampling_probs(logits, temperature, top_p).cpu()  # [N+1, V]
-    tokens = tree.tokens.cpu().tolist()
+    probs = sampling_probs(logits, temperature, top_p)  # [N+1, V]
+    rows, vocab = probs.shape
+    n = len(tree)
+    # one host transfer (token ids travel as float32: exact below 2**24)
+    host = torch.cat([probs.flatten(), tree.tokens.to(probs.device, torch.float32)]
+                     + ([] if alive is None else [alive.float()])).cpu()
+    probs = host[:rows * vocab].view(rows, vocab)
+    tokens = [int(t) for t in host[rows * vocab:rows * vocab + n].tolist()]
     kids = children(tree.parents)
     if alive is not None:
-        kept = alive.cpu().tolist()
+        kept = host[rows * vocab + n:].tolist()
         kids = tuple(tuple(c for c in row if kept[c + 1]) for row in kids)
     path: list[int] = []
     row = 0

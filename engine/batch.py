@@ -196,7 +196,7 @@ class PackedBatch:
         """The forward's eviction (engine/batch_eviction.py) when a request runs a budget, else nothing."""
         if all(r.config.budgets is None for r in self.active):
             return nullcontext()
-        groups = [Group.of((node_rank(r.tree) + r.rows.start).tolist(), r.config.budgets, self.shape)
+        groups = [Group.of([row + r.rows.start for row in node_rank(r.tree)], r.config.budgets, self.shape)
                   for r in self.active]
         return evict_rows(self.target, groups)
 

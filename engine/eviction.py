@@ -35,24 +35,29 @@ from __future__ import annotations
 
 from collections.abc import Set as AbstractSet
 
+import numpy as np
 import torch
 
 from .tree import DraftTree, depths
 
 
-def node_rank(tree: DraftTree) -> torch.Tensor:  # [N+1] rows, root first
+def node_rank(tree: DraftTree) -> tuple[int, ...]:  # T = N+1 rows, root first
     """Rows in the order they are kept: path probability descending, ties by depth then row.
 
     Path probabilities are products of the draft probabilities at the precision traces record them
     (float16), multiplied in float64 parents first, exactly as traces/derive.py does, so replay ranks
-    every recorded tree as the engine did. N is small (tens of nodes): plain Python on the host."""
-    probs = tree.probs.to(torch.float16).double().cpu().tolist()
+    every recorded tree as the engine did. N is small (tens of nodes): plain Python on the host, from the
+    drafter's host copy of the probabilities when it gave one (no device read)."""
+    if tree.host_probs is not None:
+        probs = np.asarray(tree.host_probs, dtype=np.float32).astype(np.float16).astype(np.float64).tolist()
+    else:
+        probs = tree.probs.to(torch.float16).double().cpu().tolist()
     path: list[float] = []
     for node, parent in enumerate(tree.parents):
         path.append(probs[node] * (path[parent] if parent >= 0 else 1.0))
     depth = depths(tree.parents)
     order = sorted(range(len(path)), key=lambda i: (-path[i], depth[i], i))
-    return torch.tensor([0, *(i + 1 for i in order)], dtype=torch.long, device=tree.tokens.device)
+    return (0, *(i + 1 for i in order))
 
 
 def rank_positions(rank: torch.Tensor) -> torch.Tensor:  # [T] -> [T]

@@ -235,12 +235,12 @@ class LiveBackend:
         return ver
 
     def accept(self, tree: DraftTree, ver: Verification) -> Acceptance:
-        with self.timer.phase("accept"):
+        with self.timer.phase("accept", on_host=True):
             return accept_tree(tree, ver.logits, self.temperature, self.top_p, self.generator, ver.alive)
 
     def commit(self, config: StepConfig, tree: DraftTree, ver: Verification, acc: Acceptance) -> None:
         """Keep the root and the accepted rows in the cache; emit up to max_new_tokens, through EOS."""
-        with self.timer.phase("commit"):
+        with self.timer.phase("commit", on_host=True):
             kv.commit(self.cache, ver.past_len, acc.rows)
             emitted = list(acc.tokens[:self.max_new_tokens - self.generated])
             cut = next((i for i, t in enumerate(emitted) if t in self.eos), None) if self.eos else None
@@ -270,18 +270,19 @@ class LiveBackend:
 
 def _stats(request_id, step, cfg, accepted, emitted, context_len, tree, ver, times, t_look, t_control, device,
            passive, chain, offload) -> StepStats:
-    """StepStats of one live step (through driver.step_stats); one host transfer for the per-layer unique
-    experts (none when the step did not capture routing: its per-layer fields stay empty)."""
-    routing, report = ver.routing, ver.budget_report
+    """StepStats of one live step (through driver.step_stats). It reads only what verify staged for the host
+    (engine/host.py: no sync after acceptance's); per-layer fields stay empty when the step did not
+    capture routing."""
+    report = ver.budget_report
     if report is not None:  # the budget's own count of what each layer asked for (see BudgetReport)
         unique = tuple(report.unique_experts)
     else:
-        unique = tuple(routing.unique_experts().tolist()) if routing is not None and routing.layers else ()
+        unique = () if ver.unique_experts is None else tuple(ver.unique_experts.tolist())
     return step_stats(
         request_id, step, cfg, accepted=accepted, emitted=emitted, tree_size=len(tree), tree_depth=tree.depth,
         context_len=context_len, times=(times.get("draft", 0.0) + t_look, times.get("verify", 0.0),
                               times.get("accept", 0.0), times.get("commit", 0.0)),
-        t_control=t_control, unique=unique, agreement=ver.agreement,
+        t_control=t_control, unique=unique, agreement=None if ver.agreement is None else float(ver.agreement),
         kept=None if report is None else tuple(report.unique_experts_kept),
         mass_kept=None if report is None else tuple(report.router_mass_kept),
         substituted=None if report is None else tuple(report.tokens_substituted),

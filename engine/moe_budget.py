@@ -37,7 +37,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from moetune.engine import eviction, selection
+from moetune.engine import eviction, host, selection
 from moetune.engine.kernels import reference
 from moetune.engine.loader import moe_blocks, moe_shape
 from moetune.engine.offload import is_offloaded, resident_experts
@@ -52,8 +52,8 @@ class BudgetPlan:
     mode: "evict" (lossless; needs `rank`) or "substitute" (lossy; uses selection and substitution).
     node_weights: [T] (or [N+1], root first, tiled over a batch) acceptance estimates used by
     selection="accept_weighted"; without them accept_weighted equals prob_sum. (Evaluation mode is a
-    StepConfig setting the engine's verify acts on, not part of the plan; see evaluate_agreement.)
-    rank: [T] rows in the order eviction keeps them (eviction.node_rank), root first.
+    StepConfig setting the engine's verify acts on, not part of the plan: engine/verify.py.)
+    rank: the T rows in the order eviction keeps them (eviction.node_rank), root first, as host ints.
     """
 
     budgets: int | tuple[int, ...]
@@ -61,7 +61,7 @@ class BudgetPlan:
     substitution: str = "reselect"
     node_weights: torch.Tensor | Sequence[float] | None = field(default=None, compare=False)
     mode: str = "substitute"
-    rank: torch.Tensor | None = field(default=None, compare=False)
+    rank: tuple[int, ...] | None = field(default=None, compare=False)
 
     def __post_init__(self):
         if isinstance(self.budgets, int):
@@ -77,7 +77,11 @@ class BudgetPlan:
             raise ValueError(f"BudgetPlan.substitution must be one of {SUBSTITUTIONS}, got {self.substitution!r}")
         if self.mode not in BUDGET_MODES:
             raise ValueError(f"BudgetPlan.mode must be one of {BUDGET_MODES}, got {self.mode!r}")
-        if self.mode == "evict" and (self.rank is None or self.rank.dim() != 1):
+        if self.rank is not None:
+            if isinstance(self.rank, torch.Tensor):
+                raise ValueError("BudgetPlan.rank must be host ints (eviction.node_rank), not a tensor")
+            object.__setattr__(self, "rank", tuple(int(r) for r in self.rank))
+        if self.mode == "evict" and not self.rank:
             raise ValueError("BudgetPlan(mode='evict') needs rank: the verified rows in keep order, root (row 0) "
                              "first; build it with eviction.node_rank(tree)")
         w = self.node_weights
@@ -113,7 +117,8 @@ class BudgetPlan:
 
 
 class BudgetReport:
-    """Per-layer outcome of one budgeted pass. Tensors are kept until a number is asked for (one sync).
+    """Per-layer outcome of one budgeted pass. Tensors are kept until `stage` puts their per-layer table in
+    one host copy (engine/host.py), read when a number is asked for.
 
     If the model runs several times inside one apply_budget block, each layer keeps its last call.
     """
@@ -121,23 +126,35 @@ class BudgetReport:
     def __init__(self, num_layers: int):
         self._layers: list[tuple | None] = [None] * num_layers
         self._numbers: dict | None = None
+        self._staged: torch.Tensor | None = None  # the table on its way to the host
+
+    def stage(self) -> None:
+        """Start the host copy of the per-layer table (call after the pass, before the step's sync)."""
+        table = self._table()
+        self._staged = None if table is None else host.stage(table)
+
+    def _table(self) -> torch.Tensor | None:
+        """[L, 3 + E] per layer: unique experts, mean mass kept, tokens substituted, experts computed (0/1)."""
+        rows = [r for r in self._layers if r is not None]
+        if not rows:
+            return None
+        E = rows[0][1].keep.numel()
+        return torch.stack([torch.cat([
+            selection.hit_mask(top_k_index, E).any(0).sum().float()[None],
+            routing.mass_kept.detach().float().mean()[None],
+            routing.substituted.sum().float()[None],
+            selection.hit_mask(routing.expert_ids, E).any(0).float()]) for top_k_index, routing in rows])
 
     def _record(self, layer: int, top_k_index: torch.Tensor, routing: selection.BudgetedRouting) -> None:
         self._layers[layer] = (top_k_index.detach(), routing)
-        self._numbers = None
+        self._numbers = self._staged = None
 
     def _compute(self) -> dict:
         if self._numbers is None:
-            rows = [r for r in self._layers if r is not None]
+            table = self._table() if self._staged is None else self._staged
             cols = {"unique": (), "kept": (), "mass": (), "subst": (), "selected": ()}
-            if rows:
-                E = rows[0][1].keep.numel()
-                table = torch.stack([torch.cat([
-                    selection.hit_mask(top_k_index, E).any(0).sum().float()[None],
-                    routing.mass_kept.detach().float().mean()[None],
-                    routing.substituted.sum().float()[None],
-                    selection.hit_mask(routing.expert_ids, E).any(0).float()]) for top_k_index, routing in rows])
-                values = table.tolist()  # [L, 3 + E], one host transfer
+            if table is not None:
+                values = table.tolist()  # [L, 3 + E]
                 used = [tuple(e for e, u in enumerate(v[3:]) if u) for v in values]
                 cols = {"unique": tuple(int(v[0]) for v in values), "kept": tuple(len(u) for u in used),
                         "mass": tuple(v[1] for v in values), "subst": tuple(int(v[2]) for v in values),
@@ -195,25 +212,38 @@ class EvictionReport(BudgetReport):
     def _record_eviction(self, layer: int, top_k_index: torch.Tensor, count) -> None:
         self._layers[layer] = top_k_index.detach()
         self.kept_rows[layer] = count
-        self._numbers = None
+        self._numbers = self._staged = None
+
+    def _host_path(self) -> bool:
+        """Every layer's kept rows are host ints (the CPU search): a few sets count the report from the
+        routing itself, which is what gets staged."""
+        return all(isinstance(c, int) for c in self.kept_rows)
+
+    def _table(self) -> torch.Tensor:
+        """The host path: [L, T, K] routing. Otherwise [L, 1 + E] per layer: demand (experts of the rows
+        entering it), experts computed (0/1)."""
+        index = torch.stack(self._layers)  # [L, T, K]
+        if self._host_path():
+            return index
+        L, T, _ = index.shape
+        counts = torch.stack([torch.as_tensor(c, device=index.device) for c in self.kept_rows])  # [L]
+        kept = self.position[None, :] < counts[:, None]  # [L, T]
+        entered = torch.cat([torch.ones_like(kept[:1]), kept[:-1]])  # [L, T]
+        hits = torch.zeros(L, T, self.num_experts, dtype=torch.bool, device=index.device).scatter_(2, index, True)
+        demand = (hits & entered[..., None]).any(1).sum(1)  # [L]
+        used = (hits & kept[..., None]).any(1)  # [L, E]
+        return torch.cat([demand[:, None], used.long()], dim=1)
 
     def _compute(self) -> dict:
-        """Demand (experts of the rows entering each layer) and experts computed, all layers at once."""
-        if self._numbers is None and all(isinstance(c, int) for c in self.kept_rows):  # CPU: a few sets
-            self._numbers = self._count_on_host(torch.stack(self._layers).tolist())
         if self._numbers is None:
-            index = torch.stack(self._layers)  # [L, T, K]
-            L, T, _ = index.shape
-            counts = torch.stack([torch.as_tensor(c, device=index.device) for c in self.kept_rows])  # [L]
-            kept = self.position[None, :] < counts[:, None]  # [L, T]
-            entered = torch.cat([torch.ones_like(kept[:1]), kept[:-1]])  # [L, T]
-            hits = torch.zeros(L, T, self.num_experts, dtype=torch.bool, device=index.device).scatter_(2, index, True)
-            demand = (hits & entered[..., None]).any(1).sum(1)  # [L]
-            used = (hits & kept[..., None]).any(1)  # [L, E]
-            values = torch.cat([demand[:, None], used.long()], dim=1).tolist()  # one host transfer
-            sets = [tuple(e for e, u in enumerate(v[1:]) if u) for v in values]
-            self._numbers = {"unique": tuple(v[0] for v in values), "kept": tuple(len(u) for u in sets),
-                             "mass": (1.0,) * L, "subst": (0,) * L, "selected": tuple(sets)}
+            values = (self._table() if self._staged is None else self._staged).tolist()
+            if self._host_path():
+                self._numbers = self._count_on_host(values)
+            else:  # [L, 1 + E]
+                sets = [tuple(e for e, u in enumerate(v[1:]) if u) for v in values]
+                L = len(values)
+                self._numbers = {"unique": tuple(v[0] for v in values), "kept": tuple(len(u) for u in sets),
+                                 "mass": (1.0,) * L, "subst": (0,) * L, "selected": tuple(sets)}
         return self._numbers
 
     def _count_on_host(self, index: list) -> dict:  # index [L][T][K]
@@ -229,8 +259,8 @@ class _Active:
     plan: BudgetPlan
     budgets: tuple[int, ...]
     report: BudgetReport
+    rank: torch.Tensor | None = None  # evict mode: [T] plan.rank on the model's device
     position: torch.Tensor | None = None  # evict mode: [T] each row's position in plan.rank
-    rank_list: list | None = None  # evict mode: plan.rank as a list (the CPU search runs on the host)
 
 
 _ACTIVE: contextvars.ContextVar[_Active | None] = contextvars.ContextVar("moetune_budget", default=None)
@@ -292,23 +322,23 @@ def _evicted_forward(block: torch.nn.Module, layer: int, active: _Active, x: tor
     experts are free against the budget (eviction.kept_prefix)."""
     plan, report, budget = active.plan, active.report, active.budgets[layer]
     T = top_k_index.shape[0]
-    if plan.rank.numel() != T:
-        raise ValueError(f"eviction ranks {plan.rank.numel()} rows but the pass verifies {T} tokens: "
+    if len(plan.rank) != T:
+        raise ValueError(f"eviction ranks {len(plan.rank)} rows but the pass verifies {T} tokens: "
                          f"evict budgets apply to one tree per forward")
     previous = report.kept_rows[layer - 1] if layer else T  # layer 0 starts each forward afresh
     if isinstance(previous, int) and previous == T and budget >= min(num_experts, T * top_k_index.shape[1]):
         report._record_eviction(layer, top_k_index, T)
         return block.experts(x, top_k_index, top_k_weights)
     if _gathers_kept_rows(x.device):
-        kept = eviction.kept_prefix(top_k_index.tolist(), active.rank_list, budget, previous,
+        kept = eviction.kept_prefix(top_k_index.tolist(), plan.rank, budget, previous,
                                     resident_experts(block.experts))
         report._record_eviction(layer, top_k_index, kept)
         if kept == T:  # everything fits: HF's own call
             return block.experts(x, top_k_index, top_k_weights)
-        rows = plan.rank[:kept]  # [T'] the kept rows: a prefix of the ranking
+        rows = active.rank[:kept]  # [T'] the kept rows: a prefix of the ranking
         out = torch.zeros_like(x)
         return out.index_copy_(0, rows, block.experts(x[rows], top_k_index[rows], top_k_weights[rows]))
-    alive, count = eviction.evict(top_k_index, num_experts, plan.rank, active.position, budget, previous)
+    alive, count = eviction.evict(top_k_index, num_experts, active.rank, active.position, budget, previous)
     report._record_eviction(layer, top_k_index, count)
     keep = alive[:, None]  # [T, 1]
     return block.experts(x, torch.where(keep, top_k_index, top_k_index[0, 0]), top_k_weights * keep)
@@ -395,14 +425,15 @@ def apply_budget(model: torch.nn.Module, plan: BudgetPlan):
     """Budget the model's MoE layers for the duration of the with-block; yields the BudgetReport."""
     handle = install(model)
     budgets = plan.validate(handle.shape)
-    position = rank_list = None
+    rank = position = None
     if plan.mode == "evict":
-        position, rank_list = eviction.rank_positions(plan.rank), plan.rank.tolist()
-        report = EvictionReport(len(budgets), handle.shape.num_experts, position, rank_list)
+        rank = torch.tensor(plan.rank, dtype=torch.long, device=model.device)
+        position = eviction.rank_positions(rank)
+        report = EvictionReport(len(budgets), handle.shape.num_experts, position, list(plan.rank))
     else:
         report = BudgetReport(len(budgets))
-    token = _ACTIVE.set(_Active(handle=handle, plan=plan, budgets=budgets, report=report, position=position,
-                                rank_list=rank_list))
+    token = _ACTIVE.set(_Active(handle=handle, plan=plan, budgets=budgets, report=report, rank=rank,
+                                position=position))
     try:
         yield report
     finally:
@@ -411,18 +442,7 @@ def apply_budget(model: torch.nn.Module, plan: BudgetPlan):
 
 def argmax_agreement(budgeted_logits: torch.Tensor,  # [..., V]
                      reference_logits: torch.Tensor,  # [..., V]
-                     ) -> float:
-    """Fraction of positions whose argmax token is the same under the budget as without it."""
-    return float((budgeted_logits.argmax(-1) == reference_logits.argmax(-1)).float().mean())
-
-
-def evaluate_agreement(model: torch.nn.Module, plan: BudgetPlan,
-                       run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, BudgetReport, float]:
-    """Eval mode: run the same verification unbudgeted, then budgeted; return (budgeted logits, report, agreement).
-
-    `run` must be repeatable (the caller rewinds any KV cache it appends to, e.g. DynamicCache.crop).
-    """
-    reference_logits = run()
-    with apply_budget(model, plan) as report:
-        budgeted_logits = run()
-    return budgeted_logits, report, argmax_agreement(budgeted_logits, reference_logits)
+                     ) -> torch.Tensor:  # []
+    """Fraction of positions whose argmax token is the same under the budget as without it (on the
+    logits' device: the step reads it after its one sync, engine/host.py)."""
+    return (budgeted_logits.argmax(-1) == reference_logits.argmax(-1)).float().mean()

@@ -1,7 +1,9 @@
 """Per-phase step timing and GPU snapshots that cost no needless host syncs.
 
-On CUDA, phases are bracketed by CUDA events and read once per step (a single synchronize on the last
-event); on CPU, wall-clock perf_counter is exact because the work is synchronous. pynvml snapshots are
+On CUDA, the phases that queue device work (draft, verify) are bracketed by CUDA events and read once per
+step, after acceptance's host transfer (engine/host.py) has drained the stream, so reading them waits for
+nothing; phases that end in or after that transfer (accept, commit) are timed on the host clock. On CPU,
+wall-clock perf_counter is exact because the work is synchronous. pynvml snapshots are
 taken only when a GPU and NVML are present; otherwise they are skipped without error.
 """
 from __future__ import annotations
@@ -20,8 +22,9 @@ class StepTimer:
         self._marks: dict[str, tuple] = {}
 
     @contextmanager
-    def phase(self, name: str):
-        if self.cuda:
+    def phase(self, name: str, on_host: bool = False):
+        """Time the block as phase `name`; on_host: by the host clock even on CUDA."""
+        if self.cuda and not on_host:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             yield
@@ -34,12 +37,13 @@ class StepTimer:
 
     def read(self) -> dict[str, float]:
         marks, self._marks = self._marks, {}
-        if not marks:
-            return {}
-        if self.cuda:
-            list(marks.values())[-1][1].synchronize()
-            return {k: s.elapsed_time(e) / 1e3 for k, (s, e) in marks.items()}
-        return {k: e - s for k, (s, e) in marks.items()}
+        if not self.cuda:
+            return {k: e - s for k, (s, e) in marks.items()}
+        events = [e for _, e in marks.values() if isinstance(e, torch.cuda.Event)]
+        if events:
+            events[-1].synchronize()  # complete once acceptance's transfer returned: no wait
+        return {k: s.elapsed_time(e) / 1e3 if isinstance(e, torch.cuda.Event) else e - s
+                for k, (s, e) in marks.items()}
 
 
 _nvml_handles: dict[int, object] = {}

@@ -17,11 +17,14 @@ import torch
 
 @dataclass(frozen=True, eq=False)
 class DraftTree:
-    """A drafter's proposal. `parents` is a plain tuple so shapes can be cached and compared cheaply."""
+    """A drafter's proposal. `parents` is a plain tuple so shapes can be cached and compared cheaply.
+    Drafters build trees on the host, so they may hand over `host_probs` too: eviction ranks nodes by
+    them without reading `probs` back from the device (engine/host.py)."""
 
     parents: tuple[int, ...]
     tokens: torch.Tensor  # [N] long
     probs: torch.Tensor  # [N] float: draft probability of each token given its parent's path
+    host_probs: tuple[float, ...] | None = None  # `probs` as host floats, exactly (None: read them)
 
     def __post_init__(self):
         for i, p in enumerate(self.parents):
@@ -134,4 +137,5 @@ def subtree(tree: DraftTree, keep) -> DraftTree:
             raise ValueError(f"subtree keeps node {k} but not its parent {p}; `keep` must be closed under ancestors")
         parents.append(index[p] if p >= 0 else -1)
     sel = torch.tensor(keep, dtype=torch.long, device=tree.tokens.device)
-    return DraftTree(tuple(parents), tree.tokens[sel], tree.probs[sel])
+    host = None if tree.host_probs is None else tuple(tree.host_probs[k] for k in keep)
+    return DraftTree(tuple(parents), tree.tokens[sel], tree.probs[sel], host)

@@ -9,7 +9,9 @@ forward. In evaluation mode (StepConfig.eval_agreement on a budgeted step) the s
 verified unbudgeted, the cache is cropped back, and the argmax agreement of the two passes is reported;
 the budgeted pass then sees exactly the cache it would have seen. Under an eviction budget
 (budget_mode="evict") the verification also says which rows survived (`alive`): acceptance may use only
-those, and their logits are exact.
+those, and their logits are exact. What the step reports besides its logits (unique experts per layer, a
+budget's report, rows kept, agreement) is staged for the host right after the forward (engine/host.py),
+so the step's one sync is acceptance's transfer.
 
 Shape legend: N drafted nodes, C cached tokens, V vocabulary, L MoE layers.
 """
@@ -23,6 +25,7 @@ import torch
 from moetune.step import StepConfig
 
 from . import eviction
+from .host import stage
 from .kv import cache_len, crop
 from .routing import Routing, capture_routing
 from .tree import DraftTree, attention_mask, is_chain, path_weights, position_ids
@@ -33,10 +36,12 @@ class Verification:
     logits: torch.Tensor  # [N+1, V] target logits at the root and every node
     routing: Routing | None  # unbudgeted routing of the N+1 verified tokens (None: not captured)
     past_len: int  # C, cache length before verification
-    budget_report: object | None = None  # moe_budget's report when the step was budgeted
-    agreement: float | None = None  # eval mode: argmax agreement with the unbudgeted pass over the N+1 rows
     alive: torch.Tensor | None = None  # [N+1] bool, evict mode: rows that survived every layer (None: all)
-    rows_kept: torch.Tensor | int | None = None  # evict mode: [] how many rows survived (None: no eviction)
+    # staged for the host (engine/host.py): read them after acceptance's transfer
+    budget_report: object | None = None  # moe_budget's report when the step was budgeted
+    agreement: torch.Tensor | None = None  # [] eval mode: argmax agreement with the unbudgeted pass, N+1 rows
+    rows_kept: torch.Tensor | int | None = None  # [] evict mode: how many rows survived (None: no eviction)
+    unique_experts: torch.Tensor | None = None  # [L] distinct experts per layer (None: routing not captured)
 
 
 def _budget(model, tree: DraftTree, config: StepConfig, rank: torch.Tensor | None):  # rank [N+1] or None
@@ -84,5 +89,9 @@ def verify(model, cache, root: int, tree: DraftTree, config: StepConfig, routing
     if unbudgeted is not None:  # over the rows acceptance may use (under eviction, the survivors)
         from .moe_budget import argmax_agreement
         rows = slice(None) if alive is None else alive
-        agreement = argmax_agreement(out.logits[0][rows], unbudgeted[rows])
-    return Verification(out.logits[0], captured, past, report, agreement, alive, kept)
+        agreement = stage(argmax_agreement(out.logits[0][rows], unbudgeted[rows]))
+    if report is not None:
+        report.stage()
+    unique = stage(captured.unique_experts()) if routing and captured.layers else None
+    return Verification(out.logits[0], captured, past, alive, report, agreement,
+                        stage(kept) if isinstance(kept, torch.Tensor) else kept, unique)

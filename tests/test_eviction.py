@@ -31,7 +31,7 @@ def test_every_prefix_of_the_rank_is_ancestor_closed():
     rng = random.Random(0)
     for trial in range(300):
         tree = random_tree(rng, rng.randrange(0, 20), ties=trial % 2 == 0)
-        rank = eviction.node_rank(tree).tolist()
+        rank = list(eviction.node_rank(tree))
         assert rank[0] == 0 and sorted(rank) == list(range(len(tree) + 1))
         anc = ancestors(tree.parents)
         for i in range(1, len(rank)):
@@ -60,7 +60,7 @@ def test_evict_equals_a_loop_reference_on_random_routing():
         T, E, K, L = rng.randrange(1, 24), rng.choice([4, 8, 16]), 2, 3
         index = torch.stack([torch.stack([torch.randperm(E)[:K] for _ in range(T)]) for _ in range(L)])  # [L, T, K]
         tree = random_tree(rng, T - 1)
-        rank = eviction.node_rank(tree)
+        rank = torch.tensor(eviction.node_rank(tree))
         budgets = [rng.randrange(K, E + 1) for _ in range(L)]
         position = eviction.rank_positions(rank)
         assert torch.equal(rank[position], torch.arange(T))
@@ -106,7 +106,7 @@ def test_survivors_are_exact_and_within_budget_at_every_layer(family, gather, mo
         assert torch.equal(ver.logits[rows].argmax(-1), full.logits[rows].argmax(-1))
         counts = [int(c) for c in ver.budget_report.kept_rows]
         assert counts == sorted(counts, reverse=True) and counts[-1] == len(rows)
-        rank = eviction.node_rank(tree)
+        rank = torch.tensor(eviction.node_rank(tree))
         for layer, (count, lr) in enumerate(zip(counts, routing.layers)):
             kept = rank[:count]
             assert hit_mask(lr.top_k_index[kept], 8).any(0).sum() <= budget
@@ -157,6 +157,6 @@ def test_invalid_mode_and_plan_are_named():
     cache = new_cache(model)
     args = forward_args(model, cache, 5, DraftTree.empty())
     with pytest.raises(ValueError, match="one tree per forward"):
-        with mb.apply_budget(model, mb.BudgetPlan(4, mode="evict", rank=torch.tensor([0, 1]))):
+        with mb.apply_budget(model, mb.BudgetPlan(4, mode="evict", rank=(0, 1))):
             model(**args)
     mb.install(model).remove()

@@ -150,8 +150,8 @@ class _Tree:
         index = {n: i for i, n in enumerate(keep)}
         parents = tuple(index[self.par[n]] if self.par[n] >= 0 else -1 for n in keep)
         tokens = torch.tensor([self.tok[n] for n in keep], dtype=torch.long, device=self.device)
-        probs = torch.tensor([self.lp[n] for n in keep], device=self.device).exp()
-        return DraftTree(parents, tokens, probs)
+        probs = torch.tensor([self.lp[n] for n in keep]).exp()  # on the host first: eviction ranks by them
+        return DraftTree(parents, tokens, probs.to(self.device), tuple(probs.tolist()))
 
     def dynamic(self, logp0: torch.Tensor, config: StepConfig) -> Growth:  # logp0 [V]
         k = config.topk

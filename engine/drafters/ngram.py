@@ -40,4 +40,4 @@ class NgramDrafter(NgramIndex, Proposer):
                 parents.append(index[key[:-1]] if d else -1)
                 tokens.append(cont[d])
         t = torch.tensor(tokens, dtype=torch.long, device=self.device)
-        return DraftTree(tuple(parents), t, torch.ones(len(tokens), device=self.device))
+        return DraftTree(tuple(parents), t, torch.ones(len(tokens), device=self.device), (1.0,) * len(tokens))

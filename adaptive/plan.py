@@ -128,6 +128,9 @@ class Estimates:
     draft_paid: np.ndarray | None = None
     overhead_seconds: float = 0.0  # a request's own seconds per step outside the forwards (OnlineLatency.overhead)
     top_k: int = 1  # experts each token is routed to: the least a budget may keep per layer
+    # in a batch, the share of a request's experts the others do not load ~= (1 - loaded) ** overlap
+    # (adaptive/experts.py; 1: uniform draws)
+    overlap: float = 1.0
 
     @property
     def expert_seconds(self) -> float:
@@ -160,20 +163,22 @@ class Plan:
     expert_seconds: np.ndarray  # (C * J,) verify seconds of each option's predicted experts
     draft_shared: np.ndarray  # (C * J,) draft seconds a batched draft forward shares (Estimates.draft_shared)
     draft_paid: np.ndarray  # (C * J,) the share of it each pays (Estimates.draft_paid)
+    overlap: float  # Estimates.overlap
 
-    def batch_times(self, times, loaded: float, requests: int) -> list | np.ndarray:
+    def batch_times(self, times, miss: float, requests: int) -> list | np.ndarray:
         """Each option's step seconds in a batch of `requests`: what it adds to the forward (its step
-        seconds alone, `times` from step_times, less the forward's constant and the share `loaded` of its
-        experts the other requests load anyway: adaptive/experts.py's new-draw model, u experts drawn where
-        a share x is loaded add about u (1 - x)) plus its even share of the constant, so the requests'
-        times add up to the step's. The verify fit is linear: the others' tokens and context cancel.
+        seconds alone, `times` from step_times, less the forward's constant and the experts the other
+        requests load anyway: a share `miss` of its experts is new, about (1 - x) ** overlap where the
+        others load a share x of all, adaptive/experts.py; overlap 1 for uniform draws, larger for skewed
+        routing, where the loaded experts are the popular ones) plus its even share of the constant, so the
+        requests' times add up to the step's. The verify fit is linear: the others' tokens and context cancel.
         Why the share: priced at the bare marginal, the constant looks free and each extra token costly
         (auto ran shallow n-gram chains at batch 8, 1.35x plain where it reaches 1.57x with the share).
         A batched drafter's forward is priced alike: each pays the share of its constant and levels that
         requests drafting with it have paid (OnlineLatency.draft_share), at least 1 / requests. Why learned and
         starting shared by the whole batch: priced alone while few used it, none started (auto ran plain at
         batch 32 in replay, where the draft-model chain is the best static config)."""
-        saved = self.verify_const * (1.0 - 1.0 / requests) + loaded * self.expert_seconds \
+        saved = self.verify_const * (1.0 - 1.0 / requests) + (1.0 - miss) * self.expert_seconds \
             + self.draft_shared * (1.0 - np.maximum(self.draft_paid, 1.0 / requests))
         if isinstance(times, np.ndarray):
             return np.maximum(times - saved, 1e-6)
@@ -232,7 +237,7 @@ def build_plan(menu: Menu, est: Estimates) -> Plan:
                 tuple(map(tuple, budgets.tolist())), est.layer_weights.tolist(), terms, positions,
                 float(est.verify_theta[0]), np.maximum(est.expert_seconds * kept.ravel(), 0.0),
                 np.repeat(np.zeros(C) if est.draft_shared is None else est.draft_shared, J),
-                np.repeat(np.ones(C) if est.draft_paid is None else est.draft_paid, J))
+                np.repeat(np.ones(C) if est.draft_paid is None else est.draft_paid, J), est.overlap)
 
 
 def _time_terms(menu: Menu, est: Estimates, kept: np.ndarray, valid: np.ndarray) -> np.ndarray:

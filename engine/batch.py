@@ -263,7 +263,9 @@ class PackedBatch:
                 times=(r.t_draft, t_verify * share, r.t_accept, r.t_commit + t_compact * share),
                 t_control=r.t_decide + r.t_observe, unique=unique[i], passive=self.passive,
                 chain=r.chain if self.temperature == 0 else None,  # checked under greedy decoding only
-                gpu=gpu_snapshot(device), forward=forward, draft_forward=r.draft_forward, offload=offload,
+                gpu=gpu_snapshot(device), draft_forward=r.draft_forward, offload=offload,
+                forward=forward if forward is None or experts is None else dict(
+                    forward, batch_experts_others=sum(others[i])),
                 **evicted)
             r.steps.append(stats)
             t0 = self.clock()

@@ -262,6 +262,9 @@ class StepStats:
     batch_experts: int | None = None
     batch_context: int | None = None
     batch_t_verify: float | None = None
+    # in a batch with routing captured, the union of the other requests' unique experts, summed over layers:
+    # batch_experts less it is what this request added to the forward (adaptive/experts.py learns the overlap)
+    batch_experts_others: int | None = None
     # in a batch, the draft forward this request drafted in (engine/batch.py batches the drafters
     # DrafterTraits.batched; None alone, or when it drafted with none of them): the draft fit learns the whole
     # forward, as t_draft is only this request's node share of it. Its depth (deepest tree), nodes (summed),
@@ -282,10 +285,12 @@ class StepStats:
     def __post_init__(self):
         forward = (self.batch_tokens, self.batch_context, self.batch_t_verify)
         if any(x is None for x in forward) != all(x is None for x in forward) or \
-                (self.batch_experts is not None and self.batch_tokens is None):
+                (self.batch_experts is not None and self.batch_tokens is None) or \
+                (self.batch_experts_others is not None and self.batch_experts is None):
             raise ValueError(f"StepStats: batch_tokens, batch_context and batch_t_verify are set together (a "
-                             f"batched step) or not at all, batch_experts only with them; got {forward}, "
-                             f"batch_experts={self.batch_experts}")
+                             f"batched step) or not at all, batch_experts only with them and batch_experts_others "
+                             f"only with batch_experts; got {forward}, batch_experts={self.batch_experts}, "
+                             f"batch_experts_others={self.batch_experts_others}")
         draft = (self.batch_draft_depth, self.batch_draft_nodes, self.batch_t_draft, self.batch_draft_requests)
         if draft != (None,) * 4 and not (all(x is not None for x in draft) and min(draft[1], draft[3]) >= 1):
             raise ValueError(f"StepStats: batch_draft_depth, batch_draft_nodes (>= 1), batch_t_draft and "

@@ -574,7 +574,7 @@ def test_a_requests_overhead_stays_its_own_in_a_batch():
     c.replan()
     # a plain step in a batch of 16 whose others load every expert: its overhead, 1/16 of the forward's
     # constant and its token (its experts cost nothing new)
-    plain = c.plan.batch_times(c.plan.step_times([0.0] * len(c.menu.grid.families), 100), 1.0, 16)[0]
+    plain = c.plan.batch_times(c.plan.step_times([0.0] * len(c.menu.grid.families), 100), 0.0, 16)[0]
     assert plain == pytest.approx(overhead + base / 16 + per_token, rel=0.1)
 
 
@@ -604,7 +604,7 @@ def test_a_shared_draft_forward_is_learned_whole_and_priced_shared():
     assert shared == pytest.approx(theta[0] + 2 * theta[1])
     assert 1 / 16 < paid < 1 / 2  # what a drafting request paid: 1 / (2..16 requests drafting)
     alone = c.plan.step_times([0.0] * len(c.menu.grid.families), 100)
-    batched = c.plan.batch_times(alone, 0.0, 16)
+    batched = c.plan.batch_times(alone, 1.0, 16)  # its experts all new to the batch
     assert batched[option] == pytest.approx(alone[option] - c.plan.verify_const * 15 / 16 - shared * (1 - paid))
     with pytest.raises(ValueError, match="batch_draft_depth"):
         StepStats(0, cfg, 0, 1, 2, 2, 100, batch_draft_nodes=4)
@@ -619,3 +619,71 @@ def test_budget_allocation_keeps_every_layer_at_top_k():
     a = allocate(U, np.array([0.05, 0.5, 5.0]), np.ones(2), np.full(2, 2.0), 32, top_k=4)
     assert a.budgets.min() == 3 and (a.budgets[:2] >= 4).all()  # the third count touches 3: nothing to cut
     assert (a.budgets[:2, -1] == 4).all()  # the loosest level cuts down to top_k, no further
+
+
+@pytest.mark.parametrize("beyond", ["accepted", "rejected", "unprobed"])
+def test_whole_ngram_chain_learns_the_level_past_it_from_the_probe(beyond):
+    """Without a lookahead, an n-gram chain of 3 accepted whole says nothing of level 4; the passive probe,
+    the same chain drafted deeper, compared with the bonus token does (else level 4 keeps the prior's 1/2
+    until a deeper chain is drafted, and the controller stays a level short of the best)."""
+    c = make(ControllerConfig(drafters=("ngram",), widths=(1,), budgets=False, request_decay=1.0))
+    chain = StepConfig(drafter="ngram", depth=3)
+    family = c.menu.grid.family_of(chain)
+    for i in range(30):
+        c.decide(DecodeState(0, i, 32 + 4 * i, 4 * i, 10_000))
+        seen = {"accepted": 4, "rejected": 3, "unprobed": None}[beyond]
+        probe = None if seen is None else Probe("ngram", 8, 6, seen, seen == 4)
+        c.observe(StepStats(i, chain, 3, 4, 3, 3, 32 + 4 * i, t_verify=1e-3, request_id=0, probe=probe))
+    mean = c.learners.mean(0, None)[family]
+    assert mean[2] > 0.9  # levels 1-3 learned once, whether or not the probe saw further
+    assert {"accepted": mean[3] > 0.9, "rejected": mean[3] < 0.1, "unprobed": abs(mean[3] - 0.5) < 0.05}[beyond]
+    assert abs(mean[4] - 0.5) < 0.05  # nothing is known past the emitted tokens
+
+
+def test_batch_overlap_is_learned_from_what_each_request_added():
+    """Skewed routing: the experts a batch loads are the popular ones, so a request adds fewer new ones than
+    uniform draws would, u (1 - x) ** overlap with overlap > 1. The fit recovers the exponent from noisy
+    request-steps (some adding none at all) and starts at 1 (uniform)."""
+    m = ExpertModel(SHAPE, max_tokens=9)
+    assert m.overlap == 1.0
+    rng = np.random.default_rng(0)
+    capacity = SHAPE.num_layers * SHAPE.num_experts
+    for _ in range(600):
+        own, others = int(rng.integers(24, 90)), int(rng.integers(20, capacity - 10))
+        new = rng.binomial(own, (1.0 - others / capacity) ** 2.5)
+        m.observe_batch(own, others, others + new)
+    assert m.overlap == pytest.approx(2.5, rel=0.1)
+    c = make(ControllerConfig(budgets=False))
+    for step in range(40):  # through StepStats: its experts, the others' union and the forward's
+        c.observe(StepStats(step, PLAIN, 0, 1, 0, 0, 100, unique_experts=(4,) * 6, t_verify=1e-3, request_id=0,
+                            batch_tokens=8, batch_experts=100, batch_context=800, batch_t_verify=3e-3,
+                            batch_experts_others=99))
+    c.replan()
+    assert c.plan.overlap > 3.0  # 1 of 24 new where 99 of 192 were loaded: (1 - 0.52) ** 4.3
+
+
+def test_no_eviction_in_a_batch_that_loads_the_experts_anyway():
+    """Alone, experts dominate a speculative step, so the eviction chooser budgets it; in a batch whose other
+    requests load every expert, evicting nodes would save nothing and lose accepted tokens: no eviction."""
+    env = Env(p=0.9, per_expert=1e-4, base=2e-3, per_token=1e-5, draft_step=3e-5)
+    c = make(ControllerConfig(budgets=False, exploration="greedy", decide_every=1, decide_every_max=1),
+             profile=env.profile())
+    run(c, env, steps=60)
+    state = DecodeState(0, 60, 200, 168, 1000)
+    loaded = BatchContext(requests=7, tokens=7, experts=(SHAPE.num_experts,) * SHAPE.num_layers)
+    alone, batched = c.decide(state), c.decide(replace(state, batch=loaded))
+    assert alone.config.speculate and alone.eviction is not None
+    assert batched.config.speculate and batched.eviction is None and batched.config.budgets is None
+
+
+def test_a_draft_forward_run_alone_in_a_batch_is_paid_whole():
+    """A batched drafter that drafted alone in a batch (no shared draft forward: replay's serial drafting,
+    or a request the engine drafted by itself) paid all of it: its learned share goes to 1, so it is not
+    priced as split among the batch (at batch 64 in replay auto ran serial draft-model chains 0.5x the best)."""
+    c = make(ControllerConfig(budgets=False, drafters=("draft_model",)))
+    cfg = StepConfig(depth=2)
+    for step in range(200):
+        c.observe(StepStats(step, cfg, 1, 2, 2, 2, 100, t_draft=2e-3, t_verify=1e-3, request_id=step % 8,
+                            batch_tokens=24, batch_experts=150, batch_context=800, batch_t_verify=6e-3))
+    c.replan()
+    assert c.latency.draft_share["draft_model"].value > 0.95

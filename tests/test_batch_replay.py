@@ -225,7 +225,7 @@ class Alone(Policy):
 
     def observe(self, stats: StepStats) -> None:
         self.inner.observe(replace(stats, batch_tokens=None, batch_experts=None, batch_context=None,
-                                   batch_t_verify=None))
+                                   batch_t_verify=None, batch_experts_others=None))
 
     def end(self, request_id):
         self.inner.end(request_id)

@@ -373,7 +373,8 @@ def share(batch: list[Member], tokens: list[int], contexts: list[int], t_verify:
                    batch_context=sum(contexts), batch_t_verify=t_verify)
     for m, rows in zip(batch, tokens):
         others = np.count_nonzero(loads - m.experts, axis=1)  # [L] the union of the others' experts
-        m.batch, m.forward = BatchContext(len(batch) - 1, sum(tokens) - rows, tuple(others.tolist())), forward
+        m.batch = BatchContext(len(batch) - 1, sum(tokens) - rows, tuple(others.tolist()))
+        m.forward = dict(forward, batch_experts_others=int(others.sum()))
 
 
 # -- a request pool larger than the traces ---------------------------------------------------------------

@@ -7,9 +7,9 @@ DynamicCache, explicit position ids, tree masks and acceptance) carries over:
 - cache: one DynamicCache of every active request's committed tokens, interleaved in commit order;
   `owner` [S] names the request of each cached position, kept in step with the cache;
 - positions: a row's position id is its request's context length so far plus its depth in the tree;
-- attention (engine/packed.py, swapped in for the forward only): each request's keys (its
-  cached positions, then its new rows) are gathered into a padded [B, L] block and its rows into [B, N];
-  a row sees its own cached keys and its own ancestors (`layout`), never another request's keys;
+- attention (engine/packed.py, swapped in for the forward only): requests bucketed by their number of
+  new rows; in a bucket each request's keys (its cached positions, then its new rows) are gathered into
+  a padded [B, L] block and its rows into [B, N]; a row sees its own cached keys and its own ancestors (`layout`), never another request's keys;
 - commit keeps, per request, the root and the accepted rows, and drops every position of a request that
   finished: one gather along the cache's sequence axis from the first position that moves (usually only
   the new rows, as in engine/kv.commit).
@@ -116,7 +116,7 @@ class PackedBatch:
             lay = layout(self.owner, [(r.index, torch.ones(len(r.ids) - 1, len(r.ids) - 1, dtype=torch.bool).tril())
                                       for r in fed], self.target.dtype)
             with packed_attention(self.target):
-                self.target.model(input_ids=ids, position_ids=pos, attention_mask=lay.mask, cache=self.cache,
+                self.target.model(input_ids=ids, position_ids=pos, cache=self.cache,
                                   use_cache=True, packed_layout=lay)
             self.owner = torch.cat([self.owner, row_owner])
         shared, rows = self.clock() - t0, sum(len(r.ids) - 1 for r in fed) or 1
@@ -188,7 +188,7 @@ class PackedBatch:
         capture = capture_routing(self.target) if self.routing else nullcontext()
         with capture as routing, packed_attention(self.target), self.budgets() as kept:
             out = self.target(input_ids=torch.tensor([ids], device=device),  # [1, T]
-                              position_ids=torch.tensor([pos], device=device), attention_mask=lay.mask,
+                              position_ids=torch.tensor([pos], device=device),
                               cache=self.cache, use_cache=True, packed_layout=lay)
         return out.logits[0], row_owner, routing, kept
 

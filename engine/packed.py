@@ -1,15 +1,16 @@
 """Attention for a packed batch: several requests' rows in one sequence, each reading only its own keys.
 
 engine/batch.py packs a batch into one sequence and one cache; this is the attention it swaps in for its
-forwards, and engine/drafters/batched.py its draft model's. Each request's keys (its cached positions, then
-its new rows) are gathered into a padded [B, L] block and its rows into [B, N], so a row never reads
-another request's keys and attention costs what a padded batch's does (engine/batch.py's docstring has
-the numbers behind the choice).
+forwards, and engine/drafters/batched.py its draft model's. Requests are bucketed by their number of new
+rows (1, 2, 3-4, 5-8, ...); in a bucket each request's keys (its cached positions, then its new rows) are
+gathered into a padded [B, L] block and its rows into [B, N], so a row never reads another request's keys
+and attention costs what a padded batch's does, with padding at most twice a request's rows: one request
+drafting 6 nodes beside 15 plain ones no longer pads all 16 to 7 rows.
 
-Shape legend: B requests in the forward, T new rows, N the most new rows of one request, M the widest
-visibility block of one request (its new rows, plus at a draft level the nodes drafted before them), S
-cached positions (all requests), L the most keys of one request (cached + new), H attention heads (Hkv
-key/value heads), D head size.
+Shape legend: B requests in a bucket, T new rows, N the most new rows of one request in a bucket, M the
+widest visibility block of one request (its new rows, plus at a draft level the nodes drafted before them),
+S cached positions (all requests), L the most keys of one request in a bucket (cached + new), H attention
+heads (Hkv key/value heads), D head size.
 """
 from __future__ import annotations
 
@@ -21,13 +22,20 @@ from transformers import AttentionInterface
 
 
 @dataclass(frozen=True)
-class Layout:
-    """Where each request of one packed forward sits, as packed_attention_forward reads it."""
+class Bucket:
+    """Requests of one packed forward with about as many new rows each, as one padded attention."""
 
     keys: torch.Tensor  # [B, L] long: cache positions (after this forward's append) of each request's keys, padded
     rows: torch.Tensor  # [B, N] long: each request's new rows, padded with its last one
     mask: torch.Tensor  # [B, 1, N, L] additive: which of its keys each row sees
-    unpad: torch.Tensor  # [T] long: each new row's place among the B * N padded rows
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each request of one packed forward sits, as packed_attention_forward reads it."""
+
+    buckets: tuple[Bucket, ...]
+    unpad: torch.Tensor  # [T] long: each new row's place among the buckets' padded rows, concatenated
 
 
 def layout(owner: torch.Tensor,  # [S] request index of each cached position
@@ -37,15 +45,40 @@ def layout(owner: torch.Tensor,  # [S] request index of each cached position
     m keys (its last m - n cached positions, then its new rows) each row sees; the keys before those are
     all visible. m = n: the rows see every cached position and each other as the block says (tree
     ancestry at verification; causal for a prompt). m > n: a draft level (engine/drafters/batched.py),
-    whose rows see the nodes drafted at this step's earlier levels only along their own paths."""
+    whose rows see the nodes drafted at this step's earlier levels only along their own paths.
+
+    Example: rows n = [1, 6, 1, 2] make buckets {n=1: requests 0, 2}, {n=2: 3}, {n=5-8: 1}, and unpad
+    sends request 0's row to padded row 0, request 1's six rows to 4..9 (after the 2 + 2 padded rows of the
+    first buckets, in bucket order), request 2's to 1, request 3's to 2, 3."""
+    sizes = [block.shape[0] for _, block in groups]
+    starts = [sum(sizes[:g]) for g in range(len(groups))]
+    classes: dict[int, list[int]] = {}
+    for g, n in enumerate(sizes):
+        classes.setdefault((n - 1).bit_length(), []).append(g)
+    buckets, place, offset = [], [0] * sum(sizes), 0
+    for members in (classes[c] for c in sorted(classes)):
+        N = max(sizes[g] for g in members)
+        buckets.append(_bucket(owner, [groups[g] for g in members], [starts[g] for g in members], dtype))
+        for b, g in enumerate(members):
+            place[starts[g]:starts[g] + sizes[g]] = range(offset + b * N, offset + b * N + sizes[g])
+        offset += len(members) * N
+    return Layout(tuple(buckets), torch.tensor(place, device=owner.device))
+
+
+def _bucket(owner: torch.Tensor,  # [S]
+            groups: list[tuple[int, torch.Tensor]],  # as layout's, for the bucket's requests
+            starts: list[int],  # each request's first new row among all T
+            dtype: torch.dtype) -> Bucket:
+    """One bucket's padded keys, rows and mask (layout's docstring says what a block means)."""
     device, S, B = owner.device, len(owner), len(groups)
     index = torch.tensor([g[0] for g in groups], device=device)
     n = torch.tensor([g[1].shape[0] for g in groups], device=device)  # [B]
     m = torch.tensor([g[1].shape[1] for g in groups], device=device)  # [B]
+    start = torch.tensor(starts, device=device)  # [B]
     mine = owner[None, :] == index[:, None]  # [B, S]
     cached = mine.sum(dim=1)  # [B]
     order = torch.cat([mine.nonzero()[:, 1], owner.new_zeros(1)])  # cached positions grouped by request
-    first, start = cached.cumsum(0) - cached, n.cumsum(0) - n  # [B] their offsets in `order` and in the rows
+    first = cached.cumsum(0) - cached  # [B] their offsets in `order`
     L, N, M = int((cached + n).max()), int(n.max()), int(m.max())
     j = torch.arange(L, device=device)[None]  # [1, L]
     is_cached, is_new = j < cached[:, None], (j >= cached[:, None]) & (j < (cached + n)[:, None])  # [B, L]
@@ -60,28 +93,30 @@ def layout(owner: torch.Tensor,  # [S] request index of each cached position
     visible = (j < tail)[:, None, :] | (blocks.to(device).gather(2, col) & in_block[:, None, :])  # [B, N, L]
     i = torch.arange(N, device=device)[None]  # [1, N]
     mask = torch.zeros(B, 1, N, L, dtype=dtype, device=device).masked_fill_(~visible[:, None], torch.finfo(dtype).min)
-    rows = start[:, None] + torch.minimum(i, n[:, None] - 1)
-    unpad = (torch.arange(B, device=device)[:, None] * N + i)[i < n[:, None]]
-    return Layout(keys, rows, mask, unpad)
+    return Bucket(keys, start[:, None] + torch.minimum(i, n[:, None] - 1), mask)
 
 
 def packed_attention_forward(module, query: torch.Tensor,  # [1, H, T, D]
                              key: torch.Tensor, value: torch.Tensor,  # [1, Hkv, S + T, D], cache included
-                             attention_mask: torch.Tensor,  # [B, 1, N, L]: Layout.mask
+                             attention_mask: None,  # PACKED has no mask function: the masks are the layout's
                              dropout: float = 0.0, scaling: float | None = None, packed_layout: Layout | None = None,
                              **kwargs) -> tuple[torch.Tensor, None]:  # [1, T, H, D]
-    """Attention of a packed forward, request by request: each request's keys are gathered into a padded
+    """Attention of a packed forward, bucket by bucket: each request's keys are gathered into a padded
     [B, L] block and its rows into [B, N], so a row never reads another request's keys and attention
     costs what a padded batch's does."""
-    lay = packed_layout
-    (B, L), N, H, Hkv = lay.keys.shape, lay.rows.shape[1], query.shape[1], key.shape[1]
-    flat = lay.keys.flatten()
-    k = key[0].index_select(1, flat).view(Hkv, B, L, -1).transpose(0, 1)  # [B, Hkv, L, D]
-    v = value[0].index_select(1, flat).view(Hkv, B, L, -1).transpose(0, 1)
-    q = query[0].index_select(1, lay.rows.flatten()).view(H, B, N, -1).transpose(0, 1)  # [B, H, N, D]
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=scaling,
-                                                           enable_gqa=H != Hkv)  # [B, H, N, D]
-    return out.transpose(1, 2).reshape(B * N, H, -1).index_select(0, lay.unpad)[None], None
+    H, Hkv = query.shape[1], key.shape[1]
+    outs = []
+    for bucket in packed_layout.buckets:
+        (B, L), N = bucket.keys.shape, bucket.rows.shape[1]
+        flat = bucket.keys.flatten()
+        k = key[0].index_select(1, flat).view(Hkv, B, L, -1).transpose(0, 1)  # [B, Hkv, L, D]
+        v = value[0].index_select(1, flat).view(Hkv, B, L, -1).transpose(0, 1)
+        q = query[0].index_select(1, bucket.rows.flatten()).view(H, B, N, -1).transpose(0, 1)  # [B, H, N, D]
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bucket.mask, scale=scaling,
+                                                               enable_gqa=H != Hkv)  # [B, H, N, D]
+        outs.append(out.transpose(1, 2).reshape(B * N, H, -1))
+    padded = outs[0] if len(outs) == 1 else torch.cat(outs)  # [sum B * N, H, D]
+    return padded.index_select(0, packed_layout.unpad)[None], None
 
 
 PACKED = "moetune_packed"

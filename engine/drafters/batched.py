@@ -102,7 +102,7 @@ class BatchedDraftModel:
         lay = layout(self.owner, blocks, self.model.dtype)
         with packed_attention(self.model):
             out = self.model(input_ids=torch.tensor([tokens], device=device),  # [1, T]
-                             position_ids=torch.tensor([pos], device=device), attention_mask=lay.mask,
+                             position_ids=torch.tensor([pos], device=device),
                              cache=self.cache, use_cache=True, logits_to_keep=keep, packed_layout=lay)
         self.owner = torch.cat([self.owner, torch.tensor(owner, dtype=torch.long, device=device)])
         return out.logits[0]

@@ -105,6 +105,27 @@ def longest_agreeing_path(parents: tuple[int, ...], target: list[int], match: li
     return Acceptance(tuple(path), tuple(target[parents[i] + 1] for i in path) + (target[best + 1],))
 
 
+def accept_greedy_packed(requests: list[tuple[tuple[int, ...], int, set[int] | None]],
+                         row_tokens: list[int],  # [T] each row's input token: a request's root, then its nodes
+                         logits: torch.Tensor,  # [T, V]
+                         ) -> list[Acceptance]:
+    """accept_greedy for every request of a packed forward (engine/batch.py) from one argmax and one host
+    transfer, not one per request. Per request: its tree's parents, its first row, and the rows (counted
+    from its first, the root 0) an eviction budget kept, None for all.
+
+    Example: two requests, a plain one at row 0 and a chain of 2 at rows 1-3, row_tokens [7, 4, 5, 6]
+    (chain tokens 5, 6 after root 4), argmax [8, 5, 9, 2]: the first emits (8,); the second accepts node 0
+    (5 is the argmax at its root) and not node 1 (6 is not 9), emitting (5, 9)."""
+    target = logits.argmax(dim=-1).tolist()  # [T]: the one transfer
+    out = []
+    for parents, start, alive in requests:
+        rows = target[start:start + len(parents) + 1]
+        match = [row_tokens[start + 1 + i] == rows[p + 1] and (alive is None or i + 1 in alive)
+                 for i, p in enumerate(parents)]
+        out.append(longest_agreeing_path(parents, rows, match))
+    return out
+
+
 def accept_sample(tree: DraftTree, logits: torch.Tensor,  # [N+1, V]
                   temperature: float, top_p: float, generator: torch.Generator,
                   alive: torch.Tensor | None = None,  # [N+1] bool, rows an eviction budget kept (None: all)

@@ -53,7 +53,7 @@ from moetune.policies.static import Static
 from moetune.step import PLAIN, BatchContext, DecodeState, StepConfig
 
 from . import kv
-from .accept import accept_tree
+from .accept import accept_greedy_packed, accept_tree
 from .batch_eviction import Group, RowReport, evict_rows
 from .batch_request import BatchResult, Request, check_arguments, emit, throughput
 from .drafters import DraftModelDrafter, Proposer
@@ -169,10 +169,10 @@ class PackedBatch:
             r.t_draft += elapsed * (len(tree) / nodes if nodes else 1 / len(group))
 
     @torch.no_grad()
-    def verify(self) -> tuple[torch.Tensor, torch.Tensor, Routing | None, RowReport | None]:
+    def verify(self) -> tuple[torch.Tensor, list[int], torch.Tensor, Routing | None, RowReport | None]:
         """One target forward over every request's [root, nodes]; the cache grows by T. Returns logits
-        [T, V], the request index of each row [T], the routing when captured and, when a request runs an
-        eviction budget, what each layer kept per request."""
+        [T, V], each row's input token [T] (host), the request index of each row [T], the routing when
+        captured and, when a request runs an eviction budget, what each layer kept per request."""
         ids: list[int] = []
         pos: list[int] = []
         owner: list[int] = []
@@ -190,7 +190,7 @@ class PackedBatch:
             out = self.target(input_ids=torch.tensor([ids], device=device),  # [1, T]
                               position_ids=torch.tensor([pos], device=device),
                               cache=self.cache, use_cache=True, packed_layout=lay)
-        return out.logits[0], row_owner, routing, kept
+        return out.logits[0], ids, row_owner, routing, kept
 
     def budgets(self):
         """The forward's eviction (engine/batch_eviction.py) when a request runs a budget, else nothing."""
@@ -200,9 +200,21 @@ class PackedBatch:
                   for r in self.active]
         return evict_rows(self.target, groups)
 
-    def accept(self, logits: torch.Tensor, kept: RowReport | None) -> None:  # logits [T, V]
-        """Each request's tree against its own rows (those its budget kept): greedy, or sampled with its own
-        generator."""
+    def accept(self, logits: torch.Tensor,  # [T, V]
+               row_tokens: list[int],  # [T] each row's input token
+               kept: RowReport | None) -> None:
+        """Each request's tree against its own rows (those its budget kept): greedy for all requests from one
+        host transfer (the time shared evenly), or sampled with each request's own generator."""
+        if self.temperature == 0:
+            t0 = self.clock()
+            alive = [None if kept is None or (rows := kept.survivors(i)) is None else {x - r.rows.start for x in rows}
+                     for i, r in enumerate(self.active)]
+            accs = accept_greedy_packed([(r.tree.parents, r.rows.start, a) for r, a in zip(self.active, alive)],
+                                        row_tokens, logits)
+            share = (self.clock() - t0) / len(self.active)
+            for r, acc in zip(self.active, accs):
+                r.acc, r.t_accept = acc, share
+            return
         for i, r in enumerate(self.active):
             t0 = self.clock()
             alive = None
@@ -311,13 +323,13 @@ class PackedBatch:
         self.draft()
         before = None if self.offload is None else offload_counters(self.offload)
         t0 = self.clock()
-        logits, row_owner, routing, kept = self.verify()
+        logits, row_tokens, row_owner, routing, kept = self.verify()
         t_verify = self.clock() - t0
         offload = None
         if before is not None:  # what the shared forward read from the slow tier: every request's StepStats
             misses, nbytes, stall = (b - a for a, b in zip(before, offload_counters(self.offload)))
             offload = dict(offload_misses=misses, offload_bytes=nbytes, offload_stall=stall)
-        self.accept(logits, kept)
+        self.accept(logits, row_tokens, kept)
         t_compact = self.commit(row_owner)
         now = self.clock()
         self.observe(t_verify, t_compact, routing, kept, offload, now)

@@ -111,9 +111,9 @@ def test_other_requests_cache_is_invisible(monkeypatch):
                 layer.values[..., where, :] = torch.randn_like(layer.values[..., where, :]) * 100
         return verify(self)
 
-    def recording_accept(self, logits, kept):
+    def recording_accept(self, logits, row_tokens, kept):
         logits_a.append(logits[self.active[0].rows].clone())
-        return accept(self, logits, kept)
+        return accept(self, logits, row_tokens, kept)
 
     monkeypatch.setattr(batch_mod.PackedBatch, "accept", recording_accept)
     alone = generate_batch(target, None, [a], max_new_tokens=12, eos_token_id=-1)[0]

@@ -1,4 +1,5 @@
-"""A live greedy step reads the device once: acceptance's transfer (engine/host.py).
+"""A live greedy step reads the device once: acceptance's transfer (engine/host.py); a batched step's
+greedy acceptance reads it once for all its requests.
 
 On CPU there is no sync to see, so every host read of a tensor (`.tolist()`, `.item()`, `int()`, `bool()`,
 ...) is counted through a TorchFunctionMode, outside the target's forward (on CPU the budgeted expert
@@ -11,9 +12,11 @@ import torch
 from tiny import tiny_moe
 from torch.overrides import TorchFunctionMode
 
+from moetune.engine import batch as batch_mod
 from moetune.engine import generate as live
 from moetune.engine import host, verify
 from moetune.engine.drafters import DraftModelDrafter, NgramDrafter
+from moetune.engine.batch import generate_batch
 from moetune.engine.generate import generate
 from moetune.policies.registry import make_policy
 from moetune.step import PLAIN, StepConfig
@@ -101,3 +104,26 @@ def test_one_host_read_per_step(target, case, monkeypatch):
         assert any(s.unique_experts for s in res.steps)
     if case.startswith("budgeted"):
         assert all(s.unique_experts_kept for s in res.steps if s.tree_size)
+
+
+def test_batched_greedy_acceptance_reads_once_per_step(target, monkeypatch):
+    """Requests verifying trees, chains and nothing side by side: acceptance reads the device once a step."""
+    reads, counts = HostReads(), []
+    reads.on = False
+    accept = batch_mod.PackedBatch.accept
+
+    def counting(self, logits, row_tokens, kept):
+        reads.on, before = True, reads.reads
+        try:
+            return accept(self, logits, row_tokens, kept)
+        finally:
+            reads.on = False
+            counts.append((len(self.active), reads.reads - before))
+
+    monkeypatch.setattr(batch_mod.PackedBatch, "accept", counting)
+    prompts = [PROMPT, PROMPT[3:], [7, 8, 9, 7, 8], PROMPT[:9]]
+    with reads:
+        generate_batch(target, None, prompts, drafter=DraftModelDrafter(target), config=StepConfig(depth=3, topk=2),
+                       batch_size=4, max_new_tokens=10, eos_token_id=-1)
+    assert max(b for b, _ in counts) == 4
+    assert [n for _, n in counts] == [1] * len(counts)

@@ -9,7 +9,8 @@ DynamicCache, explicit position ids, tree masks and acceptance) carries over:
 - positions: a row's position id is its request's context length so far plus its depth in the tree;
 - attention (engine/packed.py, swapped in for the forward only): requests bucketed by their number of
   new rows; in a bucket each request's keys (its cached positions, then its new rows) are gathered into
-  a padded [B, L] block and its rows into [B, N]; a row sees its own cached keys and its own ancestors (`layout`), never another request's keys;
+  a padded [B, L] block and its rows into [B, N]; a row sees its own cached keys and its own ancestors
+  (`layout`), never another request's keys;
 - commit keeps, per request, the root and the accepted rows, and drops every position of a request that
   finished: one gather along the cache's sequence axis from the first position that moves (usually only
   the new rows, as in engine/kv.commit).

@@ -15,8 +15,8 @@ from torch.overrides import TorchFunctionMode
 from moetune.engine import batch as batch_mod
 from moetune.engine import generate as live
 from moetune.engine import host, verify
-from moetune.engine.drafters import DraftModelDrafter, NgramDrafter
 from moetune.engine.batch import generate_batch
+from moetune.engine.drafters import DraftModelDrafter, NgramDrafter
 from moetune.engine.generate import generate
 from moetune.policies.registry import make_policy
 from moetune.step import PLAIN, StepConfig
@@ -107,7 +107,8 @@ def test_one_host_read_per_step(target, case, monkeypatch):
 
 
 def test_batched_greedy_acceptance_reads_once_per_step(target, monkeypatch):
-    """Requests verifying trees, chains and nothing side by side: acceptance reads the device once a step."""
+    """Four requests verifying draft-model trees in one forward: acceptance reads the device once a step, not
+    once per request."""
     reads, counts = HostReads(), []
     reads.on = False
     accept = batch_mod.PackedBatch.accept

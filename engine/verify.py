@@ -44,7 +44,7 @@ class Verification:
     unique_experts: torch.Tensor | None = None  # [L] distinct experts per layer (None: routing not captured)
 
 
-def _budget(model, tree: DraftTree, config: StepConfig, rank: torch.Tensor | None):  # rank [N+1] or None
+def _budget(model, tree: DraftTree, config: StepConfig, rank: tuple[int, ...] | None):  # rank: N+1 rows or None
     """The budget context for this step (a no-op context without budgets)."""
     if config.budgets is None:
         return nullcontext()

@@ -508,16 +508,22 @@ def test_eviction_budgets_keep_a_node_and_evict_something():
         ControllerConfig(eviction_levels=(0.8, 0.5))
 
 
+def decided_alone_and_in_a_loaded_batch(p: float, per_expert: float):
+    """A greedy controller after 60 steps of a drafter accepting p, each expert costing per_expert; the next
+    step's state, and a batch context whose 7 other requests load every expert."""
+    env = Env(p=p, per_expert=per_expert, base=2e-3, per_token=1e-5, draft_step=3e-5)
+    c = make(ControllerConfig(budgets=False, exploration="greedy", decide_every=1, decide_every_max=1),
+             profile=env.profile())
+    run(c, env, steps=60)
+    loaded = BatchContext(requests=7, tokens=7, experts=(SHAPE.num_experts,) * SHAPE.num_layers)
+    return c, DecodeState(0, 60, 200, 168, 1000), loaded
+
+
 def test_batch_context_prices_options_by_what_they_add_to_the_forward():
     """Experts dominate a step: alone, plain decoding wins; with the other requests of a batch loading every
     expert, a drafted token costs little, so the same request speculates. Without a batch context (None)
     the decision is the one it was."""
-    env = Env(p=0.7, per_expert=4e-4, base=2e-3, per_token=1e-5, draft_step=3e-5)
-    c = make(ControllerConfig(budgets=False, exploration="greedy", decide_every=1, decide_every_max=1),
-             profile=env.profile())
-    run(c, env, steps=60)
-    state = DecodeState(0, 60, 200, 168, 1000)
-    loaded = BatchContext(requests=7, tokens=7, experts=(SHAPE.num_experts,) * SHAPE.num_layers)
+    c, state, loaded = decided_alone_and_in_a_loaded_batch(p=0.7, per_expert=4e-4)
     alone, batched, again = c.decide(state), c.decide(replace(state, batch=loaded)), c.decide(state)
     assert not alone.config.speculate and batched.config.speculate
     assert again.config == alone.config
@@ -665,12 +671,7 @@ def test_batch_overlap_is_learned_from_what_each_request_added():
 def test_no_eviction_in_a_batch_that_loads_the_experts_anyway():
     """Alone, experts dominate a speculative step, so the eviction chooser budgets it; in a batch whose other
     requests load every expert, evicting nodes would save nothing and lose accepted tokens: no eviction."""
-    env = Env(p=0.9, per_expert=1e-4, base=2e-3, per_token=1e-5, draft_step=3e-5)
-    c = make(ControllerConfig(budgets=False, exploration="greedy", decide_every=1, decide_every_max=1),
-             profile=env.profile())
-    run(c, env, steps=60)
-    state = DecodeState(0, 60, 200, 168, 1000)
-    loaded = BatchContext(requests=7, tokens=7, experts=(SHAPE.num_experts,) * SHAPE.num_layers)
+    c, state, loaded = decided_alone_and_in_a_loaded_batch(p=0.9, per_expert=1e-4)
     alone, batched = c.decide(state), c.decide(replace(state, batch=loaded))
     assert alone.config.speculate and alone.eviction is not None
     assert batched.config.speculate and batched.eviction is None and batched.config.budgets is None

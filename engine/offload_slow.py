@@ -7,6 +7,11 @@ POSIX_FADV_DONTNEED) or "paced" (buffered reads, page cache allowed, rate-limite
 rate-limited copy, and `describe()` says so). "auto" takes direct when the file system allows it, else
 fadvise. Any kind can also be paced to `slow_gbps`.
 
+An expert is read in chunks of CHUNK bytes (`chunks`), so the reader thread can leave a prefetch between
+two chunks for a read a computing layer waits on (engine/offload_store.TransferQueue): a whole 3 MB expert
+at 1 GB/s would hold such a demand read up to 3 ms. Pacing keeps one schedule for the link across reads, so
+switching reads neither bursts above `slow_gbps` nor loses time to sleep overshoot.
+
 Shape legend: E experts, H hidden, I expert intermediate.
 """
 from __future__ import annotations
@@ -21,6 +26,8 @@ import torch
 
 SLOW_KINDS = ("auto", "direct", "fadvise", "paced")
 ALIGN = 4096  # O_DIRECT needs block-aligned offsets, lengths and buffers
+CHUNK = 1 << 20  # bytes per read: the longest a demand read waits behind a prefetch (a multiple of ALIGN)
+PACE_SLACK_S = 2e-4  # a chunk starting this soon after the link's schedule freed keeps it (sleep overshoot)
 DTYPE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
 
 
@@ -64,6 +71,17 @@ def write_slow_tier(path: str, gate_ups: list[torch.Tensor], downs: list[torch.T
             for (l, e), start in starts.items()}
 
 
+def _pieces(parts: list[memoryview], start: int, end: int) -> list[memoryview]:
+    """The slices of `parts`, taken as one byte string, that cover bytes [start, end)."""
+    out, base = [], 0
+    for part in parts:
+        lo, hi = max(start - base, 0), min(end - base, len(part))
+        if lo < hi:
+            out.append(part[lo:hi])
+        base += len(part)
+    return out
+
+
 def _open_direct(path: str, probe: int) -> int | None:
     """An O_DIRECT descriptor of `path` when the OS and file system allow it (one aligned test read)."""
     if not hasattr(os, "O_DIRECT"):
@@ -97,8 +115,8 @@ class SlowTier:
         if self.kind == "fadvise":
             os.fsync(self.fd)  # dirty pages cannot be dropped: write them back, then start cold
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        largest = max(s.gate_up_bytes + s.down_bytes for s in spans.values())
-        self._bounce = mmap.mmap(-1, largest + ALIGN) if self.kind == "direct" else None  # page-aligned
+        self._bounce = mmap.mmap(-1, CHUNK) if self.kind == "direct" else None  # page-aligned
+        self._link_free = 0.0  # perf_counter time the paced link's schedule is free again
 
     def describe(self) -> str:
         """What a read here is, for every report: the honest name of the slow tier."""
@@ -114,27 +132,42 @@ class SlowTier:
         return (f"buffered reads of {self.path}: this OS offers neither O_DIRECT nor posix_fadvise, so the page "
                 f"cache is NOT bypassed{pace}")
 
-    def read_into(self, layer: int, expert: int, gate_up: torch.Tensor,  # [2I, H] slot
-                  down: torch.Tensor) -> int:  # [H, I] slot
-        """Fill the two slot tensors with the expert's weights (paced when slow_gbps is set); the bytes read."""
+    def chunks(self, layer: int, expert: int, gate_up: torch.Tensor,  # [2I, H] slot
+               down: torch.Tensor):
+        """Fill the two slot tensors chunk by chunk (paced when slow_gbps is set), yielding each chunk's
+        bytes: between two chunks the caller may run another read."""
         span = self.spans[layer, expert]
         n = span.gate_up_bytes + span.down_bytes
-        t0 = time.perf_counter()
+        slots = [_raw(gate_up), _raw(down)]
+        for start in range(0, n, CHUNK):
+            end = min(start + CHUNK, n)
+            t0 = time.perf_counter()
+            self._read_chunk(span.offset, slots, start, end)
+            if self.gbps:
+                self._pace(t0, end - start)
+            yield end - start
+
+    def _read_chunk(self, offset: int, slots: list[memoryview], start: int, end: int) -> None:
+        """Bytes [start, end) of the expert at `offset` into the slots (a 4096-aligned start)."""
         if self.kind == "direct":
-            size = -(-n // ALIGN) * ALIGN
-            got = os.preadv(self.fd, [memoryview(self._bounce)[:size]], span.offset)
-            raw = torch.frombuffer(self._bounce, dtype=torch.uint8, count=n)  # [n] bytes
-            gate_up.view(-1).view(torch.uint8).copy_(raw[:span.gate_up_bytes])
-            down.view(-1).view(torch.uint8).copy_(raw[span.gate_up_bytes:])
+            size = -(-(end - start) // ALIGN) * ALIGN
+            got = os.preadv(self.fd, [memoryview(self._bounce)[:size]], offset + start)
+            at = 0
+            for piece in _pieces(slots, start, end):
+                piece[:] = memoryview(self._bounce)[at:at + len(piece)]
+                at += len(piece)
         else:
-            got = os.preadv(self.fd, [_raw(gate_up), _raw(down)], span.offset)
+            got = os.preadv(self.fd, _pieces(slots, start, end), offset + start)
             if self.kind == "fadvise":
-                os.posix_fadvise(self.fd, span.offset, n, os.POSIX_FADV_DONTNEED)
-        if got < n:
-            raise OSError(f"short read of {self.path}: {got} of {n} bytes at offset {span.offset}")
-        if self.gbps:
-            time.sleep(max(0.0, n / (self.gbps * 1e9) - (time.perf_counter() - t0)))
-        return n
+                os.posix_fadvise(self.fd, offset + start, end - start, os.POSIX_FADV_DONTNEED)
+        if got < end - start:
+            raise OSError(f"short read of {self.path}: {got} of {end - start} bytes at offset {offset + start}")
+
+    def _pace(self, t0: float, nbytes: int) -> None:
+        """Sleep until the link, at slow_gbps, has carried these bytes after what it carried before."""
+        start = self._link_free if t0 - self._link_free < PACE_SLACK_S else t0
+        self._link_free = start + nbytes / (self.gbps * 1e9)
+        time.sleep(max(0.0, self._link_free - time.perf_counter()))
 
     def close(self) -> None:
         if self.fd is not None:

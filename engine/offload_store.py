@@ -11,6 +11,10 @@ module holds the two tiers and moves experts between them; engine/offload.py com
   tie-break ("lru"), or the decayed use count first ("lfu").
 - Transfers (`TransferQueue`): one reader thread, demand reads before prefetches, earlier layers first,
   each a concurrent.futures.Future; a failed or timed-out read raises OffloadError naming layer and expert.
+  Reads go chunk by chunk and a prefetch yields the thread to a more urgent read between two chunks, so a
+  computing layer never waits for a whole predicted expert to land first. A layer's call drops its
+  prefetches that have not started and that it turned out not to need: they were wrong guesses, and reading
+  them would only hold the link and evict experts.
 
 Only the main thread changes tier state; the reader thread only fills slot memory it was given and
 counts bytes. Shape legend: L MoE layers, E experts, C capacity (slots), H hidden, I expert intermediate.
@@ -72,11 +76,15 @@ class LayerStats:
 class TransferQueue:
     """One daemon reader thread running transfers by priority (lowest tuple first), so reads overlap compute.
 
+    A transfer is a function returning an iterator: each item ends a chunk, where the thread switches to a
+    queued transfer of higher priority and comes back later (the iterator's return value is the result).
     A daemon thread, not a ThreadPoolExecutor: a read stuck in the kernel must not hang interpreter exit."""
 
     def __init__(self):
         self._heap: list = []
         self._jobs: dict[Future, object] = {}  # queued, not yet started
+        self._paused: dict[Future, object] = {}  # started, left for a more urgent one: its iterator
+        self._running: list = [None, None]  # [future, priority] of the transfer on the thread now
         self._seq = itertools.count()
         self._cond = threading.Condition()
         self._closed = False
@@ -92,34 +100,66 @@ class TransferQueue:
         return future
 
     def promote(self, future: Future, priority: tuple) -> None:
-        """Queue a not yet started transfer again at `priority`; its earliest entry runs it."""
+        """Queue a not yet finished transfer again at `priority`; its earliest entry runs it."""
         with self._cond:
-            if future in self._jobs:
+            if self._running[0] is future:
+                self._running[1] = min(self._running[1], priority)
+            elif future in self._jobs or future in self._paused:
                 heapq.heappush(self._heap, (priority, next(self._seq), future))
+                self._cond.notify()
 
-    def _run(self) -> None:
-        while True:
-            with self._cond:
+    def _next(self):
+        """(future, iterator) of the most urgent transfer, started if new; None once closed."""
+        with self._cond:
+            while True:
                 while not self._heap and not self._closed:
                     self._cond.wait()
                 if self._closed:
-                    return
-                _, _, future = heapq.heappop(self._heap)
+                    return None
+                priority, _, future = heapq.heappop(self._heap)
+                self._running = [future, priority]
+                if future in self._paused:
+                    return future, self._paused.pop(future)
                 fn = self._jobs.pop(future, None)
-            if fn is None or not future.set_running_or_notify_cancel():
-                continue  # an earlier entry of a promoted transfer ran it, or it was cancelled
+                if fn is not None and future.set_running_or_notify_cancel():
+                    break  # else an earlier entry of a promoted transfer ran it, or it was cancelled
+        try:
+            return future, iter(fn())
+        except Exception as exc:
+            future.set_exception(exc)
+            return future, iter(())
+
+    def _run(self) -> None:
+        while (job := self._next()) is not None:
+            future, chunks = job
             try:
-                future.set_result(fn())
+                while True:
+                    next(chunks)
+                    with self._cond:
+                        if self._closed:
+                            future.set_exception(RuntimeError("the offload store was closed during this read"))
+                            break
+                        priority = self._running[1]
+                        if self._heap and self._heap[0][0] < priority:
+                            self._paused[future] = chunks
+                            heapq.heappush(self._heap, (priority, next(self._seq), future))
+                            break
+            except StopIteration as done:
+                if not future.done():
+                    future.set_result(done.value)
             except Exception as exc:  # delivered to whoever waits on the transfer, with layer and expert
                 future.set_exception(exc)
 
     def close(self) -> None:
-        """Stop the thread after its current read; queued transfers are cancelled."""
+        """Stop the thread after its current chunk; queued transfers are cancelled, paused ones fail."""
         with self._cond:
             self._closed = True
             for future in self._jobs:
                 future.cancel()
+            for future in self._paused:
+                future.set_exception(RuntimeError("the offload store was closed during this read"))
             self._jobs.clear()
+            self._paused.clear()
             self._heap.clear()
             self._cond.notify()
 
@@ -213,15 +253,22 @@ class ExpertStore:
         t.loading[e] = self.queue.submit((priority, layer), partial(self._read, layer, e, t.slot_of[e], kind))
         (t.prefetched.add if priority == PREFETCH else t.prefetched.discard)(e)
 
-    def _read(self, layer: int, e: int, slot: int, kind: str) -> int:
-        """On the reader thread: one expert into its slot."""
+    def _read(self, layer: int, e: int, slot: int, kind: str):
+        """On the reader thread: one expert into its slot, chunk by chunk (a generator; returns the bytes)."""
         t = self.layers[layer]
-        t0 = time.perf_counter()
-        n = self.tier.read_into(layer, e, t.gate_up[slot], t.down[slot])
-        with self._lock:
-            setattr(t.stats, kind, getattr(t.stats, kind) + n)
-            t.stats.read_s += time.perf_counter() - t0
-        return n
+        chunks = self.tier.chunks(layer, e, t.gate_up[slot], t.down[slot])
+        n = 0
+        while True:
+            t0 = time.perf_counter()
+            got = next(chunks, None)
+            with self._lock:
+                t.stats.read_s += time.perf_counter() - t0
+                if got is not None:
+                    setattr(t.stats, kind, getattr(t.stats, kind) + got)
+            if got is None:
+                return n
+            n += got
+            yield
 
     def check(self) -> None:
         if self.broken:
@@ -267,6 +314,7 @@ class ExpertStore:
         t.protected.clear()
         self._reap(t)
         self._count(t, set(needed))
+        self._drop_wrong(t, set(needed))
         order = sorted(needed, key=lambda e: 2 if e not in t.slot_of else int(e in t.loading))
         remaining, window = deque(order), deque()
         try:
@@ -285,6 +333,13 @@ class ExpertStore:
                 self._touch(t, e)
         finally:
             t.pins.clear()
+
+    def _drop_wrong(self, t: LayerTier, needed: set[int]) -> None:
+        """Cancel the prefetches for this call that have not started and that it does not need; free
+        their slots."""
+        for e in [e for e in t.prefetched if e not in needed and e in t.loading]:
+            if t.loading[e].cancel():
+                self._free(t, e)
 
     def _pin(self, layer: int, e: int, remaining) -> bool:
         """Pin `e`, starting its read when it is not in the fast tier; False when no slot can take it yet."""

@@ -148,7 +148,7 @@ def test_failed_transfer_names_layer_and_expert(offloaded):
     def failing(layer, expert, gate_up, down):
         raise OSError("injected read failure")
 
-    handle.store.tier.read_into = failing
+    handle.store.tier.chunks = failing
     with pytest.raises(OffloadError, match=r"MoE layer 0 expert \d+: reading it from the slow tier failed.*injected"):
         with torch.no_grad():
             model(torch.tensor([PROMPT]))
@@ -159,15 +159,15 @@ def test_failed_prefetch_is_read_again_on_demand(reference, offloaded, expert):
     """Whether the expert is needed (retried as a demand read) or not (its slot freed), the output is exact."""
     model, enable = offloaded
     handle = enable(capacity=2, prefetch="none")
-    store, read = handle.store, handle.store.tier.read_into
+    store, read = handle.store, handle.store.tier.chunks
 
     def failing(*args, **kw):
         raise OSError("injected read failure")
 
-    store.tier.read_into = failing
+    store.tier.chunks = failing
     store.prefetch(0, [expert])
     store.layers[0].loading[expert].exception(timeout=5)  # wait for it to fail
-    store.tier.read_into = read
+    store.tier.chunks = read
     with torch.no_grad():
         assert torch.equal(model(torch.tensor([PROMPT])).logits, reference[1])
     assert handle.report().layers[0].prefetch_failed == 1
@@ -177,13 +177,13 @@ def test_stuck_transfer_times_out(reference, offloaded):
     model, enable = offloaded
     handle = enable(capacity=2, prefetch="none", timeout_s=0.2)
     release = threading.Event()
-    read = handle.store.tier.read_into
+    read = handle.store.tier.chunks
 
     def stuck(*args, **kw):
         release.wait(10)
         return read(*args, **kw)
 
-    handle.store.tier.read_into = stuck
+    handle.store.tier.chunks = stuck
     with torch.no_grad():
         timed_out = r"MoE layer 0 expert \d+: the slow-tier read did not finish within 0.2 s"
         with pytest.raises(OffloadError, match=timed_out):

@@ -1,0 +1,133 @@
+"""Offload transfers (engine/offload_store.TransferQueue, engine/offload_slow.SlowTier.chunks): reads go
+chunk by chunk, a prefetch leaves the reader to a demand read between two chunks, a layer's call drops
+the not yet started prefetches it does not need, and chunked reads of every slow-tier kind fill the slots
+with the expert's exact bytes."""
+import copy
+import threading
+
+import pytest
+import torch
+from tiny import tiny_moe
+
+from moetune.engine import offload_slow
+from moetune.engine.offload import enable_offload
+from moetune.engine.offload_store import DEMAND, PREFETCH, TransferQueue
+
+PROMPT = [5, 17, 33, 17, 33, 90, 4, 17, 33]
+
+
+def _job(log, name, chunks, gate=None):
+    """A transfer of `chunks` chunks logging each; before its second chunk it waits on `gate` (if given)."""
+    def run():
+        for i in range(chunks):
+            if i == 1 and gate is not None:
+                gate[0].set()
+                gate[1].wait(5)
+            log.append(f"{name}{i}")
+            yield
+        return name
+    return run
+
+
+def test_a_demand_read_runs_between_two_chunks_of_a_prefetch():
+    queue, log = TransferQueue(), []
+    started, go = threading.Event(), threading.Event()
+    try:
+        slow = queue.submit((PREFETCH, 1), _job(log, "p", 3, (started, go)))
+        assert started.wait(5)
+        urgent = queue.submit((DEMAND, 0), _job(log, "d", 1))
+        go.set()
+        assert urgent.result(5) == "d" and slow.result(5) == "p"
+        assert log == ["p0", "p1", "d0", "p2"]  # the prefetch paused after its chunk p1, then finished
+    finally:
+        queue.close()
+
+
+def test_a_promoted_paused_prefetch_runs_before_other_prefetches():
+    queue, log = TransferQueue(), []
+    started, go = threading.Event(), threading.Event()
+    try:
+        first = queue.submit((PREFETCH, 0), _job(log, "a", 3, (started, go)))
+        assert started.wait(5)
+        other = queue.submit((PREFETCH, 0), _job(log, "b", 1))
+        demand = queue.submit((DEMAND, 0), _job(log, "d", 1))  # pauses a after a1
+        queue.promote(first, (DEMAND, 0))  # a: now wanted by a computing layer
+        go.set()
+        assert [f.result(5) for f in (first, other, demand)] == ["a", "b", "d"]
+        assert log.index("a2") < log.index("b0")
+    finally:
+        queue.close()
+
+
+def test_close_fails_a_paused_transfer_instead_of_leaving_it_waited_on():
+    queue, log = TransferQueue(), []
+    started, go = threading.Event(), threading.Event()
+    paused = queue.submit((PREFETCH, 0), _job(log, "p", 3, (started, go)))
+    assert started.wait(5)
+    blocker = threading.Event()
+
+    def demand():
+        blocker.wait(5)
+        yield
+
+    queue.submit((DEMAND, 0), demand)
+    go.set()
+    while "p1" not in log:  # p pauses right after this chunk, for the demand read
+        threading.Event().wait(0.001)
+    threading.Event().wait(0.05)
+    queue.close()
+    blocker.set()
+    with pytest.raises(RuntimeError, match="closed during this read"):
+        paused.result(5)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_moe("qwen3_moe")
+
+
+@pytest.mark.parametrize("slow", ["direct", "fadvise", "paced"])
+def test_chunked_reads_fill_slots_with_the_experts_exact_bytes(model, monkeypatch, tmp_path, slow):
+    """Chunks smaller than an expert, one of them across the gate_up / down boundary."""
+    monkeypatch.setattr(offload_slow, "CHUNK", 8192)  # a tiny expert: 12288 bytes of gate_up, 6144 of down
+    try:
+        handle = enable_offload(copy.deepcopy(model), capacity=2, slow=slow, prefetch="none",
+                                slow_gbps=100.0 if slow == "paced" else None, workdir=str(tmp_path))
+    except ValueError as exc:
+        pytest.skip(str(exc))  # no O_DIRECT on this file system
+    try:
+        tier = handle.store.tier
+        for layer, block in enumerate(model.model.layers):
+            experts = block.mlp.experts
+            for e in (0, 5):
+                gate_up, down = torch.zeros_like(experts.gate_up_proj[e]), torch.zeros_like(experts.down_proj[e])
+                sizes = list(tier.chunks(layer, e, gate_up, down))
+                assert sizes == [8192, 8192, 2048]
+                assert torch.equal(gate_up, experts.gate_up_proj[e]) and torch.equal(down, experts.down_proj[e])
+    finally:
+        handle.remove()
+
+
+def test_a_call_drops_the_queued_prefetches_it_does_not_need(model):
+    handle = enable_offload(copy.deepcopy(model), capacity=2, slow="paced", slow_gbps=100.0, prefetch="none")
+    store = handle.store
+    read, release = store.tier.chunks, threading.Event()
+
+    def held(*args):
+        release.wait(5)
+        yield from read(*args)
+
+    try:
+        store.tier.chunks = held
+        store.prefetch(1, [3])  # holds the reader
+        store.tier.chunks = read
+        store.prefetch(0, [6, 7])  # queued behind it: guesses for layer 0's next call
+        wrong = store.layers[0].loading[7]
+        threading.Timer(0.1, release.set).start()
+        streamed = [e for e, _, _ in store.stream(0, [2, 6])]
+        assert sorted(streamed) == [2, 6]
+        assert wrong.cancelled() and 7 not in store.layers[0].slot_of  # dropped, its slot free again
+        assert store.layers[0].stats.prefetch_bytes == store.layers[0].stats.demand_bytes  # only 6 was read
+    finally:
+        release.set()
+        handle.remove()

@@ -1,4 +1,4 @@
-"""Offload transfers (engine/offload_store.TransferQueue, engine/offload_slow.SlowTier.chunks): reads go
+"""Offload transfers (engine/offload_queue.TransferQueue, engine/offload_slow.SlowTier.chunks): reads go
 chunk by chunk, a prefetch leaves the reader to a demand read between two chunks, a layer's call drops
 the not yet started prefetches it does not need, and chunked reads of every slow-tier kind fill the slots
 with the expert's exact bytes."""
@@ -11,7 +11,7 @@ from tiny import tiny_moe
 
 from moetune.engine import offload_slow
 from moetune.engine.offload import enable_offload
-from moetune.engine.offload_store import DEMAND, PREFETCH, TransferQueue
+from moetune.engine.offload_queue import DEMAND, PREFETCH, TransferQueue
 
 PROMPT = [5, 17, 33, 17, 33, 90, 4, 17, 33]
 

@@ -7,7 +7,8 @@ can show which configurations ran over time, and exposes `infeasible` / `message
 from __future__ import annotations
 
 from moetune.adaptive.candidates import label
-from moetune.adaptive.controller import Controller, ControllerConfig, Decision
+from moetune.adaptive.controller import Controller, ControllerConfig
+from moetune.adaptive.decision import Decision
 from moetune.step import DecodeState, ModelShape, StepConfig, StepStats
 
 from .base import Policy

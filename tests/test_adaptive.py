@@ -668,13 +668,17 @@ def test_batch_overlap_is_learned_from_what_each_request_added():
     assert c.plan.overlap > 3.0  # 1 of 24 new where 99 of 192 were loaded: (1 - 0.52) ** 4.3
 
 
-def test_no_eviction_in_a_batch_that_loads_the_experts_anyway():
-    """Alone, experts dominate a speculative step, so the eviction chooser budgets it; in a batch whose other
-    requests load every expert, evicting nodes would save nothing and lose accepted tokens: no eviction."""
+def test_no_eviction_in_a_batch():
+    """Alone, experts dominate a speculative step, so the eviction chooser budgets it; in a batch it does not,
+    whether the other requests load every expert (evicting would save nothing) or none (a request's share of
+    the step falls when it evicts while the step does not, which the chooser would take for a gain)."""
     c, state, loaded = decided_alone_and_in_a_loaded_batch(p=0.9, per_expert=1e-4)
-    alone, batched = c.decide(state), c.decide(replace(state, batch=loaded))
+    alone = c.decide(state)
     assert alone.config.speculate and alone.eviction is not None
-    assert batched.config.speculate and batched.eviction is None and batched.config.budgets is None
+    for others in (SHAPE.num_experts, 0):
+        batched = c.decide(replace(state, batch=replace(loaded, experts=(others,) * SHAPE.num_layers)))
+        assert batched.eviction is None and batched.config.budgets is None
+        assert batched.config.speculate or not others  # with every expert loaded, drafting is cheap
 
 
 def test_a_draft_forward_run_alone_in_a_batch_is_paid_whole():

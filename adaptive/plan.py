@@ -174,7 +174,12 @@ class Plan:
         requests' times add up to the step's. The verify fit is linear: the others' tokens and context cancel.
         Why the share: priced at the bare marginal, the constant looks free and each extra token costly
         (auto ran shallow n-gram chains at batch 8, 1.35x plain where it reaches 1.57x with the share).
-        A batched drafter's forward is priced alike: each pays the share of its constant and levels that
+        Known: `times` already left out the experts of the nodes a request is not expected to draft
+        (step_times' shortfall), and all of the option's experts come out here again, so an n-gram chain
+        deeper than a request drafts can price at the 1 us floor; pricing only the drafted nodes' experts
+        made `auto` draft shallower and run 0.81-0.91 of the best static config at batch 16-64 on the
+        Qwen3-shape replay (0.90-0.94 as is), so it stays until a batch prices depth at the batch's rate
+        (README, Known limits). A batched drafter's forward is priced alike: each pays the share of its constant and levels that
         requests drafting with it have paid (OnlineLatency.draft_share), at least 1 / requests. Why learned and
         starting shared by the whole batch: priced alone while few used it, none started (auto ran plain at
         batch 32 in replay, where the draft-model chain is the best static config)."""

@@ -34,12 +34,14 @@ class DrafterTraits:
     # batch's, shared), where the others draft per request, in turn
     batched: bool = False
     max_order: int = 0  # the longest n-gram it matches by default (moetune.ngram.MAX_N); 0: none
+    # drafts with the target's own layers: with the target's experts offloaded, drafting reads them too
+    runs_target: bool = False
 
 
 DRAFTER_TRAITS = {
     "draft_model": DrafterTraits(model_free=False, chain_only=False, passive=False, batched=True),
     "ngram": DrafterTraits(model_free=True, chain_only=True, passive=True, max_order=MAX_N),
-    "self": DrafterTraits(model_free=False, chain_only=False, passive=False),
+    "self": DrafterTraits(model_free=False, chain_only=False, passive=False, runs_target=True),
 }
 DRAFTERS = tuple(DRAFTER_TRAITS)
 SELECTIONS = ("prob_sum", "hit_count", "accept_weighted")

@@ -8,7 +8,7 @@ import pytest
 from moetune.adaptive.controller import Controller, ControllerConfig
 from moetune.adaptive.explore import ExplorationSchedule
 from moetune.policies.registry import make_policy
-from moetune.step import BatchContext, DecodeState, ModelShape
+from moetune.step import PLAIN, BatchContext, DecodeState, ModelShape, StepStats
 from moetune.traces.batch import replay_batch
 from moetune.traces.latency import LatencyModel
 from moetune.traces.replay import replay
@@ -139,3 +139,19 @@ def test_a_batch_neither_calibrates_nor_force_tries_a_drafter_it_waits_for():
         assert "self" not in drafters(BatchContext.unseen(15))
     fresh(False)
     assert drafters(BatchContext.unseen(15)) == {None, "draft_model", "ngram"}
+
+
+@pytest.mark.parametrize("offloaded", [False, True])
+def test_with_experts_offloaded_calibration_skips_drafters_that_run_the_target(offloaded):
+    """Self-speculation drafts with the target's own layers: with its experts offloaded each draft level
+    reads the missing ones from the slow tier, so once a step reports offload, calibration goes on without it
+    (it took 0.3-0.7 s a step against 60 ms for plain decoding at 8 of 32 experts resident)."""
+    c = Controller(ControllerConfig(drafters=("draft_model", "ngram", "self")))
+    c.setup(SHAPE)
+    offload = dict(offload_misses=3, offload_bytes=3_000_000, offload_stall=9e-3) if offloaded else {}
+    seen = set()
+    for step in range(2 * c.warmup):
+        d = c.decide(DecodeState(0, step, 100 + step, step, 1000))
+        seen.add(d.config.drafter if d.config.speculate else None)
+        c.observe(StepStats(step, PLAIN, 0, 1, 0, 0, 100 + step, t_verify=1e-3, request_id=0, **offload))
+    assert ("self" in seen) != offloaded and {"draft_model", "ngram"} <= seen

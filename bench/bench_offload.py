@@ -11,8 +11,9 @@ with prefetch ("both": pre-gating + token routing history), a draft-model chain 
 with prefetch, and auto (the adaptive policy, `moetune run --policy auto`, with prefetch: it learns what a
 transfer costs and prices each option's expected misses, adaptive/transfers.py); plus plain, chain and auto
 with every expert resident (no offload) as the ceiling. One auto policy per capacity serves its prompts in
-turn, learning across them as a server would. Each request starts from an empty fast tier and history; its
-prefill is excluded from the times (as generate's tokens/s does) and from the offload counters. Writes
+turn, learning across them as a server would. The methods run interleaved per prompt (their order rotated
+each prompt). Each request starts from an empty fast tier and history; its prefill is excluded from the
+times (as generate's tokens/s does) and from the offload counters. Writes
 bench/results/offload{_TAG}.{json,md} (--out: another folder, e.g. for a smoke run).
 """
 from __future__ import annotations
@@ -61,43 +62,63 @@ class DecodeCounters:
         self.total = delta if self.total is None else self.total + delta
 
 
-def run_method(target, tok, draft, prompts, n, method: StepConfig | Policy, handle=None, prefetch="none") -> dict:
-    """Decode every prompt with `method` (a fixed config, or a policy that serves them all in turn); tokens/s
-    over decode time, and the decode-only offload report."""
-    policy = Static(method) if isinstance(method, StepConfig) else method
-    speculates = not isinstance(method, StepConfig) or method.speculate
-    counters = None
-    if handle is not None:
-        handle.set_prefetch(prefetch)
-        counters = DecodeCounters(target, handle)
-    tokens, seconds, steps, accepted, spec_steps, outputs = 0, 0.0, 0, 0, 0, []
+class MethodRun:
+    """One method decoding prompt after prompt (a fixed config, or a policy that serves them all in turn, as a
+    server's would): tokens/s over decode time, and the decode-only offload report."""
+
+    def __init__(self, target, draft, method: StepConfig | Policy, handle=None, prefetch="none"):
+        self.target, self.draft, self.handle, self.prefetch = target, draft, handle, prefetch
+        self.policy = Static(method) if isinstance(method, StepConfig) else method
+        self.speculates = not isinstance(method, StepConfig) or method.speculate
+        self.counters = None if handle is None else DecodeCounters(target, handle)
+        self.tokens, self.seconds, self.steps, self.accepted, self.spec_steps = 0, 0.0, 0, 0, 0
+        self.outputs: dict[int, list[int]] = {}
+
+    def decode(self, tok, index: int, ids: list[int], n: int) -> None:
+        """Prompt `index` from an empty fast tier and history."""
+        if self.handle is not None:
+            self.handle.set_prefetch(self.prefetch)
+            self.handle.clear()
+            self.counters.begin()
+        drafter = DraftModelDrafter(self.draft) if self.speculates else None
+        res = generate(self.target, tok, [ids], drafter=drafter, policy=self.policy, max_new_tokens=n)[0]
+        if self.counters is not None:
+            self.counters.end()
+        self.tokens, self.seconds = self.tokens + len(res.token_ids), self.seconds + res.decode_time
+        self.steps, self.accepted = self.steps + len(res.steps), self.accepted + sum(s.accepted for s in res.steps)
+        self.spec_steps += sum(s.config.speculate for s in res.steps)
+        self.outputs[index] = res.token_ids
+
+    def row(self) -> dict:
+        if self.counters is not None:
+            self.counters.hook.remove()
+        row = dict(tokens=self.tokens, decode_s=round(self.seconds, 4),
+                   tokens_per_s=round(self.tokens / self.seconds, 2),
+                   mean_accepted=round(self.accepted / self.steps, 3) if self.speculates else None,
+                   outputs=[self.outputs[i] for i in sorted(self.outputs)])
+        if isinstance(self.policy, Adaptive):
+            row["auto"] = auto_summary(self.policy, self.spec_steps)
+        if self.counters is not None:
+            report = self.counters.total
+            total = report.total()
+            row.update(offload=total, per_layer=report.per_layer(), bytes_per_token=round(total["bytes"] / self.tokens),
+                       stall_s_per_token=round(total["stall_s"] / self.tokens, 6),
+                       stall_share=round(total["stall_s"] / self.seconds, 4))
+        return row
+
+
+def run_interleaved(target, tok, draft, prompts, n, methods: list, handle=None) -> dict:
+    """Every (name, config or policy, prefetch) method on every prompt, the methods interleaved per prompt (their
+    order rotated each prompt), so a drift in the machine's speed falls on all of them; name -> row."""
+    runs = {name: MethodRun(target, draft, method, handle, prefetch) for name, method, prefetch in methods}
+    names = list(runs)
     try:
-        for ids in prompts:
-            if handle is not None:
-                handle.clear()
-                counters.begin()
-            drafter = DraftModelDrafter(draft) if speculates else None
-            res = generate(target, tok, [ids], drafter=drafter, policy=policy, max_new_tokens=n)[0]
-            if counters is not None:
-                counters.end()
-            tokens, seconds = tokens + len(res.token_ids), seconds + res.decode_time
-            steps, accepted = steps + len(res.steps), accepted + sum(s.accepted for s in res.steps)
-            spec_steps += sum(s.config.speculate for s in res.steps)
-            outputs.append(res.token_ids)
+        for i, ids in enumerate(prompts):
+            for name in names[i % len(names):] + names[:i % len(names)]:
+                runs[name].decode(tok, i, ids, n)
     finally:
-        if counters is not None:
-            counters.hook.remove()
-    row = dict(tokens=tokens, decode_s=round(seconds, 4), tokens_per_s=round(tokens / seconds, 2),
-               mean_accepted=round(accepted / steps, 3) if speculates else None, outputs=outputs)
-    if isinstance(policy, Adaptive):
-        row["auto"] = auto_summary(policy, spec_steps)
-    if counters is not None:
-        report = counters.total
-        total = report.total()
-        row.update(offload=total, per_layer=report.per_layer(), bytes_per_token=round(total["bytes"] / tokens),
-                   stall_s_per_token=round(total["stall_s"] / tokens, 6),
-                   stall_share=round(total["stall_s"] / seconds, 4))
-    return row
+        rows = {name: run.row() for name, run in runs.items()}
+    return rows
 
 
 def auto_summary(policy: Adaptive, spec_steps: int) -> dict:
@@ -118,10 +139,9 @@ def methods(depth: int) -> list[tuple[str, StepConfig | Policy, str]]:
 def bench(args, target, tok, draft, prompts) -> dict:
     n, E = args.max_new_tokens, moe_shape(target).num_experts
     generate(target, tok, [prompts[0]], max_new_tokens=4)  # first-call costs, untimed
-    resident = {"plain, all resident": run_method(target, tok, draft, prompts, n, PLAIN),
-                f"chain d{args.depth}, all resident": run_method(target, tok, draft, prompts, n,
-                                                                  StepConfig(depth=args.depth)),
-                "auto, all resident": run_method(target, tok, draft, prompts, n, make_policy("auto"))}
+    resident = run_interleaved(target, tok, draft, prompts, n, [
+        ("plain, all resident", PLAIN, "none"), (f"chain d{args.depth}, all resident", StepConfig(depth=args.depth), "none"),
+        ("auto, all resident", make_policy("auto"), "none")])
     reference = resident["plain, all resident"]["outputs"]
     capacities = []
     for fraction in args.fractions:
@@ -131,8 +151,7 @@ def bench(args, target, tok, draft, prompts) -> dict:
                                 workdir=args.workdir, prefetch_min_prob=args.prefetch_min_prob)
         setup_s = time.perf_counter() - t0
         try:
-            rows = {name: run_method(target, tok, draft, prompts, n, cfg, handle, prefetch)
-                    for name, cfg, prefetch in methods(args.depth)}
+            rows = run_interleaved(target, tok, draft, prompts, n, methods(args.depth), handle)
             slow_tier, resident_bytes = handle.report().slow_tier, handle.report().resident_bytes
         finally:
             handle.remove()

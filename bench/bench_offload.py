@@ -89,9 +89,11 @@ class MethodRun:
         self.spec_steps += sum(s.config.speculate for s in res.steps)
         self.outputs[index] = res.token_ids
 
-    def row(self) -> dict:
+    def close(self) -> None:
         if self.counters is not None:
             self.counters.hook.remove()
+
+    def row(self) -> dict:
         row = dict(tokens=self.tokens, decode_s=round(self.seconds, 4),
                    tokens_per_s=round(self.tokens / self.seconds, 2),
                    mean_accepted=round(self.accepted / self.steps, 3) if self.speculates else None,
@@ -117,8 +119,9 @@ def run_interleaved(target, tok, draft, prompts, n, methods: list, handle=None) 
             for name in names[i % len(names):] + names[:i % len(names)]:
                 runs[name].decode(tok, i, ids, n)
     finally:
-        rows = {name: run.row() for name, run in runs.items()}
-    return rows
+        for run in runs.values():
+            run.close()
+    return {name: run.row() for name, run in runs.items()}
 
 
 def auto_summary(policy: Adaptive, spec_steps: int) -> dict:

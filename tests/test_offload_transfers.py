@@ -3,6 +3,7 @@ chunk by chunk, a prefetch leaves the reader to a demand read between two chunks
 the not yet started prefetches it does not need, and chunked reads of every slow-tier kind fill the slots
 with the expert's exact bytes."""
 import copy
+import random
 import threading
 
 import pytest
@@ -131,3 +132,29 @@ def test_a_call_drops_the_queued_prefetches_it_does_not_need(model):
     finally:
         release.set()
         handle.remove()
+
+
+def test_random_transfers_each_run_once_in_order_or_are_cancelled():
+    """Randomised: transfers of 1-4 chunks at random priorities, some promoted, some cancelled while queued;
+    every transfer not cancelled completes with its own result, its chunks run once and in order, and a
+    cancelled one never runs."""
+    rng = random.Random(0)
+    for _ in range(20):
+        queue, log, futures, sizes = TransferQueue(), [], {}, {}
+        try:
+            for job in range(30):
+                sizes[job] = rng.randint(1, 4)
+                futures[job] = queue.submit((rng.randint(0, 1), rng.randint(0, 5)), _job(log, f"{job}:", sizes[job]))
+                other = futures[rng.randrange(job + 1)]
+                if rng.random() < 0.3:
+                    queue.promote(other, (DEMAND, 0))
+                elif rng.random() < 0.2:
+                    other.cancel()
+            for job, future in futures.items():
+                if not future.cancelled():
+                    assert future.result(5) == f"{job}:"
+            for job, future in futures.items():
+                chunks = [entry for entry in log if entry.split(":")[0] == str(job)]
+                assert chunks == ([] if future.cancelled() else [f"{job}:{i}" for i in range(sizes[job])])
+        finally:
+            queue.close()

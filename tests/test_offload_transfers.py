@@ -30,12 +30,18 @@ def _job(log, name, chunks, gate=None):
     return run
 
 
+def _held(queue, log, name, priority):
+    """A 3-chunk transfer submitted and held before its second chunk: (its future, the event releasing it)."""
+    started, go = threading.Event(), threading.Event()
+    future = queue.submit(priority, _job(log, name, 3, (started, go)))
+    assert started.wait(5)
+    return future, go
+
+
 def test_a_demand_read_runs_between_two_chunks_of_a_prefetch():
     queue, log = TransferQueue(), []
-    started, go = threading.Event(), threading.Event()
     try:
-        slow = queue.submit((PREFETCH, 1), _job(log, "p", 3, (started, go)))
-        assert started.wait(5)
+        slow, go = _held(queue, log, "p", (PREFETCH, 1))
         urgent = queue.submit((DEMAND, 0), _job(log, "d", 1))
         go.set()
         assert urgent.result(5) == "d" and slow.result(5) == "p"
@@ -46,10 +52,8 @@ def test_a_demand_read_runs_between_two_chunks_of_a_prefetch():
 
 def test_a_promoted_paused_prefetch_runs_before_other_prefetches():
     queue, log = TransferQueue(), []
-    started, go = threading.Event(), threading.Event()
     try:
-        first = queue.submit((PREFETCH, 0), _job(log, "a", 3, (started, go)))
-        assert started.wait(5)
+        first, go = _held(queue, log, "a", (PREFETCH, 0))
         other = queue.submit((PREFETCH, 0), _job(log, "b", 1))
         demand = queue.submit((DEMAND, 0), _job(log, "d", 1))  # pauses a after a1
         queue.promote(first, (DEMAND, 0))  # a: now wanted by a computing layer
@@ -62,9 +66,7 @@ def test_a_promoted_paused_prefetch_runs_before_other_prefetches():
 
 def test_close_fails_a_paused_transfer_instead_of_leaving_it_waited_on():
     queue, log = TransferQueue(), []
-    started, go = threading.Event(), threading.Event()
-    paused = queue.submit((PREFETCH, 0), _job(log, "p", 3, (started, go)))
-    assert started.wait(5)
+    paused, go = _held(queue, log, "p", (PREFETCH, 0))
     blocker = threading.Event()
 
     def demand():

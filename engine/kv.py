@@ -2,7 +2,9 @@
 accepted path (whose rows need not be contiguous) into place, so memory tracks the context only.
 
 Works on the transformers 5.x DynamicCache layer list directly (`layer.keys` / `layer.values`,
-[1, heads, S, head_dim]) because `Cache.crop` changed meaning across 5.x releases.
+[1, heads, S, head_dim]) because `Cache.crop` changed meaning across 5.x releases. Its layers are
+AppendLayers: HF's DynamicLayer copies the whole cache at every forward (a torch.cat), AppendLayer writes
+the new entries into spare capacity, so a step costs what it adds, not what the context holds.
 
 Shape legend: S cached positions, R verified rows (root + N nodes).
 """
@@ -10,14 +12,60 @@ from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+
+class AppendLayer(DynamicLayer):
+    """A DynamicLayer whose keys and values are views [B, heads, S, head_dim] of buffers with spare
+    positions: an update writes into the spare ones (growing the buffers by half when full) instead of
+    concatenating, so a decode step copies its new entries only. Anything that crops, gathers in place or
+    slices `keys`/`values` as HF's layer allows keeps working: a prefix view of the buffer is written after;
+    any other tensor put there is copied into fresh buffers at the next update."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.key_buffer = self.value_buffer = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor,  # [B, heads, T, head_dim]
+               *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:  # [B, heads, S + T, head_dim]
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        past, new = self.get_seq_length(), key_states.shape[-2]
+        if not self._holds(past + new):
+            self.key_buffer = _grown(self.keys, key_states, past + new)
+            self.value_buffer = _grown(self.values, value_states, past + new)
+        self.key_buffer[..., past:past + new, :].copy_(key_states)
+        self.value_buffer[..., past:past + new, :].copy_(value_states)
+        self.keys = self.key_buffer[..., :past + new, :]
+        self.values = self.value_buffer[..., :past + new, :]
+        return self.keys, self.values
+
+    def _holds(self, length: int) -> bool:
+        """Whether keys and values are still prefixes of the buffers and `length` positions fit."""
+        return self.key_buffer is not None and length <= self.key_buffer.shape[-2] and all(
+            view.dim() == 4 and view.data_ptr() == buffer.data_ptr() and view.stride() == buffer.stride()
+            and view.shape[:2] == buffer.shape[:2] and view.dtype == buffer.dtype
+            for view, buffer in ((self.keys, self.key_buffer), (self.values, self.value_buffer)))
+
+
+def _grown(held: torch.Tensor,  # [B, heads, S, head_dim], or empty before the first update
+           new: torch.Tensor,  # [B, heads, T, head_dim]
+           length: int) -> torch.Tensor:  # [B, heads, capacity, head_dim], the first S positions `held`
+    """A buffer for `length` positions and half as many again (at least 64), starting with `held`."""
+    buffer = new.new_empty(*new.shape[:2], length + max(length // 2, 64), new.shape[-1])
+    if held.numel():
+        buffer[..., :held.shape[-2], :].copy_(held)
+    return buffer
 
 
 def new_cache(model) -> DynamicCache:
-    """An empty cache for `model`; sliding-window attention is refused (its cache cannot be compacted)."""
+    """An empty cache for `model` with AppendLayers; sliding-window attention is refused (its cache cannot
+    be compacted)."""
     cache = DynamicCache(config=model.config)
     if any(getattr(layer, "is_sliding", False) for layer in cache.layers):
         raise ValueError(f"{type(model).__name__} uses sliding-window attention, which tree verification "
                          "does not support; disable sliding_window in its config")
+    cache.layers = [AppendLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
 
 

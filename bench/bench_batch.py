@@ -5,17 +5,18 @@ beside HF's own batched `generate`, with per-request ms/token and time to first 
                                 [--target DIR (default: the embedded target; e.g. a `moetune widen` stand-in)]
 
 Prompts: the embedded held-out prompts and prompts cut from installed packages' sources, as
-bench/bench_vs_hf.py picks them, all arriving at once; `batch_size` of them decode together and a finished
-one is replaced by the next (continuous batching). Methods: plain decoding, a draft-model chain of depth 3,
+bench/bench_vs_hf.py picks them, a group's all arriving at once; `batch_size` of them decode together and a
+finished one is replaced by the next of its group (continuous batching). Methods: plain decoding, a draft-model chain of depth 3,
 a draft-model tree and an n-gram chain of depth 4 (static configs), `auto` (one adaptive policy per run,
 per-request decisions priced in the batch), and HF `generate` on left-padded batches of the same size
 (static batching: a batch ends when its longest request does), each at every batch size, plus moetune's
-single-request engine (engine.generate, plain) as the reference outside batching. Methods run one after
-another at each batch size (a batch run covers every prompt, so they cannot interleave per prompt), in
---rounds rounds of alternating order, each method's fastest round kept (run_rounds).
+single-request engine (engine.generate, plain) as the reference outside batching. At each batch size b the
+prompts are split into groups of max(b, 8), each decoded as its own batch run, and every method runs on
+every group, their order rotated from group to group, --rounds times (run_rounds): methods interleaved
+per group, as bench_vs_hf interleaves them per prompt; each method's tokens and seconds summed over all.
 Compared at each batch size: `auto` against plain, the best static config there (the per-batch-size table
 vLLM, SGLang and TensorRT-LLM can express, chosen in hindsight) and the best single static config overall. tokens/s: total generated tokens over
-the wall time of the whole batch run; decode tokens/s: the same without the prefill forwards (prefill
+the wall time of the batch runs; decode tokens/s: the same without the prefill forwards (prefill
 costs per prompt token whatever the batch, on a CPU). Every output is checked against the single-request
 plain output (lossless). The issue's aim: plain at batch 8 >= 4x plain at batch 1, judged on groups of 8
 prompts run at both batch sizes side by side (aim_pairs), `--rounds` times. Writes
@@ -63,29 +64,25 @@ def run_single(target, prompts: list[list[int]], n: int) -> tuple[dict, list[lis
                 decode_tokens_per_s=round(tokens / sum(r.decode_time for r in res), 1)), [r.token_ids for r in res]
 
 
+GROUP = 8  # prompts per interleaving group at batch sizes up to it (larger batches: one batch's worth)
+
+
 def run_batch(target, draft, prompts: list[list[int]], method: str, batch_size: int, n: int,
-              reference: list[list[int]]) -> dict:
-    """One batched run of every prompt: throughput, per-request ms/token and time to first token."""
-    policy = make_policy("auto") if method == "auto" else None
+              reference: list[list[int]], policy=None) -> dict:
+    """One batched run of `prompts` (all arriving at once): its raw counts, merged over groups by merge_rows.
+    policy: the `auto` policy this round shares across its groups (it keeps learning from one to the next)."""
     t0 = time.perf_counter()
     drafter = None if method == "plain" else DraftModelDrafter(draft)  # plain prefills no draft model
     res = generate_batch(target, None, prompts, drafter=drafter, config=STATICS.get(method),
                          policy=policy, batch_size=batch_size, max_new_tokens=n)
     seconds = time.perf_counter() - t0
-    tokens = sum(len(r.token_ids) for r in res)
     steps = [s for r in res for s in r.steps]
-    ms_token = [1e3 * r.time_per_output_token for r in res]
-    ttft = [1e3 * r.time_to_first_token for r in res]
-    prefill = sum(r.prefill_time for r in res)  # prefill forwards (shared among joiners) and drafter prefills
-    return dict(method=method, batch_size=batch_size, tokens=tokens, seconds=round(seconds, 3),
-                tokens_per_s=round(tokens / seconds, 1), throughput_in_run=round(throughput(res), 1),
-                prefill_seconds=round(prefill, 3), decode_tokens_per_s=round(tokens / (seconds - prefill), 1),
-                mean_accepted=round(sum(s.accepted for s in steps) / len(steps), 2),
-                ms_per_token_mean=round(statistics.mean(ms_token), 2), ms_per_token_p90=round(_p90(ms_token), 2),
-                ttft_ms_mean=round(statistics.mean(ttft), 1), ttft_ms_p90=round(_p90(ttft), 1),
+    return dict(tokens=sum(len(r.token_ids) for r in res), seconds=seconds,
+                prefill_seconds=sum(r.prefill_time for r in res),  # prefill forwards (shared) and drafter prefills
+                steps=len(steps), accepted=sum(s.accepted for s in steps),
                 lossless=[r.token_ids for r in res] == reference,
-                per_request=[dict(ms_per_token=round(m, 2), ttft_ms=round(t, 1), tokens=len(r.token_ids))
-                             for m, t, r in zip(ms_token, ttft, res)])
+                per_request=[dict(ms_per_token=round(1e3 * r.time_per_output_token, 2),
+                                  ttft_ms=round(1e3 * r.time_to_first_token, 1), tokens=len(r.token_ids)) for r in res])
 
 
 def run_hf(target, prompts: list[list[int]], batch_size: int, n: int, reference: list[list[int]]) -> dict:
@@ -103,29 +100,53 @@ def run_hf(target, prompts: list[list[int]], batch_size: int, n: int, reference:
         for row in out[:, width:].tolist():
             cut = next((j for j, t in enumerate(row) if t == eos), None)
             outputs.append(row if cut is None else row[:cut + 1])
-    seconds = time.perf_counter() - t0
-    tokens = sum(len(o) for o in outputs)
-    return dict(method=HF, batch_size=batch_size, tokens=tokens, seconds=round(seconds, 3),
-                tokens_per_s=round(tokens / seconds, 1), lossless=outputs == reference,
+    return dict(tokens=sum(len(o) for o in outputs), seconds=time.perf_counter() - t0, requests=len(prompts),
                 agreeing_requests=sum(o == r for o, r in zip(outputs, reference)))
 
 
 def run_rounds(target, draft, prompts, methods: list[str], b: int, n: int, reference, rounds: int) -> list[dict]:
-    """Every method `rounds` times at batch size b, the order reversed each round (a drift in the machine's
-    speed then favours no method); per method the fastest round's row, with every round's tokens/s. Why
-    the fastest: other load on a shared machine only slows a run (timeit's rule), and it moved single
-    runs by +-20%."""
-    best: dict[str, dict] = {}
-    seen: dict[str, list[float]] = {m: [] for m in methods}
+    """Every method on every group of max(b, GROUP) prompts, the methods' order rotated from group to group
+    and round to round, so a drift in a shared machine's speed (single runs moved by +-20%, over tens of
+    seconds) reaches every method alike, as bench_vs_hf's per-prompt interleaving does; `rounds` times. A
+    group decodes as its own batch run (continuous batching inside it). One `auto` policy per round, shared
+    by its groups. Per method its runs merged (merge_rows), with each round's tokens/s."""
+    size = max(b, GROUP)
+    groups = [range(g, min(g + size, len(prompts))) for g in range(0, len(prompts), size)]
+    runs: dict[str, list[list[dict]]] = {m: [[] for _ in range(rounds)] for m in methods}
     for i in range(rounds):
-        for m in methods if i % 2 == 0 else methods[::-1]:
-            row = run_hf(target, prompts, b, n, reference) if m == HF else \
-                run_batch(target, draft, prompts, m, b, n, reference)
-            seen[m].append(row["tokens_per_s"])
-            print(f"{m} batch {b} round {i + 1}: {row['tokens_per_s']} tokens/s", file=sys.stderr, flush=True)
-            if m not in best or row["tokens_per_s"] > best[m]["tokens_per_s"]:
-                best[m] = row
-    return [dict(best[m], rounds_tokens_per_s=seen[m]) for m in methods]
+        policy = make_policy("auto") if "auto" in methods else None
+        for j, group in enumerate(groups):
+            shift = (i * len(groups) + j) % len(methods)
+            for m in methods[shift:] + methods[:shift]:
+                ps, ref = [prompts[k] for k in group], [reference[k] for k in group]
+                runs[m][i].append(run_hf(target, ps, b, n, ref) if m == HF else
+                                  run_batch(target, draft, ps, m, b, n, ref, policy if m == "auto" else None))
+        print(f"batch {b} round {i + 1}: " + ", ".join(
+            f"{m} {_rate(runs[m][i]):.1f}" for m in methods), file=sys.stderr, flush=True)
+    return [merge_rows(m, b, runs[m]) for m in methods]
+
+
+def _rate(parts: list[dict]) -> float:
+    return sum(p["tokens"] for p in parts) / sum(p["seconds"] for p in parts)
+
+
+def merge_rows(method: str, b: int, rounds: list[list[dict]]) -> dict:
+    """One method's row at batch size b: tokens over seconds summed over every group of every round."""
+    parts = [p for r in rounds for p in r]
+    tokens, seconds = sum(p["tokens"] for p in parts), sum(p["seconds"] for p in parts)
+    row = dict(method=method, batch_size=b, tokens=tokens, seconds=round(seconds, 3),
+               tokens_per_s=round(tokens / seconds, 1), rounds_tokens_per_s=[round(_rate(r), 1) for r in rounds])
+    if method == HF:
+        return dict(row, lossless=all(p["agreeing_requests"] == p["requests"] for p in parts),
+                    agreeing_requests=min(sum(p["agreeing_requests"] for p in r) for r in rounds))  # the worst round
+    prefill, steps = sum(p["prefill_seconds"] for p in parts), sum(p["steps"] for p in parts)
+    per = [q for p in parts for q in p["per_request"]]
+    ms, ttft = [q["ms_per_token"] for q in per], [q["ttft_ms"] for q in per]
+    return dict(row, prefill_seconds=round(prefill, 3), decode_tokens_per_s=round(tokens / (seconds - prefill), 1),
+                mean_accepted=round(sum(p["accepted"] for p in parts) / steps, 2),
+                ms_per_token_mean=round(statistics.mean(ms), 2), ms_per_token_p90=round(_p90(ms), 2),
+                ttft_ms_mean=round(statistics.mean(ttft), 1), ttft_ms_p90=round(_p90(ttft), 1),
+                lossless=all(p["lossless"] for p in parts), per_request=[q for p in rounds[-1] for q in p["per_request"]])
 
 
 def _p90(xs: list[float]) -> float:
@@ -140,7 +161,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch-sizes", default="1,2,4,8,16,32")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {METHODS}")
     ap.add_argument("--target", default=str(DEFAULT_TARGET), help="target model folder (default: embedded)")
-    ap.add_argument("--rounds", type=int, default=2, help="runs of every method per batch size (the fastest kept)")
+    ap.add_argument("--rounds", type=int, default=2, help="runs of every method on every group of prompts, per batch size")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tag", default="", help="suffix of the output files")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -185,16 +206,16 @@ def main(argv=None) -> dict:
 
 def _aim(rows: list[dict], paired: dict | None) -> dict | None:
     """Plain tokens/s at batch 8 over batch 1, end to end and over decode steps only (prefill excluded):
-    judged on the interleaved pairs (aim_pairs) when they ran, with the table's fastest rounds beside them;
-    None when either batch size was not run."""
+    judged on the interleaved pairs (aim_pairs) when they ran, with the table's rows (each batch size run in
+    its turn) beside them; None when either batch size was not run."""
     plain = {r["batch_size"]: r for r in rows if r["method"] == "plain" and "prefill_seconds" in r}
     if 1 not in plain or 8 not in plain:
         return None
-    fastest = {k: round(plain[8][k] / plain[1][k], 2) for k in ("tokens_per_s", "decode_tokens_per_s")}
-    ratio = fastest if paired is None else paired
+    rows_ratio = {k: round(plain[8][k] / plain[1][k], 2) for k in ("tokens_per_s", "decode_tokens_per_s")}
+    ratio = rows_ratio if paired is None else paired
     return dict(speedup=ratio["tokens_per_s"], decode_speedup=ratio["decode_tokens_per_s"], target=AIM,
                 met=ratio["tokens_per_s"] >= AIM, decode_met=ratio["decode_tokens_per_s"] >= AIM,
-                fastest_rounds=fastest, paired=paired)
+                table_rows=rows_ratio, paired=paired)
 
 
 def aim_pairs(target, prompts: list[list[int]], n: int, rounds: int) -> dict:
@@ -249,9 +270,9 @@ def compare(rows: list[dict]) -> list[dict]:
 def table(result: dict) -> str:
     lines = [f"Device: {result['device']} CPU, {result['torch_threads']} torch thread(s); {result['prompts']} prompts "
              f"({result['held_out']} held-out, {result['unseen']} from other unseen text) x "
-             f"{result['max_new_tokens']} new tokens, greedy, all arriving at once; load average "
-             f"{result['load_average_1min']}; each method's fastest of {result.get('rounds', 1)} round(s) in "
-             f"alternating order.", "", f"Reproduce: `{result['command'].strip()}`", ""]
+             f"{result['max_new_tokens']} new tokens, greedy, a group's all arriving at once; load average "
+             f"{result['load_average_1min']}; methods interleaved per group of max(batch, {GROUP}) prompts, "
+             f"{result.get('rounds', 1)} round(s), tokens and seconds summed.", "", f"Reproduce: `{result['command'].strip()}`", ""]
     aim = result["aim"]
     if aim is not None:
         lines += [f"Plain at batch 8 vs batch 1: {aim['speedup']:.2f}x end to end, {aim['decode_speedup']:.2f}x over "
@@ -259,10 +280,10 @@ def table(result: dict) -> str:
                   f"{'met' if aim['met'] else 'not met'} end to end, {'met' if aim['decode_met'] else 'not met'} "
                   "over decode steps."]
         if aim.get("paired"):
-            fastest, groups = aim["fastest_rounds"], aim["paired"]["groups"]
+            rows_ratio, groups = aim["table_rows"], aim["paired"]["groups"]
             lines += [f"Judged on {len(groups)} groups of 8 prompts, each run at batch 1 and at batch 8 side by side "
-                      f"(per group {min(groups):.2f}x to {max(groups):.2f}x end to end); the table's fastest rounds "
-                      f"give {fastest['tokens_per_s']:.2f}x / {fastest['decode_tokens_per_s']:.2f}x."]
+                      f"(per group {min(groups):.2f}x to {max(groups):.2f}x end to end); the table's rows (each batch size "
+                      f"in its turn) give {rows_ratio['tokens_per_s']:.2f}x / {rows_ratio['decode_tokens_per_s']:.2f}x."]
         lines += [""]
     lines += _comparison(result.get("comparison") or [])
     lines += ["| method | batch | tokens/s | decode tokens/s | ms/token mean (p90) | TTFT ms mean (p90) "

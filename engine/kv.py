@@ -16,11 +16,13 @@ from transformers.cache_utils import DynamicLayer
 
 
 class AppendLayer(DynamicLayer):
-    """A DynamicLayer whose keys and values are views [B, heads, S, head_dim] of buffers with spare
-    positions: an update writes into the spare ones (growing the buffers by half when full) instead of
-    concatenating, so a decode step copies its new entries only. Anything that crops, gathers in place or
-    slices `keys`/`values` as HF's layer allows keeps working: a prefix view of the buffer is written after;
-    any other tensor put there is copied into fresh buffers at the next update."""
+    """A DynamicLayer whose keys and values are views [B, heads, S, head_dim] of position-major buffers
+    [B, capacity, heads, head_dim] with spare positions: an update writes into the spare ones (growing the
+    buffers by half when full) instead of concatenating, so a decode step copies its new entries only.
+    Position-major so a position's heads sit together: gathering positions (engine/packed.py) copies rows,
+    where a head-major buffer's view made index_select take its strided path (2-3x slower). Anything that
+    crops, gathers in place or slices `keys`/`values` as HF's layer allows keeps working: a prefix view of
+    the buffer is written after; any other tensor put there is copied into fresh buffers at the next update."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -34,27 +36,28 @@ class AppendLayer(DynamicLayer):
         if not self._holds(past + new):
             self.key_buffer = _grown(self.keys, key_states, past + new)
             self.value_buffer = _grown(self.values, value_states, past + new)
-        self.key_buffer[..., past:past + new, :].copy_(key_states)
-        self.value_buffer[..., past:past + new, :].copy_(value_states)
-        self.keys = self.key_buffer[..., :past + new, :]
-        self.values = self.value_buffer[..., :past + new, :]
+        self.key_buffer[:, past:past + new].copy_(key_states.transpose(1, 2))
+        self.value_buffer[:, past:past + new].copy_(value_states.transpose(1, 2))
+        self.keys = self.key_buffer[:, :past + new].transpose(1, 2)
+        self.values = self.value_buffer[:, :past + new].transpose(1, 2)
         return self.keys, self.values
 
     def _holds(self, length: int) -> bool:
         """Whether keys and values are still prefixes of the buffers and `length` positions fit."""
-        return self.key_buffer is not None and length <= self.key_buffer.shape[-2] and all(
-            view.dim() == 4 and view.data_ptr() == buffer.data_ptr() and view.stride() == buffer.stride()
-            and view.shape[:2] == buffer.shape[:2] and view.dtype == buffer.dtype
+        return self.key_buffer is not None and length <= self.key_buffer.shape[1] and all(
+            view.dim() == 4 and view.data_ptr() == buffer.data_ptr() and view.stride() == buffer.transpose(1, 2).stride()
+            and view.shape[:2] == (buffer.shape[0], buffer.shape[2]) and view.dtype == buffer.dtype
             for view, buffer in ((self.keys, self.key_buffer), (self.values, self.value_buffer)))
 
 
 def _grown(held: torch.Tensor,  # [B, heads, S, head_dim], or empty before the first update
            new: torch.Tensor,  # [B, heads, T, head_dim]
-           length: int) -> torch.Tensor:  # [B, heads, capacity, head_dim], the first S positions `held`
+           length: int) -> torch.Tensor:  # [B, capacity, heads, head_dim], the first S positions `held`
     """A buffer for `length` positions and half as many again (at least 64), starting with `held`."""
-    buffer = new.new_empty(*new.shape[:2], length + max(length // 2, 64), new.shape[-1])
+    B, heads, _, head_dim = new.shape
+    buffer = new.new_empty(B, length + max(length // 2, 64), heads, head_dim)
     if held.numel():
-        buffer[..., :held.shape[-2], :].copy_(held)
+        buffer[:, :held.shape[-2]].copy_(held.transpose(1, 2))
     return buffer
 
 

@@ -109,14 +109,25 @@ def packed_attention_forward(module, query: torch.Tensor,  # [1, H, T, D]
     for bucket in packed_layout.buckets:
         (B, L), N = bucket.keys.shape, bucket.rows.shape[1]
         flat = bucket.keys.flatten()
-        k = key[0].index_select(1, flat).view(Hkv, B, L, -1).transpose(0, 1)  # [B, Hkv, L, D]
-        v = value[0].index_select(1, flat).view(Hkv, B, L, -1).transpose(0, 1)
-        q = query[0].index_select(1, bucket.rows.flatten()).view(H, B, N, -1).transpose(0, 1)  # [B, H, N, D]
+        k, v = _gather(key, flat, B, L), _gather(value, flat, B, L)  # [B, Hkv, L, D]
+        q = _gather(query, bucket.rows.flatten(), B, N)  # [B, H, N, D]
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bucket.mask, scale=scaling,
                                                                enable_gqa=H != Hkv)  # [B, H, N, D]
         outs.append(out.transpose(1, 2).reshape(B * N, H, -1))
     padded = outs[0] if len(outs) == 1 else torch.cat(outs)  # [sum B * N, H, D]
     return padded.index_select(0, packed_layout.unpad)[None], None
+
+
+def _gather(states: torch.Tensor,  # [1, heads, S, D]
+            index: torch.Tensor,  # [B * L] long: positions
+            B: int, L: int) -> torch.Tensor:  # [B, heads, L, D]
+    """states at `index`, as B blocks of L positions: whole rows (every head of a position) where the
+    positions are rows in memory (engine/kv.AppendLayer's buffers, a query projected position-major), which
+    index_select copies fast; else along the position dimension."""
+    rows = states[0].transpose(0, 1)  # [S, heads, D]
+    if rows.is_contiguous():
+        return rows.index_select(0, index).view(B, L, *rows.shape[1:]).transpose(1, 2)
+    return states[0].index_select(1, index).view(states.shape[1], B, L, -1).transpose(0, 1)
 
 
 PACKED = "moetune_packed"

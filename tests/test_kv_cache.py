@@ -70,6 +70,6 @@ def test_append_layer_grows_by_half_and_copies_rarely():
         layer.update(*_states(gen, 1, 1))
         growths += layer.key_buffer is not buffer
         buffer = layer.key_buffer
-        assert layer.key_buffer.shape[-2] <= 1.5 * layer.get_seq_length() + 64
+        assert layer.key_buffer.shape[1] <= 1.5 * layer.get_seq_length() + 64
         assert layer.keys.data_ptr() == layer.key_buffer.data_ptr()  # a view, not a copy
     assert growths == 7  # 165 -> 249 -> 375 -> 564 -> 847 -> 1272 -> 1909 -> 2865 positions

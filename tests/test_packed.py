@@ -1,5 +1,6 @@
 """Packed attention (engine/packed.py) equals plain per-request attention on random inputs, with requests
 of every row count bucketed together, and its padding stays within twice a request's rows."""
+import pytest
 import torch
 
 from moetune.engine.packed import layout, packed_attention_forward
@@ -43,9 +44,15 @@ def random_case(seed):
     return owner, groups, qkv
 
 
-def test_packed_attention_equals_per_request_attention():
+@pytest.mark.parametrize("position_major", [False, True])
+def test_packed_attention_equals_per_request_attention(position_major):
+    """Head-major inputs are gathered along positions, position-major ones (engine/kv.AppendLayer's views, a
+    projected query) row by row: both equal the reference."""
     for seed in range(6):
-        owner, groups, (query, key, value) = random_case(seed)
+        owner, groups, qkv = random_case(seed)
+        if position_major:  # same values, each position's heads adjacent in memory
+            qkv = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in qkv]
+        query, key, value = qkv
         lay = layout(owner, groups, torch.float32)
         got, _ = packed_attention_forward(None, query, key, value, None, packed_layout=lay)
         torch.testing.assert_close(got, reference(owner, groups, query, key, value), atol=1e-5, rtol=1e-5)

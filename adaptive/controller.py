@@ -187,7 +187,7 @@ class Controller:
         live), then decided afresh from its own posterior."""
         hold, every = self.config.decide_every - 1, self.config.decide_every
         self.requests[request_id] = RequestState(slots={
-            o: s.handed(hold, every) for o, s in self.handed.items() if s.last is not None and hold > 0})
+            o: s.handed(hold, every) for o, s in self.handed.items() if s.settled is not None and hold > 0})
         self.learn().begin(request_id)
 
     def end(self, request_id: int) -> None:
@@ -216,7 +216,7 @@ class Controller:
             loaded = sum(state.batch.experts) / (self.shape.num_layers * self.shape.num_experts)
             r.share, r.miss = 1.0 / (state.batch.requests + 1), (1.0 - loaded) ** self.plan.overlap
         slot = r.enter(self._order(state.lookahead))
-        if slot.hold > 0:
+        if slot.hold > 0 and (state.batch is None or self._drafter(slot.option) not in self.serial):
             d = r.decision = slot.held()
             r.loss = d.agreement_loss
             return d
@@ -327,7 +327,8 @@ class Controller:
 
     def _commit(self, r: RequestState, option: int, E, T, switched: bool, infeasible: bool = False,
                 message: str = "", evict: bool = True) -> Decision:
-        """Commit `option` (evict=False: as it is; calibration and forced tries measure the option itself)."""
+        """Commit `option` (evict=False: as it is, and not handed to the next request; calibration and forced
+        tries measure the option itself)."""
         r.loss = self.plan.loss[option]
         e, t = float(E[option]), float(T[option])
         # no eviction in a batch: the step's experts are the batch's union, so a request's share of the step
@@ -336,7 +337,7 @@ class Controller:
         # auto 0.94 / 0.90 / 0.88 of the best static config evicting, 0.95 / 0.94 / 0.91 without)
         config, eviction = self._evict(option) if evict and r.share == 1.0 else (self._config(option), None)
         r.decision = r.slot.commit(option, Decision(config, e / t, t / e * 1e3, r.loss, switched, infeasible,
-                                                    message, eviction))
+                                                    message, eviction), settled=evict)
         return r.decision
 
     def _evict(self, option: int) -> tuple[StepConfig, tuple[int, int] | None]:

@@ -24,6 +24,7 @@ class Slot:
     last: Decision | None = None  # the last full decision, repeated while held
     hold: int = 0  # steps the last decision is still held
     interval: int = 1  # steps between full decisions now (decide_every .. decide_every_max)
+    settled: tuple | None = None  # (option, Decision): the last choice that was not an experiment
 
     def held(self) -> Decision:
         """The last full decision again, as no switch and without its message (both were reported)."""
@@ -33,10 +34,13 @@ class Slot:
             self.last = replace(self.last, switched=False, message="")
         return self.last
 
-    def commit(self, option: int, decision: Decision) -> Decision:
+    def commit(self, option: int, decision: Decision, settled: bool = True) -> Decision:
+        """settled False: a calibration step or a forced try, which the next request must not inherit."""
         self.dwell = 1 if decision.switched else self.dwell + 1
         self.option = option
         self.last = decision
+        if settled:
+            self.settled = (option, decision)
         return decision
 
     def reschedule(self, confirmed: bool, explored: bool, every: int, every_max: int) -> None:
@@ -53,8 +57,12 @@ class Slot:
         self.hold = 0
 
     def handed(self, hold: int, interval: int) -> Slot:
-        """This slot's choice as a new request's first, held for `hold` steps."""
-        return Slot(self.option, 0, self.last, hold, interval)
+        """This slot's last settled choice as a new request's first, held for `hold` steps. Why not the
+        last decision: a forced try or a calibration step handed on ran held in every request that began
+        next (at a batch's tail a lone request force-tried self-speculation, and the 8 requests of the next
+        batch each drafted with it for 3 steps while the batch waited)."""
+        option, decision = self.settled
+        return Slot(option, 0, decision, hold, interval, self.settled)
 
 
 @dataclass

@@ -692,3 +692,49 @@ def test_a_draft_forward_run_alone_in_a_batch_is_paid_whole():
                             batch_tokens=24, batch_experts=150, batch_context=800, batch_t_verify=6e-3))
     c.replan()
     assert c.latency.draft_share["draft_model"].value > 0.95
+
+
+def _force_a_try_of(c: Controller, drafter: str) -> None:
+    """The next full decision is a forced try of `drafter`: overdue at any price, every slot due now."""
+    c.exploration.due, c.exploration.priced = (lambda forwards: drafter), (lambda *args: True)
+    for r in c.requests.values():
+        for slot in r.slots.values():
+            slot.hold = 0
+
+
+def test_a_forced_try_is_not_handed_to_the_next_request():
+    """A request's last decision was a forced try (at a batch's tail, self-speculation by a lone request):
+    the next request starts from the last settled choice, not the experiment (handed on, the 8 requests of
+    the next batch each drafted with self-speculation for 2-3 steps while the batch waited)."""
+    env = Env(p=0.9)
+    c = make(ControllerConfig(budgets=False, decide_every=3, drafters=("draft_model", "ngram", "self")),
+             profile=env.profile())
+    run(c, env, steps=60, request_id=0)
+    settled = {order: slot.settled[1].config for order, slot in c.requests[0].slots.items()}
+    _force_a_try_of(c, "self")
+    d = c.decide(DecodeState(0, 60, 200, 168, 1000))
+    assert d.config.drafter == "self"
+    c.observe(env.step(60, d.config, 200))
+    c.end(0)
+    del c.exploration.due, c.exploration.priced
+    out = run(c, Env(p=0.9, seed=1), steps=2, request_id=1)
+    assert [d.config for d, _ in out] == [settled[None]] * 2
+
+
+def test_a_held_choice_of_a_drafter_the_batch_waits_for_is_decided_afresh_in_a_batch(monkeypatch):
+    """A choice held from steps alone (self-speculation drafts request by request while a batch waits) is
+    not repeated once the request is in a batch: the first step there is a full decision."""
+    c = make(ControllerConfig(budgets=False, decide_every=4, drafters=("draft_model", "ngram", "self")))
+    c.warmup = 0
+    c.begin(0)
+    _force_a_try_of(c, "self")
+    state = DecodeState(0, 0, 100, 0, 64)
+    assert c.decide(state).config.drafter == "self"
+    slot = c.requests[0].slot
+    slot.hold, slot.settled = 3, (slot.option, slot.last)  # as if self had been chosen and held
+    del c.exploration.due, c.exploration.priced
+    full = []
+    monkeypatch.setattr(c, "_times", lambda *a, real=c._times: (full.append(1), real(*a))[1])
+    assert c.decide(DecodeState(0, 1, 101, 1, 63)).config.drafter == "self" and not full  # alone: held
+    c.decide(DecodeState(0, 2, 102, 2, 62, None, BatchContext.unseen(7)))
+    assert full  # in a batch: decided afresh

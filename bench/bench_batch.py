@@ -11,7 +11,7 @@ a draft-model tree and an n-gram chain of depth 4 (static configs), `auto` (one 
 per-request decisions priced in the batch), and HF `generate` on left-padded batches of the same size
 (static batching: a batch ends when its longest request does), each at every batch size, plus moetune's
 single-request engine (engine.generate, plain) as the reference outside batching. At each batch size b the
-prompts are split into groups of max(b, 8), each decoded as its own batch run, and every method runs on
+prompts are split into groups of max(4 b, 8), each decoded as its own batch run, and every method runs on
 every group, their order rotated from group to group, --rounds times (run_rounds): methods interleaved
 per group, as bench_vs_hf interleaves them per prompt; each method's tokens and seconds summed over all.
 Compared at each batch size: `auto` against plain, the best static config there (the per-batch-size table
@@ -64,7 +64,7 @@ def run_single(target, prompts: list[list[int]], n: int) -> tuple[dict, list[lis
                 decode_tokens_per_s=round(tokens / sum(r.decode_time for r in res), 1)), [r.token_ids for r in res]
 
 
-GROUP = 8  # prompts per interleaving group at batch sizes up to it (larger batches: one batch's worth)
+GROUP = 8  # prompts per interleaving group, at least; four batches' worth at larger batch sizes (run_rounds)
 
 
 def run_batch(target, draft, prompts: list[list[int]], method: str, batch_size: int, n: int,
@@ -105,12 +105,15 @@ def run_hf(target, prompts: list[list[int]], batch_size: int, n: int, reference:
 
 
 def run_rounds(target, draft, prompts, methods: list[str], b: int, n: int, reference, rounds: int) -> list[dict]:
-    """Every method on every group of max(b, GROUP) prompts, the methods' order rotated from group to group
+    """Every method on every group of max(4 b, GROUP) prompts, the methods' order rotated from group to group
     and round to round, so a drift in a shared machine's speed (single runs moved by +-20%, over tens of
     seconds) reaches every method alike, as bench_vs_hf's per-prompt interleaving does; `rounds` times. A
-    group decodes as its own batch run (continuous batching inside it). One `auto` policy per round, shared
-    by its groups. Per method its runs merged (merge_rows), with each round's tokens/s."""
-    size = max(b, GROUP)
+    group decodes as its own batch run (continuous batching inside it). Why four batches' worth: a group
+    ends in a tail where speculating requests finish at different steps and the batch thins (plain ones
+    finish together); four batches' worth keeps that tail a small share (in groups of 8 at batch 8 `auto`
+    ran 0.85-0.92x what it ran over all 32 prompts in one call). One `auto` policy per round, shared by its
+    groups. Per method its runs merged (merge_rows), with each round's tokens/s."""
+    size = max(4 * b, GROUP)
     groups = [range(g, min(g + size, len(prompts))) for g in range(0, len(prompts), size)]
     runs: dict[str, list[list[dict]]] = {m: [[] for _ in range(rounds)] for m in methods}
     for i in range(rounds):
@@ -271,7 +274,7 @@ def table(result: dict) -> str:
     lines = [f"Device: {result['device']} CPU, {result['torch_threads']} torch thread(s); {result['prompts']} prompts "
              f"({result['held_out']} held-out, {result['unseen']} from other unseen text) x "
              f"{result['max_new_tokens']} new tokens, greedy, a group's all arriving at once; load average "
-             f"{result['load_average_1min']}; methods interleaved per group of max(batch, {GROUP}) prompts, "
+             f"{result['load_average_1min']}; methods interleaved per group of max(4 x batch, {GROUP}) prompts, "
              f"{result.get('rounds', 1)} round(s), tokens and seconds summed.", "", f"Reproduce: `{result['command'].strip()}`", ""]
     aim = result["aim"]
     if aim is not None:

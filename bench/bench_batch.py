@@ -6,10 +6,11 @@ beside HF's own batched `generate`, with per-request ms/token and time to first 
 
 Prompts: the embedded held-out prompts and prompts cut from installed packages' sources, as
 bench/bench_vs_hf.py picks them, a group's all arriving at once; `batch_size` of them decode together and a
-finished one is replaced by the next of its group (continuous batching). Methods: plain decoding, a draft-model chain of depth 3,
-a draft-model tree and an n-gram chain of depth 4 (static configs), `auto` (one adaptive policy per run,
-per-request decisions priced in the batch), and HF `generate` on left-padded batches of the same size
-(static batching: a batch ends when its longest request does), each at every batch size, plus moetune's
+finished one is replaced by the next of its group (continuous batching). Methods: plain decoding, a
+draft-model chain of depth 3, a draft-model tree and an n-gram chain of depth 4 (static configs), `auto`
+(one adaptive policy per round, per-request decisions priced in the batch), and HF `generate` on
+left-padded batches of the same size (static batching: a batch ends when its longest request does), each
+at every batch size, plus moetune's
 single-request engine (engine.generate, plain) as the reference outside batching. At each batch size b the
 prompts are split into groups of max(4 b, 8), each decoded as its own batch run, and every method runs on
 every group, their order rotated from group to group, --rounds times (run_rounds): methods interleaved
@@ -149,7 +150,8 @@ def merge_rows(method: str, b: int, rounds: list[list[dict]]) -> dict:
                 mean_accepted=round(sum(p["accepted"] for p in parts) / steps, 2),
                 ms_per_token_mean=round(statistics.mean(ms), 2), ms_per_token_p90=round(_p90(ms), 2),
                 ttft_ms_mean=round(statistics.mean(ttft), 1), ttft_ms_p90=round(_p90(ttft), 1),
-                lossless=all(p["lossless"] for p in parts), per_request=[q for p in rounds[-1] for q in p["per_request"]])
+                lossless=all(p["lossless"] for p in parts),
+                per_request=[q for p in rounds[-1] for q in p["per_request"]])
 
 
 def _p90(xs: list[float]) -> float:
@@ -164,7 +166,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch-sizes", default="1,2,4,8,16,32")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {METHODS}")
     ap.add_argument("--target", default=str(DEFAULT_TARGET), help="target model folder (default: embedded)")
-    ap.add_argument("--rounds", type=int, default=2, help="runs of every method on every group of prompts, per batch size")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="runs of every method on every group of prompts, per batch size")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tag", default="", help="suffix of the output files")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -275,7 +278,8 @@ def table(result: dict) -> str:
              f"({result['held_out']} held-out, {result['unseen']} from other unseen text) x "
              f"{result['max_new_tokens']} new tokens, greedy, a group's all arriving at once; load average "
              f"{result['load_average_1min']}; methods interleaved per group of max(4 x batch, {GROUP}) prompts, "
-             f"{result.get('rounds', 1)} round(s), tokens and seconds summed.", "", f"Reproduce: `{result['command'].strip()}`", ""]
+             f"{result.get('rounds', 1)} round(s), tokens and seconds summed.", "",
+             f"Reproduce: `{result['command'].strip()}`", ""]
     aim = result["aim"]
     if aim is not None:
         lines += [f"Plain at batch 8 vs batch 1: {aim['speedup']:.2f}x end to end, {aim['decode_speedup']:.2f}x over "
@@ -284,9 +288,10 @@ def table(result: dict) -> str:
                   "over decode steps."]
         if aim.get("paired"):
             rows_ratio, groups = aim["table_rows"], aim["paired"]["groups"]
-            lines += [f"Judged on {len(groups)} groups of 8 prompts, each run at batch 1 and at batch 8 side by side "
-                      f"(per group {min(groups):.2f}x to {max(groups):.2f}x end to end); the table's rows (each batch size "
-                      f"in its turn) give {rows_ratio['tokens_per_s']:.2f}x / {rows_ratio['decode_tokens_per_s']:.2f}x."]
+            lines += [f"Judged on {len(groups)} groups of 8 prompts, each run at batch 1 and at batch 8 side by "
+                      f"side (per group {min(groups):.2f}x to {max(groups):.2f}x end to end); the table's rows (each "
+                      f"batch size in its turn) give {rows_ratio['tokens_per_s']:.2f}x / "
+                      f"{rows_ratio['decode_tokens_per_s']:.2f}x."]
         lines += [""]
     lines += _comparison(result.get("comparison") or [])
     lines += ["| method | batch | tokens/s | decode tokens/s | ms/token mean (p90) | TTFT ms mean (p90) "

@@ -45,8 +45,9 @@ class AppendLayer(DynamicLayer):
     def _holds(self, length: int) -> bool:
         """Whether keys and values are still prefixes of the buffers and `length` positions fit."""
         return self.key_buffer is not None and length <= self.key_buffer.shape[1] and all(
-            view.dim() == 4 and view.data_ptr() == buffer.data_ptr() and view.stride() == buffer.transpose(1, 2).stride()
-            and view.shape[:2] == (buffer.shape[0], buffer.shape[2]) and view.dtype == buffer.dtype
+            view.dim() == 4 and view.data_ptr() == buffer.data_ptr() and view.dtype == buffer.dtype
+            and view.stride() == buffer.transpose(1, 2).stride()
+            and view.shape[:2] == (buffer.shape[0], buffer.shape[2])
             for view, buffer in ((self.keys, self.key_buffer), (self.values, self.value_buffer)))
 
 

@@ -32,23 +32,29 @@ class AppendLayer(DynamicLayer):
                *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:  # [B, heads, S + T, head_dim]
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        past, new = self.get_seq_length(), key_states.shape[-2]
-        if not self._holds(past + new):
-            self.key_buffer = _grown(self.keys, key_states, past + new)
-            self.value_buffer = _grown(self.values, value_states, past + new)
-        self.key_buffer[:, past:past + new].copy_(key_states.transpose(1, 2))
-        self.value_buffer[:, past:past + new].copy_(value_states.transpose(1, 2))
-        self.keys = self.key_buffer[:, :past + new].transpose(1, 2)
-        self.values = self.value_buffer[:, :past + new].transpose(1, 2)
+        past = self.get_seq_length()
+        end = past + key_states.shape[-2]
+        if not (self._holds(self.keys, self.key_buffer, end) and self._holds(self.values, self.value_buffer, end)):
+            self.key_buffer = _grown(self.keys, key_states, end)
+            self.value_buffer = _grown(self.values, value_states, end)
+        self.key_buffer[:, past:end].copy_(key_states.transpose(1, 2))
+        self.value_buffer[:, past:end].copy_(value_states.transpose(1, 2))
+        self.keys = self.key_buffer[:, :end].transpose(1, 2)
+        self.values = self.value_buffer[:, :end].transpose(1, 2)
         return self.keys, self.values
 
-    def _holds(self, length: int) -> bool:
-        """Whether keys and values are still prefixes of the buffers and `length` positions fit."""
-        return self.key_buffer is not None and length <= self.key_buffer.shape[1] and all(
-            view.dim() == 4 and view.data_ptr() == buffer.data_ptr() and view.dtype == buffer.dtype
-            and view.stride() == buffer.transpose(1, 2).stride()
-            and view.shape[:2] == (buffer.shape[0], buffer.shape[2])
-            for view, buffer in ((self.keys, self.key_buffer), (self.values, self.value_buffer)))
+    @staticmethod
+    def _holds(view: torch.Tensor,  # [B, heads, S, head_dim] as held now
+               buffer: torch.Tensor | None,  # [B, capacity, heads, head_dim]
+               length: int) -> bool:
+        """Whether `view` is still a prefix of `buffer` and `length` positions fit. Plain comparisons: this
+        runs twice per layer per forward, where building views to compare cost as much as HF's torch.cat
+        of a 200-position cache."""
+        if buffer is None or length > buffer.shape[1] or view.dim() != 4 or view.dtype != buffer.dtype:
+            return False
+        b, c, h, d = buffer.stride()
+        return view.data_ptr() == buffer.data_ptr() and view.stride() == (b, h, c, d) \
+            and view.shape[0] == buffer.shape[0] and view.shape[1] == buffer.shape[2]
 
 
 def _grown(held: torch.Tensor,  # [B, heads, S, head_dim], or empty before the first update

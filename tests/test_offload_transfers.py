@@ -114,15 +114,17 @@ def test_chunked_reads_fill_slots_with_the_experts_exact_bytes(model, monkeypatc
 def test_a_call_drops_the_queued_prefetches_it_does_not_need(model):
     handle = enable_offload(copy.deepcopy(model), capacity=2, slow="paced", slow_gbps=100.0, prefetch="none")
     store = handle.store
-    read, release = store.tier.chunks, threading.Event()
+    read, started, release = store.tier.chunks, threading.Event(), threading.Event()
 
     def held(*args):
+        started.set()
         release.wait(5)
         yield from read(*args)
 
     try:
         store.tier.chunks = held
         store.prefetch(1, [3])  # holds the reader
+        assert started.wait(5)  # the reader took `held` before the next reads get the real one
         store.tier.chunks = read
         store.prefetch(0, [6, 7])  # queued behind it: guesses for layer 0's next call
         wrong = store.layers[0].loading[7]

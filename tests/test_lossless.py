@@ -1,4 +1,6 @@
 """Greedy speculative output equals HF greedy `generate`, whatever the drafter or tree shape."""
+import time
+
 import pytest
 import torch
 from tiny import FAMILIES, tiny_dense, tiny_moe
@@ -6,7 +8,7 @@ from tiny import FAMILIES, tiny_dense, tiny_moe
 from moetune import DEFAULT_DRAFT, DEFAULT_TARGET
 from moetune.engine.drafters import DraftModelDrafter, NgramDrafter, SelfDrafter
 from moetune.engine.generate import generate
-from moetune.step import StepConfig
+from moetune.step import PLAIN, StepConfig
 
 PROMPT = [5, 17, 33, 17, 33, 90, 4, 17, 33]
 
@@ -72,6 +74,40 @@ def test_plain_decoding_runs_as_many_forwards_as_hf(target):
         hook.remove()
     assert res.token_ids == ref and len(res.steps) == 12
     assert len(calls) == hf_calls == 12
+
+
+def test_draft_model_reads_the_prompt_when_first_asked_to_draft(target):
+    """A draft model at hand costs plain decoding nothing (HF's plain generate runs none); a policy that
+    first drafts at step 3 has it read the whole context then, timed as prefill (as when prefill read the
+    prompt), so that step's draft time, which the controller fits, is only its drafting."""
+    fed = []
+
+    class Slow(DraftModelDrafter):
+        def catch_up(self, context):
+            if self.cache is None:
+                time.sleep(0.2)
+            return super().catch_up(context)
+
+    drafter = Slow(tiny_dense())
+    hook = drafter.model.register_forward_pre_hook(lambda m, a, k: fed.append(k["input_ids"].shape[1]),
+                                                   with_kwargs=True)
+
+    class Late:
+        def setup(self, shape): pass
+        def begin(self, r, n): pass
+        def decide(self, state): return PLAIN if state.step < 3 else StepConfig(depth=2)
+        def observe(self, stats): pass
+        def end(self, r): pass
+
+    try:
+        plain = generate(target, None, [PROMPT], drafter=drafter, config=PLAIN, max_new_tokens=6, eos_token_id=-1)[0]
+        assert fed == [] and plain.prefill_time < 0.2
+        late = generate(target, None, [PROMPT], drafter=drafter, policy=Late(), max_new_tokens=12, eos_token_id=-1)[0]
+    finally:
+        hook.remove()
+    assert late.token_ids == hf_greedy(target, PROMPT, 12)
+    assert fed[0] == len(PROMPT) + 3  # the prompt and the three plain steps' tokens, in one forward
+    assert late.prefill_time >= 0.2 and late.steps[3].t_draft < 0.2
 
 
 def test_eos_and_max_tokens_mid_tree(target):

@@ -156,6 +156,7 @@ def _write_request(writer: TraceWriter, target, drafters: dict[str, Proposer], l
     prefill(target, cache, prompt_ids)
     for d in drafters.values():
         d.prefill(list(prompt_ids))
+        d.catch_up(list(prompt_ids))  # read here, so position 0's draft time is its own drafting
     context = list(prompt_ids)
     mismatches = 0
     for token in output:

@@ -18,7 +18,12 @@ class Proposer(ABC):
     name: str = "proposer"
 
     def prefill(self, prompt_ids: list[int]) -> None:
-        """A new request starts with these prompt tokens (forget the previous request)."""
+        """A new request starts with these prompt tokens (forget the previous request). A drafter with its own
+        cache reads them later, in `catch_up`, so a request that never drafts with it never pays for it."""
+
+    def catch_up(self, context_ids: list[int]) -> None:
+        """Read the committed tokens this drafter has not seen (a drafter with its own cache). `draft` catches
+        up by itself; calling this first only chooses when the work happens, and whose clock counts it."""
 
     @abstractmethod
     def draft(self, context_ids: list[int], config: StepConfig) -> DraftTree:

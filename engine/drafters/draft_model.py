@@ -76,11 +76,10 @@ class DraftModelDrafter(Proposer):
                           use_cache=True).logits[0]
 
     def prefill(self, prompt_ids: list[int]) -> None:
-        self.cache, self.seen, self.root_logp = kv.new_cache(self.model), 0, None
-        self._catch_up(prompt_ids)
+        self.cache, self.seen, self.root_logp = None, 0, None
 
     @torch.no_grad()
-    def _catch_up(self, context: list[int]) -> torch.Tensor:
+    def catch_up(self, context: list[int]) -> torch.Tensor:
         """Feed committed tokens the cache has not seen; [V] log-probs of the next token."""
         if self.cache is None:
             self.cache, self.seen = kv.new_cache(self.model), 0
@@ -96,7 +95,7 @@ class DraftModelDrafter(Proposer):
 
     @torch.no_grad()
     def draft(self, context_ids: list[int], config: StepConfig) -> DraftTree:
-        logp0 = self._catch_up(context_ids)
+        logp0 = self.catch_up(context_ids)
         tree = drive(grow(logp0, config, self.model.device), lambda level: self._feed(level, len(context_ids)))
         kv.crop(self.cache, self.seen)
         return tree

@@ -118,19 +118,14 @@ class PhaseClock:
     def __init__(self):
         self.total = defaultdict(float)
         self._nested = [0.0]  # per active wrapped call: time spent in wrapped calls below it
-        self._opaque = 0  # active opaque calls: wrapped calls below them are theirs
         self._undo = []
 
-    def wrap(self, owner, attr: str, phase: str, opaque: bool = False) -> None:
+    def wrap(self, owner, attr: str, phase: str) -> None:
         """Time owner.attr as `phase`. A missing attribute is an error: skipped, its phase's time fell into
-        'loop (other)' unseen (the lookahead, after engine/generate renamed it). opaque: wrapped calls
-        inside it count as this phase (a drafter's deferred prefill runs forwards that are not steps')."""
+        'loop (other)' unseen (the lookahead, after engine/generate renamed it)."""
         inner = getattr(owner, attr)
 
         def timed(*a, **k):
-            if self._opaque and not opaque:
-                return inner(*a, **k)
-            self._opaque += opaque
             self._nested.append(0.0)
             t0 = time.perf_counter()
             try:
@@ -139,7 +134,6 @@ class PhaseClock:
                 dt = time.perf_counter() - t0
                 self.total[phase] += dt - self._nested.pop()
                 self._nested[-1] += dt
-                self._opaque -= opaque
         self._undo.append((owner, attr, inner if attr in vars(owner) else None))
         setattr(owner, attr, timed)
 
@@ -164,8 +158,6 @@ def breakdown_moetune(target, tok, draft, prompts, n, spec: str, routing: bool |
                                (kv, "commit", "KV commit"), (g, "_stats", "stats"), (policy, "observe", "observe"),
                                (g, "gpu_snapshot", "telemetry")]:
         clock.wrap(owner, attr, phase)
-    for attr in ("prefill", "read_prompt"):  # the target's prefill and each drafter's (deferred) one
-        clock.wrap(g.LiveBackend, attr, "prefill (excluded)", opaque=True)
     steps = 0
     t0 = time.perf_counter()
     try:
@@ -173,6 +165,7 @@ def breakdown_moetune(target, tok, draft, prompts, n, spec: str, routing: bool |
             ids = tok(p["text"], add_special_tokens=False)["input_ids"]
             res = generate(target, tok, [ids], drafter={"draft_model": DraftModelDrafter(draft)}, policy=policy,
                            max_new_tokens=n, **({} if routing is None else dict(routing=routing)))[0]
+            clock.total["prefill (excluded)"] += res.prefill_time
             steps += len(res.steps)
     finally:
         clock.restore()

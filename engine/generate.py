@@ -191,8 +191,10 @@ class LiveBackend:
 
     def prefill(self, passive: StepConfig | None) -> None:
         """Target cache of the prompt (all but its last token, the first root, unless this backend's first step
-        may take the root's logits from the prefill: see `prefill`); drafters forget the last request and read
-        the prompt when first asked to draft (`read_prompt`)."""
+        may take the root's logits from the prefill: see `prefill`); drafters forget the last request. A
+        drafter with its own cache reads the context at its first draft, in that step's draft time (as a
+        batched draft model does, engine/batch.py): plain decoding with a draft model at hand reads nothing,
+        and a policy sees what drafting with it first costs (auto prices a forced try by its measured time)."""
         t0 = time.perf_counter()
         self.cache = kv.new_cache(self.target)
         # A step that captures routing or reads offloaded experts needs the root in its own forward.
@@ -200,22 +202,8 @@ class LiveBackend:
         self.root_hidden = prefill(self.target, self.cache, self.ids, with_root)
         for d in self.pool.values():
             d.prefill(self.ids)
-        self.read: set[str] = set()  # drafters that have read this request's prompt
         self.t_start = time.perf_counter()
         self.prefill_time = self.t_start - t0
-
-    def read_prompt(self, name: str, drafter: Proposer) -> None:
-        """A drafter's first read of the request (its deferred prefill: plain decoding, or a policy that never
-        picks it, skips it), timed as prefill as it was when prefill ran it, so a step's draft time, which
-        the controller fits, stays the step's own drafting."""
-        self.read.add(name)
-        t0 = time.perf_counter()
-        drafter.catch_up(self.ids)
-        if self.target.device.type == "cuda":
-            torch.cuda.synchronize()  # once per drafter and request: its forward is inside the timing
-        spent = time.perf_counter() - t0
-        self.prefill_time += spent
-        self.t_start += spent
 
     def lookahead(self, passive: StepConfig) -> Lookahead:
         t0 = time.perf_counter()
@@ -224,14 +212,10 @@ class LiveBackend:
         return look
 
     def draft(self, config: StepConfig) -> DraftTree:
-        if not config.speculate:
-            with self.timer.phase("draft"):
-                return self.empty
-        drafter = get_drafter(self.pool, config.drafter, self.target)
-        if config.drafter not in self.read:
-            self.read_prompt(config.drafter, drafter)
         with self.timer.phase("draft"):
-            tree = drafter.draft(self.ids, config)
+            if not config.speculate:
+                return self.empty
+            tree = get_drafter(self.pool, config.drafter, self.target).draft(self.ids, config)
             return fit_tree(tree, self.max_new_tokens - self.generated)
 
     def verify(self, config: StepConfig, tree: DraftTree) -> Verification:

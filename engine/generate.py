@@ -155,7 +155,7 @@ def generate(target, tokenizer, prompts, drafter=None, policy: Policy | None = N
     results = []
     for index, (request_id, prompt) in enumerate(zip(ids, prompts)):
         backend = LiveBackend(target, pool, prompt_token_ids(tokenizer, prompt), max_new_tokens, sampling, eos,
-                              routing)
+                              routing, getattr(policy, "drafters", None))
         with torch.inference_mode():  # as HF's decoders run: no autograd bookkeeping on any tensor op
             decode(policy, backend, request_id, None if on_step is None else partial(on_step, index))
         results.append(backend.result(tokenizer))
@@ -171,8 +171,9 @@ class LiveBackend:
     keeps_steps = True  # GenerationResult.steps holds every step
 
     def __init__(self, target, pool: dict[str, Proposer], prompt_ids: list[int], max_new_tokens: int,
-                 sampling: tuple, eos: frozenset, routing: bool):
+                 sampling: tuple, eos: frozenset, routing: bool, read_at_prefill: tuple[str, ...] | None = None):
         self.target, self.pool, self.eos, self.routing = target, pool, eos, routing
+        self.read_at_prefill = read_at_prefill  # the policy's drafters (Policy.drafters; None: all)
         self.temperature, self.top_p, self.generator = sampling
         self.prompt = list(prompt_ids)
         self.ids = list(prompt_ids)  # committed tokens (prompt + generated); ids[-1] is the next root
@@ -191,17 +192,21 @@ class LiveBackend:
 
     def prefill(self, passive: StepConfig | None) -> None:
         """Target cache of the prompt (all but its last token, the first root, unless this backend's first step
-        may take the root's logits from the prefill: see `prefill`); drafters forget the last request. A
-        drafter with its own cache reads the context at its first draft, in that step's draft time (as a
-        batched draft model does, engine/batch.py): plain decoding with a draft model at hand reads nothing,
-        and a policy sees what drafting with it first costs (auto prices a forced try by its measured time)."""
+        may take the root's logits from the prefill: see `prefill`); drafters forget the last request, and
+        those the policy may draft with read the prompt. Any other reads the context at its first draft, in
+        that step's draft time (as a batched draft model does, engine/batch.py): plain decoding with a draft
+        model at hand reads nothing. Why not always at the first draft: a policy would then see the read of
+        a whole prompt as one step's draft time, which the controller's draft fit cannot explain (auto
+        stopped drafting with the draft model)."""
         t0 = time.perf_counter()
         self.cache = kv.new_cache(self.target)
         # A step that captures routing or reads offloaded experts needs the root in its own forward.
         with_root = not self.routing and self.offload is None
         self.root_hidden = prefill(self.target, self.cache, self.ids, with_root)
-        for d in self.pool.values():
+        for name, d in self.pool.items():
             d.prefill(self.ids)
+            if self.read_at_prefill is None or name in self.read_at_prefill:
+                d.catch_up(self.ids)
         self.t_start = time.perf_counter()
         self.prefill_time = self.t_start - t0
 

@@ -33,6 +33,7 @@ class Adaptive(Policy):
             from moetune.traces.latency import LatencyModel
             profile = LatencyModel.from_json(profile)
         self.config = config
+        self.drafters = config.drafters
         self.controller = Controller(config, profile)
         self.events: list[tuple[int, int, str, str]] = []  # (request_id, step, config label, message)
         self.last: Decision | None = None

@@ -7,7 +7,7 @@ per-request state in a dict keyed by request id. Every DecodeState and StepStats
 policy never needs to remember which request it decided for last.
 
 `Policy` is a typing.Protocol: the driver accepts any object with these members (an object that leaves
-out `passive_draft` or `wants_routing` gets the defaults below). Implementations may also subclass it, as
+out `passive_draft`, `wants_routing` or `drafters` gets the defaults below). Implementations may also subclass it, as
 the policies in this package do, to inherit the defaults.
 """
 from __future__ import annotations
@@ -30,6 +30,10 @@ class Policy(Protocol):
     # whether `observe` needs per-layer routing in StepStats (unique experts, mass kept); capturing it
     # costs every step a hook per layer and a host transfer, so policies that ignore it say False
     wants_routing: bool = True
+    # the drafters `decide` may ask for (None: any): a drafter with its own cache reads each prompt in the
+    # prefill only when listed, else at its first draft, so plain decoding with a draft model at hand runs
+    # no draft forward
+    drafters: tuple[str, ...] | None = None
 
     def setup(self, shape: ModelShape) -> None:
         """Called once with the target's MoE shape before the first request."""

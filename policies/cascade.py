@@ -62,6 +62,7 @@ class Cascade(Policy):
         if not isinstance(config, CascadeConfig):
             raise ValueError(f"Cascade needs a CascadeConfig, got {type(config).__name__}")
         self.config = config
+        self.drafters = (config.drafter,)
         c = config
         self.configs = [PLAIN if k == 0 else StepConfig(drafter=c.drafter, depth=k, topk=c.topk,
                                                         num_draft_tokens=None if c.topk == 1 else c.topk * k)

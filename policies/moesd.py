@@ -51,6 +51,7 @@ class MoESD(Policy):
         if not isinstance(config, MoESDConfig):
             raise ValueError(f"MoESD needs a MoESDConfig, got {type(config).__name__}")
         self.config = config
+        self.drafters = (config.drafter,)
         c = config
         self.gammas = np.arange(c.max_depth + 1)
         self.configs = [PLAIN] + [StepConfig(drafter=c.drafter, depth=g) for g in range(1, c.max_depth + 1)]

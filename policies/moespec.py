@@ -49,6 +49,7 @@ class MoESpec(Policy):
         if not isinstance(config, MoESpecConfig):
             raise ValueError(f"MoESpec needs a MoESpecConfig, got {type(config).__name__}")
         self.config = config
+        self.drafters = (config.drafter,)
         self.step_config: StepConfig | None = None
 
     def setup(self, shape: ModelShape) -> None:

@@ -16,6 +16,7 @@ class Static(Policy):
             raise ValueError(f"Static needs a StepConfig, got {type(config).__name__}")
         self.config = config
         self.name = name or ("plain" if not config.speculate else "static")
+        self.drafters = (config.drafter,) if config.speculate else ()
 
     def setup(self, shape: ModelShape) -> None:
         """Budgets that cannot apply to this model fail here, before the first step."""

@@ -133,3 +133,14 @@ def test_every_registered_policy_replays(easy, ngram_wins, name):
     trace = ngram_wins if name == "auto" else easy  # auto drafts with every drafter, so it needs all recorded
     r = replay(trace, make_policy(name), PRICEY).total()
     assert r.tokens == trace.num_tokens
+
+
+def test_policies_declare_the_drafters_they_may_ask_for():
+    """Policy.drafters decides which drafters read each prompt in the prefill (engine/generate.py)."""
+    assert make_policy("plain").drafters == ()
+    assert make_policy("static:depth=4,drafter=ngram").drafters == ("ngram",)
+    assert make_policy("static:depth=4").drafters == ("draft_model",)
+    assert set(make_policy("auto").drafters) == set(DRAFTERS)
+    assert make_policy("adaptive").drafters == ("draft_model",)
+    assert make_policy("cascade:drafter=ngram").drafters == ("ngram",)
+    assert make_policy("moesd").drafters == make_policy("moespec").drafters == ("draft_model",)

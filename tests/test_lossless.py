@@ -116,6 +116,25 @@ def test_a_draft_model_reads_the_prompt_only_for_policies_that_may_draft_with_it
         assert fed[0] == len(PROMPT) and late.prefill_time >= 0.2 and late.steps[3].t_draft < 0.2
 
 
+def test_a_catch_up_reads_many_tokens_as_one_at_a_time_would(target):
+    """A catch-up feeds many committed tokens in one forward and projects only the last row on the
+    vocabulary; its log-probs equal those of feeding the tokens one by one (draft model, and the self
+    drafter both whole and cut to its first layer)."""
+    context = PROMPT + [3, 8, 21]
+    for make in (lambda: DraftModelDrafter(tiny_dense()), lambda: SelfDrafter(target, layers=1),
+                 lambda: SelfDrafter(target)):
+        torch.manual_seed(0)
+        at_once, one_by_one = make(), make()
+        one_by_one.model = at_once.model
+        at_once.prefill(context)
+        one_by_one.prefill(context)
+        got = at_once.catch_up(context)
+        for n in range(1, len(context) + 1):
+            ref = one_by_one.catch_up(context[:n])
+        assert got.shape == ref.shape == (at_once.model.config.vocab_size,)
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
 def test_eos_and_max_tokens_mid_tree(target):
     ref = hf_greedy(target, PROMPT, 20)
     drafter = DraftModelDrafter(target)

@@ -48,14 +48,15 @@ class SelfDrafter(DraftModelDrafter):
 
     def _forward(self, ids: torch.Tensor,  # [1, T]
                  pos: torch.Tensor,  # [1, T]
-                 mask: torch.Tensor | None) -> torch.Tensor:  # [T, V]
+                 mask: torch.Tensor | None,
+                 last_only: bool = False) -> torch.Tensor:  # [T, V], or [1, V] when last_only
         scope = top1_routing(self.model) if self.top1 else nullcontext()
         with scope:
             if self.layers is None:
-                return super()._forward(ids, pos, mask)
-            return self._partial(ids, pos, mask)
+                return super()._forward(ids, pos, mask, last_only)
+            return self._partial(ids, pos, mask, last_only)
 
-    def _partial(self, ids, pos, mask):
+    def _partial(self, ids, pos, mask, last_only):
         """Embed, the first `layers` decoder layers, final norm, lm_head."""
         inner = self.model.model
         if mask is None:  # one token that sees the whole cache
@@ -66,4 +67,4 @@ class SelfDrafter(DraftModelDrafter):
             h = layer(h, attention_mask=mask, position_ids=pos, cache=self.cache, use_cache=True,
                       position_embeddings=rope)
             h = h[0] if isinstance(h, tuple) else h
-        return self.model.lm_head(inner.norm(h))[0]
+        return self.model.lm_head(inner.norm(h[:, -1:] if last_only else h))[0]

@@ -23,6 +23,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from moetune import DEFAULT_DRAFT, DEFAULT_TARGET
@@ -90,7 +91,7 @@ def timed_runs(target, tok, draft, prompts, n) -> dict:
     hf = hf_methods(draft)
     policies = {m: make_policy(spec) for m, spec in MOETUNE.items()}  # one instance serves every prompt
     names = list(hf) + list(MOETUNE)
-    stats = {m: dict(tokens=0, seconds=0.0, lossless=True, steps=0, accepted=0) for m in names}
+    stats = {m: dict(tokens=0, seconds=0.0, lossless=True, steps=0, accepted=0, per_prompt=[]) for m in names}
     warm = tok(prompts[0]["text"], add_special_tokens=False)["input_ids"]
     for m in names:  # first-call costs (allocator, kernel choice) are not timed
         run_one(m, hf, {k: make_policy(v) for k, v in MOETUNE.items()}, target, tok, draft, warm, 8)
@@ -101,7 +102,8 @@ def timed_runs(target, tok, draft, prompts, n) -> dict:
             t0 = time.perf_counter()
             outs[m], steps = run_one(m, hf, policies, target, tok, draft, ids, n)
             s = stats[m]
-            s["seconds"] += time.perf_counter() - t0
+            s["per_prompt"].append((len(outs[m]), time.perf_counter() - t0))  # (tokens, seconds)
+            s["seconds"] += s["per_prompt"][-1][1]
             s["tokens"] += len(outs[m])
             s["steps"] += len(steps)
             s["accepted"] += sum(x.accepted for x in steps)
@@ -266,14 +268,25 @@ def main(argv=None) -> dict:
     return result
 
 
+def interval(method: dict, reference: dict, draws: int = 2000) -> list[float]:
+    """90% bootstrap interval of method's tokens/s over the reference's, prompts resampled (each draw sums
+    the same prompts for both): how far the ratio moves with which prompts ran, and with the machine's
+    drift between them."""
+    a, b = (np.array(s["per_prompt"], dtype=float) for s in (method, reference))  # [P, 2] tokens, seconds
+    picks = np.random.default_rng(0).integers(0, len(a), size=(draws, len(a)))  # [draws, P]
+    ratio = (a[picks, 0].sum(1) / a[picks, 1].sum(1)) / (b[picks, 0].sum(1) / b[picks, 1].sum(1))
+    return [round(float(x), 3) for x in np.percentile(ratio, [5, 95])]
+
+
 def rows(stats: dict) -> list[dict]:
     tps = {m: s["tokens"] / s["seconds"] for m, s in stats.items()}
     hf_plain, mt_plain = tps["HF generate (plain)"], tps["moetune plain"]
     best_hf = max(v for m, v in tps.items() if m.startswith("HF"))
     return [dict(method=m, tokens_per_s=round(tps[m], 1), vs_hf_plain=round(tps[m] / hf_plain, 3),
+                 vs_hf_plain_90=interval(s, stats["HF generate (plain)"]),
                  vs_best_hf=round(tps[m] / best_hf, 3), vs_moetune_plain=round(tps[m] / mt_plain, 3),
                  mean_accepted=round(s["accepted"] / s["steps"], 2) if s["steps"] else None,
-                 lossless=s["lossless"], tokens=s["tokens"]) for m, s in stats.items()]
+                 lossless=s["lossless"], tokens=s["tokens"], per_prompt=s["per_prompt"]) for m, s in stats.items()]
 
 
 def table(result: dict) -> str:
@@ -282,13 +295,16 @@ def table(result: dict) -> str:
              f"{result['max_new_tokens']} new tokens, greedy; load average {result['load_average_1min']}.", "",
              f"Reproduce: `{result['command'].strip()}`", ""]
     if "rows" in result:
-        lines += ["| method | tokens/s | vs HF plain | vs best HF | vs moetune plain | mean accepted | lossless |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["| method | tokens/s | vs HF plain | (90% interval) | vs best HF | vs moetune plain | mean accepted "
+                  "| lossless |", "|---|---|---|---|---|---|---|---|"]
         for r in result["rows"]:
             acc = "-" if r["mean_accepted"] is None else f"{r['mean_accepted']:.2f}"
-            lines.append(f"| {r['method']} | {r['tokens_per_s']:.1f} | {r['vs_hf_plain']:.3f}x | {r['vs_best_hf']:.3f}x | "
-                         f"{r['vs_moetune_plain']:.3f}x | {acc} | {'yes' if r['lossless'] else 'NO'} |")
-        lines.append("")
+            low, high = r["vs_hf_plain_90"]
+            lines.append(f"| {r['method']} | {r['tokens_per_s']:.1f} | {r['vs_hf_plain']:.3f}x | {low:.3f}-{high:.3f} | "
+                         f"{r['vs_best_hf']:.3f}x | {r['vs_moetune_plain']:.3f}x | {acc} | "
+                         f"{'yes' if r['lossless'] else 'NO'} |")
+        lines += ["", "90% interval: of the ratio to HF plain, over 2,000 resamplings of the prompts (both methods' "
+                  "times summed over the same prompts).", ""]
     for label, key in (("Per-phase cost, us/step (instrumented run)", "breakdown"),
                        ("Before this change, us/step", "breakdown_before")):
         if key not in result:

@@ -22,7 +22,7 @@ import torch
 from moetune.driver import decode, step_stats
 from moetune.policies.base import Policy
 from moetune.policies.static import Static
-from moetune.step import PLAIN, Lookahead, StepConfig, StepStats
+from moetune.step import DRAFTER_TRAITS, PLAIN, Lookahead, StepConfig, StepStats
 
 from . import kv
 from .accept import Acceptance, accept_tree
@@ -193,7 +193,7 @@ class LiveBackend:
     def prefill(self, passive: StepConfig | None) -> None:
         """Target cache of the prompt (all but its last token, the first root, unless this backend's first step
         may take the root's logits from the prefill: see `prefill`); drafters forget the last request, and
-        those the policy may draft with read the prompt. Any other reads the context at its first draft, in
+        those the policy may draft with read the prompt (`reads_at_prefill`). Any other reads the context at its first draft, in
         that step's draft time (as a batched draft model does, engine/batch.py): plain decoding with a draft
         model at hand reads nothing. Why not always at the first draft: a policy would then see the read of
         a whole prompt as one step's draft time, which the controller's draft fit cannot explain (auto
@@ -205,10 +205,19 @@ class LiveBackend:
         self.root_hidden = prefill(self.target, self.cache, self.ids, with_root)
         for name, d in self.pool.items():
             d.prefill(self.ids)
-            if self.read_at_prefill is None or name in self.read_at_prefill:
+            if self.reads_at_prefill(name):
                 d.catch_up(self.ids)
         self.t_start = time.perf_counter()
         self.prefill_time = self.t_start - t0
+
+    def reads_at_prefill(self, name: str) -> bool:
+        """Whether drafter `name` reads the prompt in the prefill: the policy may draft with it, and reading
+        does not cost a second prefill of the target (a drafter that runs the target's layers, the self
+        drafter, reads only when asked: in a call of many prompts, once built it read every later prompt
+        whether or not the policy tried it again)."""
+        traits = DRAFTER_TRAITS.get(name)
+        declared = self.read_at_prefill is None or name in self.read_at_prefill
+        return declared and not (traits is not None and traits.runs_target)
 
     def lookahead(self, passive: StepConfig) -> Lookahead:
         t0 = time.perf_counter()

@@ -7,8 +7,8 @@ per-request state in a dict keyed by request id. Every DecodeState and StepStats
 policy never needs to remember which request it decided for last.
 
 `Policy` is a typing.Protocol: the driver accepts any object with these members (an object that leaves
-out `passive_draft`, `wants_routing` or `drafters` gets the defaults below). Implementations may also subclass it, as
-the policies in this package do, to inherit the defaults.
+out `passive_draft`, `wants_routing` or `drafters` gets the defaults below). Implementations may also
+subclass it, as the policies in this package do, to inherit the defaults.
 """
 from __future__ import annotations
 

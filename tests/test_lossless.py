@@ -116,6 +116,34 @@ def test_a_draft_model_reads_the_prompt_only_for_policies_that_may_draft_with_it
         assert fed[0] == len(PROMPT) and late.prefill_time >= 0.2 and late.steps[3].t_draft < 0.2
 
 
+def test_the_self_drafter_reads_only_when_asked():
+    """The self drafter reads a context through the target's own layers (a second prefill): even for a policy
+    that may draft with it, it reads at its first draft, not in every request's prefill (in a call of many
+    prompts it stays in the pool once built)."""
+    target = tiny_moe("qwen3_moe")
+    reads = []
+
+    class Counted(SelfDrafter):
+        def catch_up(self, context):
+            if self.cache is None:
+                reads.append(len(context))
+            return super().catch_up(context)
+
+    class Late:
+        drafters = ("self",)
+
+        def setup(self, shape): pass
+        def begin(self, r, n): pass
+        def decide(self, state): return PLAIN if state.step < 3 else StepConfig(drafter="self", depth=2)
+        def observe(self, stats): pass
+        def end(self, r): pass
+
+    res = generate(target, None, [PROMPT, PROMPT[:5]], drafter={"self": Counted(target)}, policy=Late(),
+                   max_new_tokens=8, eos_token_id=-1)
+    assert reads == [len(PROMPT) + 3, 5 + 3]  # each request's first self draft, at step 3
+    assert [r.token_ids for r in res] == [hf_greedy(target, PROMPT, 8), hf_greedy(target, PROMPT[:5], 8)]
+
+
 def test_a_catch_up_reads_many_tokens_as_one_at_a_time_would(target):
     """A catch-up feeds many committed tokens in one forward and projects only the last row on the
     vocabulary; its log-probs equal those of feeding the tokens one by one (draft model, and the self

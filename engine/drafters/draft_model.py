@@ -73,8 +73,8 @@ class DraftModelDrafter(Proposer):
                  pos: torch.Tensor,  # [1, T]
                  mask: torch.Tensor | None,
                  last_only: bool = False) -> torch.Tensor:  # [T, V], or [1, V] when last_only
-        """last_only: project only the last row on the vocabulary (a catch-up reads a prompt, and the head
-        over every row cost a quarter of reading 120 tokens)."""
+        """last_only: project only the last row on the vocabulary (a catch-up may read a whole prompt and
+        needs only the next token's log-probs)."""
         return self.model(input_ids=ids, position_ids=pos, attention_mask=mask, cache=self.cache,
                           use_cache=True, logits_to_keep=1 if last_only else 0).logits[0]
 

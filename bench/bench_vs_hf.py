@@ -91,7 +91,7 @@ def timed_runs(target, tok, draft, prompts, n) -> dict:
     hf = hf_methods(draft)
     policies = {m: make_policy(spec) for m, spec in MOETUNE.items()}  # one instance serves every prompt
     names = list(hf) + list(MOETUNE)
-    stats = {m: dict(tokens=0, seconds=0.0, lossless=True, steps=0, accepted=0, per_prompt=[]) for m in names}
+    stats = {m: dict(lossless=True, steps=0, accepted=0, per_prompt=[]) for m in names}
     warm = tok(prompts[0]["text"], add_special_tokens=False)["input_ids"]
     for m in names:  # first-call costs (allocator, kernel choice) are not timed
         run_one(m, hf, {k: make_policy(v) for k, v in MOETUNE.items()}, target, tok, draft, warm, 8)
@@ -103,8 +103,6 @@ def timed_runs(target, tok, draft, prompts, n) -> dict:
             outs[m], steps = run_one(m, hf, policies, target, tok, draft, ids, n)
             s = stats[m]
             s["per_prompt"].append((len(outs[m]), time.perf_counter() - t0))  # (tokens, seconds)
-            s["seconds"] += s["per_prompt"][-1][1]
-            s["tokens"] += len(outs[m])
             s["steps"] += len(steps)
             s["accepted"] += sum(x.accepted for x in steps)
         for m, out in outs.items():
@@ -279,14 +277,15 @@ def interval(method: dict, reference: dict, draws: int = 2000) -> list[float]:
 
 
 def rows(stats: dict) -> list[dict]:
-    tps = {m: s["tokens"] / s["seconds"] for m, s in stats.items()}
+    total = {m: np.sum(s["per_prompt"], axis=0) for m, s in stats.items()}  # [tokens, seconds]
+    tps = {m: tokens / seconds for m, (tokens, seconds) in total.items()}
     hf_plain, mt_plain = tps["HF generate (plain)"], tps["moetune plain"]
     best_hf = max(v for m, v in tps.items() if m.startswith("HF"))
     return [dict(method=m, tokens_per_s=round(tps[m], 1), vs_hf_plain=round(tps[m] / hf_plain, 3),
                  vs_hf_plain_90=interval(s, stats["HF generate (plain)"]),
                  vs_best_hf=round(tps[m] / best_hf, 3), vs_moetune_plain=round(tps[m] / mt_plain, 3),
                  mean_accepted=round(s["accepted"] / s["steps"], 2) if s["steps"] else None,
-                 lossless=s["lossless"], tokens=s["tokens"], per_prompt=s["per_prompt"]) for m, s in stats.items()]
+                 lossless=s["lossless"], tokens=int(total[m][0]), per_prompt=s["per_prompt"]) for m, s in stats.items()]
 
 
 def table(result: dict) -> str:

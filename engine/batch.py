@@ -124,7 +124,7 @@ class PackedBatch:
         for r in joiners:
             t0 = self.clock()
             for d in r.pool.values():
-                d.prefill(r.ids)  # a Seat's is nothing: it catches up when it first drafts
+                d.prefill(r.ids)  # a reset only: each drafter reads the context at its first draft
             r.t_start = self.clock()
             r.prefill_time = shared * (len(r.ids) - 1) / rows + r.t_start - t0
         self.active.extend(joiners)

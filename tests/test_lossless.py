@@ -13,6 +13,19 @@ from moetune.step import PLAIN, StepConfig
 PROMPT = [5, 17, 33, 17, 33, 90, 4, 17, 33]
 
 
+class Late:
+    """Duck-typed (no Policy base): plain decoding for 3 steps, then `config`; declares `drafters`."""
+
+    def __init__(self, config: StepConfig, drafters):
+        self.config, self.drafters = config, drafters
+
+    def setup(self, shape): pass
+    def begin(self, r, n): pass
+    def decide(self, state): return PLAIN if state.step < 3 else self.config
+    def observe(self, stats): pass
+    def end(self, r): pass
+
+
 def hf_greedy(model, prompt, n, eos=None):
     out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n, eos_token_id=eos,
                          pad_token_id=1)
@@ -94,19 +107,11 @@ def test_a_draft_model_reads_the_prompt_only_for_policies_that_may_draft_with_it
     hook = drafter.model.register_forward_pre_hook(lambda m, a, k: fed.append(k["input_ids"].shape[1]),
                                                    with_kwargs=True)
 
-    class Late:  # duck-typed: no Policy base
-        drafters = declared
-
-        def setup(self, shape): pass
-        def begin(self, r, n): pass
-        def decide(self, state): return PLAIN if state.step < 3 else StepConfig(depth=2)
-        def observe(self, stats): pass
-        def end(self, r): pass
-
     try:
         plain = generate(target, None, [PROMPT], drafter=drafter, config=PLAIN, max_new_tokens=6, eos_token_id=-1)[0]
         assert fed == [] and plain.prefill_time < 0.2
-        late = generate(target, None, [PROMPT], drafter=drafter, policy=Late(), max_new_tokens=12, eos_token_id=-1)[0]
+        late = generate(target, None, [PROMPT], drafter=drafter, policy=Late(StepConfig(depth=2), declared),
+                        max_new_tokens=12, eos_token_id=-1)[0]
     finally:
         hook.remove()
     assert late.token_ids == hf_greedy(target, PROMPT, 12)
@@ -129,17 +134,8 @@ def test_the_self_drafter_reads_only_when_asked():
                 reads.append(len(context))
             return super().catch_up(context)
 
-    class Late:
-        drafters = ("self",)
-
-        def setup(self, shape): pass
-        def begin(self, r, n): pass
-        def decide(self, state): return PLAIN if state.step < 3 else StepConfig(drafter="self", depth=2)
-        def observe(self, stats): pass
-        def end(self, r): pass
-
-    res = generate(target, None, [PROMPT, PROMPT[:5]], drafter={"self": Counted(target)}, policy=Late(),
-                   max_new_tokens=8, eos_token_id=-1)
+    res = generate(target, None, [PROMPT, PROMPT[:5]], drafter={"self": Counted(target)},
+                   policy=Late(StepConfig(drafter="self", depth=2), ("self",)), max_new_tokens=8, eos_token_id=-1)
     assert reads == [len(PROMPT) + 3, 5 + 3]  # each request's first self draft, at step 3
     assert [r.token_ids for r in res] == [hf_greedy(target, PROMPT, 8), hf_greedy(target, PROMPT[:5], 8)]
 
@@ -149,11 +145,10 @@ def test_a_catch_up_reads_many_tokens_as_one_at_a_time_would(target):
     vocabulary; its log-probs equal those of feeding the tokens one by one (draft model, and the self
     drafter both whole and cut to its first layer)."""
     context = PROMPT + [3, 8, 21]
-    for make in (lambda: DraftModelDrafter(tiny_dense()), lambda: SelfDrafter(target, layers=1),
+    dense = tiny_dense()
+    for make in (lambda: DraftModelDrafter(dense), lambda: SelfDrafter(target, layers=1),
                  lambda: SelfDrafter(target)):
-        torch.manual_seed(0)
         at_once, one_by_one = make(), make()
-        one_by_one.model = at_once.model
         at_once.prefill(context)
         one_by_one.prefill(context)
         got = at_once.catch_up(context)

@@ -156,7 +156,11 @@ class Controller:
             th, per_expert, tokens = estimates.verify_theta, estimates.expert_seconds, self.menu.grid.tokens
             experts = np.array([sum(u) for u in self.unique])
             share = per_expert * experts / np.maximum(th[0] + th[1] * tokens + per_expert * experts, 1e-9)
-            self.evictable = (share >= self.eviction.config.min_expert_share).tolist()
+            # trees only: a chain's eviction cuts it short, a depth the plan already chose against (Qwen3-shape
+            # replay, batch 1: auto 0.94 of the best static config evicting its n-gram chains, 0.97 not; live,
+            # a d4 chain at B = 12 ran as fast as unbudgeted, bench/results/eviction.md)
+            trees = np.array([c.topk > 1 for c in self.menu.grid.configs])
+            self.evictable = ((share >= self.eviction.config.min_expert_share) & trees).tolist()
         self.steps_since_plan = 0
 
     def _drafter(self, option: int) -> str | None:
@@ -218,6 +222,7 @@ class Controller:
         slot = r.enter(self._order(state.lookahead))
         if slot.hold > 0 and (state.batch is None or self._drafter(slot.option) not in self.serial):
             d = r.decision = slot.held()
+            r.trying = False
             r.loss = d.agreement_loss
             return d
         self.learn()
@@ -226,6 +231,11 @@ class Controller:
             return self._calibrate(state, r, T)
         curves, r.mean = self.ranking.rank(*self.learners.posterior(state.request_id, r.order))
         E, mean_E = self.plan.emitted((curves, r.mean), state.remaining)
+        if state.batch is not None and self.config.latency_target_ms is None:
+            # by the posterior mean, not a draw: each draw was a depth tried on the whole batch's clock, and the
+            # n-gram probe sees every level anyway (Qwen3-shape replay, batch 64: 0.89 of the best static
+            # config with draws, 0.94 without; forced tries still come, adaptive/explore.py)
+            E, T = mean_E, self._batch_priced(mean_E, T)
         trial = self._trial(r, E, T)
         if trial is not None:
             return self._explore(r, slot, trial, mean_E, T)
@@ -256,6 +266,20 @@ class Controller:
         if batch is None:
             return times
         return self.plan.batch_times(times, r.miss, batch.requests + 1)
+
+    def _batch_priced(self, mean_E, T):
+        """In a batch, each option's seconds plus one constant that makes the best option's goodput the
+        batch's measured goodput g: then the highest goodput E / (T + a) is the option of the most
+        E - g T, the tokens it adds less what its marginal seconds would have earned the batch (Dinkelbach's
+        rule for the batch's tokens over the step's seconds). Why: a request's own seconds leave out the
+        experts it shares with the others, so its goodput E / T overstated what the batch earns per second,
+        and by that rate a deeper tree never paid (auto drafted 3-level n-gram chains where 6 ran 10% faster
+        at batch 8 on the Qwen3-shape replay)."""
+        rate = self.learners.batch_goodput.value
+        if rate is None:
+            return T
+        a = max(e - rate * t for e, t in zip(mean_E, T)) / rate  # >= -min(T): every option emits >= 1 token
+        return T + a if isinstance(T, np.ndarray) else [t + a for t in T]
 
     def _calibrate(self, state: DecodeState, r: RequestState, T) -> Decision:
         """The next calibration option (the latency model has no data yet: see plan.calibration_options).
@@ -330,6 +354,7 @@ class Controller:
         """Commit `option` (evict=False: as it is, and not handed to the next request; calibration and forced
         tries measure the option itself)."""
         r.loss = self.plan.loss[option]
+        r.trying = not evict
         e, t = float(E[option]), float(T[option])
         # no eviction in a batch: the step's experts are the batch's union, so a request's share of the step
         # (its rows) falls when it evicts while the step does not, and the chooser, which learns from the
@@ -379,6 +404,8 @@ class Controller:
         self.calibrating = 0
         self._judge_eviction(r.decision, stats)
         r.count(stats.step_time, stats.emitted)
+        if stats.batch_t_verify is not None and not r.trying:  # the batch's goodput under its settled choices
+            self.learners.batch_goodput.observe(stats.emitted, stats.step_time, (stats.tree_size + 1) / stats.batch_tokens)
         self.steps += 1
         self.forwards += r.share
         self._seen(stats)

@@ -39,6 +39,28 @@ def _observed_depth(stats: StepStats) -> int:
     return stats.nodes_kept if stats.config.topk == 1 and stats.config.tree is None else stats.accepted
 
 
+class BatchGoodput:
+    """Emitted tokens per second of the batches a request decoded in, exponentially weighted: each batched
+    request-step adds its tokens and its seconds (its share of the forward, its own draft), so the sums
+    are the batches' own. The controller prices a batched request's options against it (Controller._batch_priced)."""
+
+    def __init__(self, forgetting: float):
+        self.forgetting = forgetting
+        self.tokens = self.seconds = 0.0
+
+    def observe(self, tokens: int, seconds: float, weight: float = 1.0) -> None:
+        """One request-step; weight: its share of the forward (a batch's forward ages the sums once)."""
+        if seconds > 0.0 and math.isfinite(seconds):
+            decay = self.forgetting ** weight
+            self.tokens = decay * self.tokens + tokens
+            self.seconds = decay * self.seconds + seconds
+
+    @property
+    def value(self) -> float | None:
+        """Tokens per second, None before any batched step."""
+        return self.tokens / self.seconds if self.seconds > 0.0 else None
+
+
 class Learners:
     """The estimators, and the rules by which a step's statistics update them."""
 
@@ -63,6 +85,7 @@ class Learners:
         self.experts = ExpertModel(shape, int(grid.tokens.max()))
         self.fidelity = FidelityModel(shape.num_layers)
         self.transfers = TransferModel(c.latency_forgetting)
+        self.batch_goodput = BatchGoodput(c.latency_forgetting)
         if profile is not None:
             self.latency.seed(profile)
 

@@ -82,6 +82,7 @@ class RequestState:
     decision: object | None = None  # this step's Decision (held or new): observe judges its eviction
     share: float = 1.0  # this step's share of its forward: 1 / the requests in its batch (1 alone)
     miss: float = 1.0  # the share of its experts the rest of its batch does not load (1 alone)
+    trying: bool = False  # this step's decision is a calibration step or a forced try
 
     def enter(self, order: int | None) -> Slot:
         """Make the slot of this lookahead order this step's (a new one when the order is new)."""

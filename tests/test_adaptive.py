@@ -10,6 +10,7 @@ from moetune.adaptive.eviction import EvictionChooser, EvictionConfig
 from moetune.adaptive.experts import ExpertModel, iid_unique
 from moetune.adaptive.fidelity import FidelityModel
 from moetune.adaptive.latency import RLS, OnlineLatency
+from moetune.adaptive.learners import BatchGoodput
 from moetune.step import PLAIN, BatchContext, DecodeState, Lookahead, ModelShape, Probe, StepConfig, StepStats
 from moetune.traces.latency import LatencyModel
 
@@ -508,12 +509,12 @@ def test_eviction_budgets_keep_a_node_and_evict_something():
         ControllerConfig(eviction_levels=(0.8, 0.5))
 
 
-def decided_alone_and_in_a_loaded_batch(p: float, per_expert: float):
+def decided_alone_and_in_a_loaded_batch(p: float, per_expert: float, widths: tuple[int, ...] = (1, 2)):
     """A greedy controller after 60 steps of a drafter accepting p, each expert costing per_expert; the next
     step's state, and a batch context whose 7 other requests load every expert."""
     env = Env(p=p, per_expert=per_expert, base=2e-3, per_token=1e-5, draft_step=3e-5)
-    c = make(ControllerConfig(budgets=False, exploration="greedy", decide_every=1, decide_every_max=1),
-             profile=env.profile())
+    c = make(ControllerConfig(budgets=False, exploration="greedy", decide_every=1, decide_every_max=1,
+                              widths=widths), profile=env.profile())
     run(c, env, steps=60)
     loaded = BatchContext(requests=7, tokens=7, experts=(SHAPE.num_experts,) * SHAPE.num_layers)
     return c, DecodeState(0, 60, 200, 168, 1000), loaded
@@ -529,6 +530,49 @@ def test_batch_context_prices_options_by_what_they_add_to_the_forward():
     assert again.config == alone.config
     with pytest.raises(ValueError, match="requests <= tokens"):
         BatchContext(requests=2, tokens=1, experts=())
+
+
+def test_batch_pricing_ranks_options_by_tokens_less_what_their_seconds_earn_the_batch():
+    """Reference on random inputs: with the batch's goodput g, the option of the highest goodput after
+    _batch_priced is the one of the most E - g T (Dinkelbach), and its goodput is g; a request's own best
+    E / T is often another (a shallower one: its own seconds leave out experts the batch shares)."""
+    c = make(ControllerConfig(budgets=False))
+    rng = np.random.default_rng(0)
+    differs = 0
+    for _ in range(200):
+        n = int(rng.integers(2, 12))
+        E = (1.0 + np.cumsum(rng.uniform(0, 1, n))).tolist()  # deeper options emit more ...
+        T = np.cumsum(rng.uniform(1e-4, 1e-3, n))  # ... and cost more
+        g = float(rng.uniform(0.3, 3.0) * max(e / t for e, t in zip(E, T)))
+        c.learners.batch_goodput = BatchGoodput(0.995)
+        c.learners.batch_goodput.observe(g, 1.0)
+        rate = c.learners.batch_goodput.value
+        for times in (T, T.tolist()):
+            priced = np.asarray(c._batch_priced(E, times))
+            goodput = np.array(E) / priced
+            assert int(np.argmax(goodput)) == int(np.argmax(np.array(E) - rate * T))
+            assert goodput.max() == pytest.approx(rate)
+        differs += int(np.argmax(goodput)) != int(np.argmax(np.array(E) / T))
+    assert differs > 20
+
+
+def test_batch_goodput_is_the_batches_tokens_per_second_aged_per_forward():
+    """Each request of a forward adds its tokens and seconds, worth its row share of one observation (the
+    forward ages what came before once, not 8 times); 8 requests emitting 2 tokens each in their 1 ms shares
+    of an 8 ms forward: 2000 tokens/s."""
+    rate = BatchGoodput(0.5)
+    assert rate.value is None
+    rate.observe(100, 1.0)
+    for _ in range(8):
+        rate.observe(2, 1e-3, weight=1 / 8)
+    assert rate.tokens == pytest.approx(0.5 * 100 + sum(2 * 0.5 ** (k / 8) for k in range(8)))  # not 100 / 2 ** 8
+    assert rate.value == pytest.approx(rate.tokens / rate.seconds)
+    c = make(ControllerConfig(budgets=False))
+    for step in range(50):
+        for rid in range(8):
+            c.observe(StepStats(step, PLAIN, 0, 2, 0, 0, 100, t_verify=1e-3, request_id=rid, batch_tokens=8,
+                                batch_experts=60, batch_context=800, batch_t_verify=8e-3))
+    assert c.learn().batch_goodput.value == pytest.approx(2000.0)
 
 
 def test_latency_learns_from_whole_batch_forwards():
@@ -669,16 +713,28 @@ def test_batch_overlap_is_learned_from_what_each_request_added():
 
 
 def test_no_eviction_in_a_batch():
-    """Alone, experts dominate a speculative step, so the eviction chooser budgets it; in a batch it does not,
-    whether the other requests load every expert (evicting would save nothing) or none (a request's share of
-    the step falls when it evicts while the step does not, which the chooser would take for a gain)."""
-    c, state, loaded = decided_alone_and_in_a_loaded_batch(p=0.9, per_expert=1e-4)
-    alone = c.decide(state)
-    assert alone.config.speculate and alone.eviction is not None
+    """Alone, experts dominate a speculative step, so the eviction chooser budgets a tree; in a batch it does
+    not, whether the other requests load every expert (evicting would save nothing) or none (a request's share
+    of the step falls when it evicts while the step does not, which the chooser would take for a gain)."""
+    c, state, loaded = decided_alone_and_in_a_loaded_batch(p=0.9, per_expert=1e-4, widths=(2,))
     for others in (SHAPE.num_experts, 0):
         batched = c.decide(replace(state, batch=replace(loaded, experts=(others,) * SHAPE.num_layers)))
         assert batched.eviction is None and batched.config.budgets is None
         assert batched.config.speculate or not others  # with every expert loaded, drafting is cheap
+        if batched.config.speculate:
+            option = c.menu.grid.configs.index(batched.config) * c.menu.levels_per_candidate
+            assert c._evict(option)[1] is not None  # alone, the chooser would have budgeted it
+
+
+def test_chains_are_not_evicted():
+    """Evicting a chain's nodes only cuts it short, a shorter chain the plan already priced; the eviction
+    chooser budgets trees, whose evicted nodes may sit beside kept ones. Where experts dominate a step, every
+    tree is budgeted and no chain."""
+    c, _, _ = decided_alone_and_in_a_loaded_batch(p=0.9, per_expert=1e-4)
+    J, configs = c.menu.levels_per_candidate, c.menu.grid.configs
+    evicted = {cfg.topk > 1 for i, cfg in enumerate(configs) if cfg.speculate and c._evict(i * J)[1] is not None}
+    assert evicted == {True}
+    assert sum(cfg.topk > 1 and c.evictable[i] for i, cfg in enumerate(configs)) > 4
 
 
 def test_a_draft_forward_run_alone_in_a_batch_is_paid_whole():

@@ -49,6 +49,7 @@ __all__ = ["Controller", "ControllerConfig", "Decision", "InfeasibleTarget"]
 
 CONFIG_CACHE = 4096  # budgeted StepConfigs kept for reuse
 EVAL_EVERY = 32  # one lossy budgeted step in this many (on average) also verifies unbudgeted (eval mode)
+ROUTING_WARMUP, ROUTING_EVERY = 64, 8  # a request decoded alone: routing on every step of the first, then 1 in
 
 
 class Controller:
@@ -204,6 +205,14 @@ class Controller:
         if request_id not in self.requests:
             self.begin(request_id)
         return self.requests[request_id]
+
+    def wants_routing(self) -> bool:
+        """Whether a request's next step, decoded alone, should capture per-layer routing: on the controller's
+        first ROUTING_WARMUP steps, then on one in ROUTING_EVERY. Why sampled: routing teaches the unique-experts
+        model, whose means per token count need no step-by-step record, while capturing it costs each verify
+        a hook per layer and a host transfer (the latency fit takes the model's prediction on other steps).
+        A batch captures it on every step: its requests price each other's experts with it."""
+        return self.steps < ROUTING_WARMUP or self.steps % ROUTING_EVERY == 0
 
     # ---- decide -------------------------------------------------------------------------------------
     def decide(self, state: DecodeState) -> Decision:

@@ -128,7 +128,7 @@ def generate(target, tokenizer, prompts, drafter=None, policy: Policy | None = N
     built when a step first asks for them. policy or config (not both) chooses each step; with neither,
     a draft chain of 4 when a drafter is given, plain decoding otherwise. on_step(request_index, stats).
     routing: capture per-layer routing into StepStats (unique experts); None: as the policy
-    asks (Policy.wants_routing), so plain and static decoding skip it. request_ids: one id per prompt
+    asks before each verify (Policy.routing_now), so plain and static decoding skip it. request_ids: one id per prompt
     (DecodeState and StepStats carry it; default 0, 1, ...), so a policy serving several calls can tell
     its requests apart.
     """
@@ -150,12 +150,14 @@ def generate(target, tokenizer, prompts, drafter=None, policy: Policy | None = N
     eos = frozenset([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     pool = drafter_pool(target, drafter)
     policy.setup(moe_shape(target))
-    routing = getattr(policy, "wants_routing", True) if routing is None else routing
+    # asked per step: a policy may want routing on some steps only (Policy.routing_now)
+    wants_routing = (lambda: routing) if routing is not None else getattr(
+        policy, "routing_now", lambda: getattr(policy, "wants_routing", True))
     sampling = (temperature, top_p, torch.Generator().manual_seed(seed))
     results = []
     for index, (request_id, prompt) in enumerate(zip(ids, prompts)):
         backend = LiveBackend(target, pool, prompt_token_ids(tokenizer, prompt), max_new_tokens, sampling, eos,
-                              routing, getattr(policy, "drafters", None))
+                              wants_routing, getattr(policy, "drafters", None))
         with torch.inference_mode():  # as HF's decoders run: no autograd bookkeeping on any tensor op
             decode(policy, backend, request_id, None if on_step is None else partial(on_step, index))
         results.append(backend.result(tokenizer))
@@ -171,8 +173,9 @@ class LiveBackend:
     keeps_steps = True  # GenerationResult.steps holds every step
 
     def __init__(self, target, pool: dict[str, Proposer], prompt_ids: list[int], max_new_tokens: int,
-                 sampling: tuple, eos: frozenset, routing: bool, read_at_prefill: tuple[str, ...] | None = None):
-        self.target, self.pool, self.eos, self.routing = target, pool, eos, routing
+                 sampling: tuple, eos: frozenset, wants_routing, read_at_prefill: tuple[str, ...] | None = None):
+        self.target, self.pool, self.eos = target, pool, eos
+        self.wants_routing = wants_routing  # () -> bool, asked before each verify: capture per-layer routing
         self.read_at_prefill = read_at_prefill  # the policy's drafters (Policy.drafters; None: all)
         self.temperature, self.top_p, self.generator = sampling
         self.prompt = list(prompt_ids)
@@ -201,7 +204,7 @@ class LiveBackend:
         t0 = time.perf_counter()
         self.cache = kv.new_cache(self.target)
         # A step that captures routing or reads offloaded experts needs the root in its own forward.
-        with_root = not self.routing and self.offload is None
+        with_root = not self.wants_routing() and self.offload is None
         self.root_hidden = prefill(self.target, self.cache, self.ids, with_root)
         for name, d in self.pool.items():
             d.prefill(self.ids)
@@ -245,7 +248,7 @@ class LiveBackend:
             kv.crop(self.cache, kv.cache_len(self.cache) - 1)  # the tree is verified with its root
         before = None if self.offload is None else offload_counters(self.offload)
         with self.timer.phase("verify"):
-            ver = verify(self.target, self.cache, self.ids[-1], tree, config, self.routing)
+            ver = verify(self.target, self.cache, self.ids[-1], tree, config, self.wants_routing())
         if before is not None:
             misses, nbytes, stall = (b - a for a, b in zip(before, offload_counters(self.offload)))
             self.verify_offload = dict(offload_misses=misses, offload_bytes=nbytes, offload_stall=stall)

@@ -57,6 +57,9 @@ class Adaptive(Policy):
             self.events.append((state.request_id, state.step, label(d.config), d.message))
         return d.config
 
+    def routing_now(self) -> bool:
+        return self.controller.wants_routing()
+
     def observe(self, stats: StepStats) -> None:
         self.controller.observe(stats)
 

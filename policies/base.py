@@ -7,7 +7,7 @@ per-request state in a dict keyed by request id. Every DecodeState and StepStats
 policy never needs to remember which request it decided for last.
 
 `Policy` is a typing.Protocol: the driver accepts any object with these members (an object that leaves
-out `passive_draft`, `wants_routing` or `drafters` gets the defaults below). Implementations may also
+out `passive_draft`, `wants_routing`, `routing_now` or `drafters` gets the defaults below). Implementations may also
 subclass it, as the policies in this package do, to inherit the defaults.
 """
 from __future__ import annotations
@@ -45,6 +45,12 @@ class Policy(Protocol):
     @abstractmethod
     def decide(self, state: DecodeState) -> StepConfig:
         """The configuration of the next decode step."""
+
+    def routing_now(self) -> bool:
+        """Whether the next verify should capture routing, asked before each verify of a request decoded on
+        its own (a batch captures it on every step when `wants_routing`). Default: `wants_routing`; a policy
+        that learns from a sample of steps says False on the others."""
+        return self.wants_routing
 
     def observe(self, stats: StepStats) -> None:
         """What the step that `decide` configured did and cost (stats.request_id says for which request).

@@ -73,6 +73,26 @@ def test_static_steps_skip_routing(target):
     assert all(s.unique_experts == () for s in res.steps)
 
 
+def test_the_adaptive_policy_samples_routing(target, monkeypatch):
+    """The adaptive controller learns unique experts from a sample of steps (Controller.wants_routing): every
+    step of its first ROUTING_WARMUP, then one in ROUTING_EVERY capture routing, the others skip the hooks;
+    output stays HF's, and routing=True still captures every step."""
+    from moetune.adaptive import controller
+    from moetune.adaptive.config import ControllerConfig
+    from moetune.policies.adaptive import Adaptive
+    monkeypatch.setattr(controller, "ROUTING_WARMUP", 4)
+    config = ControllerConfig(drafters=("ngram",), budgets=False)
+    res = generate(target, None, [PROMPT], drafter=NgramDrafter(), policy=Adaptive(config), max_new_tokens=40,
+                   eos_token_id=-1)[0]
+    assert res.token_ids == hf_greedy(target, PROMPT, 40)
+    captured = [len(s.unique_experts) == 2 for s in res.steps]
+    assert captured == [i < 4 or i % controller.ROUTING_EVERY == 0 for i in range(len(res.steps))]
+    assert len(res.steps) > 12 and not all(captured)
+    res = generate(target, None, [PROMPT], drafter=NgramDrafter(), policy=Adaptive(config), max_new_tokens=40,
+                   eos_token_id=-1, routing=True)[0]
+    assert all(len(s.unique_experts) == 2 for s in res.steps)
+
+
 def test_plain_decoding_runs_as_many_forwards_as_hf(target):
     """Plain decoding's prefill also runs the first root (as HF's prefill emits the first token): n new
     tokens cost one prefill and n - 1 decode forwards, HF's count, and the output is HF's."""

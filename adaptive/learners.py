@@ -86,6 +86,9 @@ class Learners:
         self.fidelity = FidelityModel(shape.num_layers)
         self.transfers = TransferModel(c.latency_forgetting)
         self.batch_goodput = BatchGoodput(c.latency_forgetting)
+        # verified-token count -> experts summed over layers, as the last plan predicted them: a step that
+        # captured no routing is fitted with these (a prediction per step cost ~60 us right after a forward)
+        self.predicted: dict[int, float] = {}
         if profile is not None:
             self.latency.seed(profile)
 
@@ -234,7 +237,9 @@ class Learners:
         elif len(stats.unique_experts_kept) == L:
             computed = sum(stats.unique_experts_kept)
         else:
-            computed = float(self.experts.predict([tokens]).sum())
+            computed = self.predicted.get(tokens)
+            if computed is None:
+                computed = float(self.experts.predict([tokens]).sum())
         if stats.batch_experts_others is not None and L in (len(stats.unique_experts), len(stats.unique_experts_kept)):
             self.experts.observe_batch(computed, stats.batch_experts_others, stats.batch_experts)  # what it added
         if cfg.eval_agreement:  # eval mode verified twice: its time is not one verification's
@@ -277,7 +282,9 @@ class Learners:
             if DRAFTER_TRAITS[name].batched:
                 shared[sel] = self.latency.predict_draft_shared(name, features)
                 paid[sel] = self.latency.draft_share[name].value
-        return Estimates(self.experts.predict(menu.token_counts), self.fidelity.w, self.experts.gamma,
+        unique = self.experts.predict(menu.token_counts)  # (L, len(token_counts))
+        self.predicted = dict(zip(menu.token_counts.tolist(), unique.sum(axis=0).tolist()))
+        return Estimates(unique, self.fidelity.w, self.experts.gamma,
                          self.fidelity.lam, self.latency.verify.theta, draft, self.experts.shape.num_experts,
                          self.config.max_agreement_loss, self.transfers.seconds_per_expert, shared, paid,
                          self.latency.overhead.value, self.experts.shape.top_k, self.experts.overlap)

@@ -575,6 +575,22 @@ def test_batch_goodput_is_the_batches_tokens_per_second_aged_per_forward():
     assert c.learn().batch_goodput.value == pytest.approx(2000.0)
 
 
+def test_a_step_without_routing_is_fitted_with_the_plans_predicted_experts(monkeypatch):
+    """A step that captured no routing (the adaptive policy samples it, Controller.wants_routing) enters the
+    latency fit with the experts the last plan predicted for its token count, not a prediction of its own
+    (one per step cost ~60 us right after a forward pass, more than the routing capture it replaced)."""
+    c = make(ControllerConfig(budgets=False))
+    calls, predict = [], c.learners.experts.predict
+    monkeypatch.setattr(c.learners.experts, "predict", lambda tokens: (calls.append(tokens), predict(tokens))[1])
+    for step in range(50):
+        c.observe(StepStats(step, StepConfig(depth=3), 2, 3, 3, 3, 100, t_draft=1e-3, t_verify=5e-3, request_id=0))
+    c.learn()
+    c.latency.flush()
+    assert not [t for t in calls if isinstance(t, list) and t == [4]]  # only the plan's predictions
+    assert c.latency.verify.n == pytest.approx(50.0)
+    assert c.learners.predicted[4] == pytest.approx(float(predict([4]).sum()))
+
+
 def test_latency_learns_from_whole_batch_forwards():
     """A batched step's t_verify is its row share; the fit learns the forward's totals instead, so it finds
     the machine's per-expert cost, not a share of it."""

@@ -49,7 +49,7 @@ __all__ = ["Controller", "ControllerConfig", "Decision", "InfeasibleTarget"]
 
 CONFIG_CACHE = 4096  # budgeted StepConfigs kept for reuse
 EVAL_EVERY = 32  # one lossy budgeted step in this many (on average) also verifies unbudgeted (eval mode)
-ROUTING_WARMUP, ROUTING_EVERY = 64, 8  # a request decoded alone: routing on every step of the first, then 1 in
+ROUTING_WARMUP, ROUTING_EVERY = 64, 8  # decoded alone: routing on each of the first 64 steps, then on 1 in 8
 
 
 class Controller:
@@ -241,9 +241,10 @@ class Controller:
         curves, r.mean = self.ranking.rank(*self.learners.posterior(state.request_id, r.order))
         E, mean_E = self.plan.emitted((curves, r.mean), state.remaining)
         if state.batch is not None and self.config.latency_target_ms is None:
-            # by the posterior mean, not a draw: each draw was a depth tried on the whole batch's clock, and the
-            # n-gram probe sees every level anyway (Qwen3-shape replay, batch 64: 0.89 of the best static
-            # config with draws, 0.94 without; forced tries still come, adaptive/explore.py)
+            # by the posterior mean, not a draw: each draw was a depth tried on the whole batch's clock
+            # (Qwen3-shape replay, batch 64, serial drafting: 0.89 of the best static config with draws, 0.94
+            # without); an n-gram chain accepted whole still learns the level past it from the probe
+            # (adaptive/learners.py), and forced tries still come (adaptive/explore.py)
             E, T = mean_E, self._batch_priced(mean_E, T)
         trial = self._trial(r, E, T)
         if trial is not None:
@@ -414,7 +415,8 @@ class Controller:
         self._judge_eviction(r.decision, stats)
         r.count(stats.step_time, stats.emitted)
         if stats.batch_t_verify is not None and not r.trying:  # the batch's goodput under its settled choices
-            self.learners.batch_goodput.observe(stats.emitted, stats.step_time, (stats.tree_size + 1) / stats.batch_tokens)
+            rows = (stats.tree_size + 1) / stats.batch_tokens
+            self.learners.batch_goodput.observe(stats.emitted, stats.step_time, rows)
         self.steps += 1
         self.forwards += r.share
         self._seen(stats)

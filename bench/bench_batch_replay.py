@@ -2,7 +2,7 @@
 (moetune.traces.batch.replay_batch), beside MoESD's predicted curve (arXiv 2505.19645).
 
 Reproduce: .venv/bin/python bench/bench_batch_replay.py [--batch-sizes 1,2,4,8,16,32,64] [--pool 192]
-    [--config traces/configs/qwen3-30b-a3b.json] [--requests 24 --tokens 48]
+    [--config traces/configs/qwen3-30b-a3b.json] [--requests 24 --tokens 48] [--seeds 3]
 Writes bench/results/batch_replay.{json,md,png}.
 
 Two scenarios:
@@ -98,18 +98,28 @@ def roofline(config: dict, bandwidth_gbs: float = 3300.0, tflops: float = 350.0,
                                f"{tflops:.0f} TFLOPS")
 
 
-def sweep(pool: Trace, latency: LatencyModel, batch_sizes: list[int], policies: dict[str, str], draft: str
-          ) -> tuple[dict, dict]:
-    """label -> one summary per batch size (speedup: throughput over plain's at that batch size), and the
-    static configs' results at the smallest batch size (MoESD's step means come from them)."""
+def seeded(spec: str, seed: int) -> str:
+    """The policy spec with its controller's seed set (seed 0: the spec as it is)."""
+    return spec if seed == 0 else f"{spec}{',' if ':' in spec else ':'}seed={seed}"
+
+
+def sweep(pool: Trace, latency: LatencyModel, batch_sizes: list[int], policies: dict[str, str], draft: str,
+          seeds: int = 1) -> tuple[dict, dict]:
+    """label -> one summary per batch size (speedup: throughput over plain's at that batch size; for the
+    learning policies the mean over `seeds` controller seeds, each in `speedup_seeds`, the rest seed 0's),
+    and the static configs' results at the smallest batch size (MoESD's step means come from them)."""
     rows: dict[str, list] = {label: [] for label in ["plain", *policies]}
     first = {}
     for b in batch_sizes:
         plain = replay_batch(pool, make_policy("plain"), latency, b, draft=draft)
         for label, spec in [("plain", "plain"), *policies.items()]:
-            r = plain if label == "plain" else replay_batch(pool, make_policy(spec), latency, b, draft=draft)
+            runs = 1 if label == "plain" or spec.startswith("static") else seeds
+            results = [plain] if label == "plain" else [
+                replay_batch(pool, make_policy(seeded(spec, k)), latency, b, draft=draft) for k in range(runs)]
+            r, speeds = results[0], [x.throughput / plain.throughput for x in results]
             s = r.summary()
-            rows[label].append(dict(batch_size=b, speedup=r.throughput / plain.throughput, **{
+            rows[label].append(dict(batch_size=b, speedup=float(np.mean(speeds)),
+                                    **(dict(speedup_seeds=speeds) if runs > 1 else {}), **{
                 k: s[k] for k in ("throughput_tok_s", "mean_accepted", "tpot_ms", "experts_per_layer", "mean_active",
                                   "request_steps", "budgets_dropped")}))
             if b == min(batch_sizes) and spec.startswith("static"):
@@ -118,13 +128,13 @@ def sweep(pool: Trace, latency: LatencyModel, batch_sizes: list[int], policies: 
 
 
 def analyse(name: str, pool: Trace, roots: Trace | list[Trace], latency: LatencyModel, batch_sizes: list[int],
-            policies: dict[str, str], draft: str) -> dict:
+            policies: dict[str, str], draft: str, seeds: int = 1) -> dict:
     """One scenario: the sweep, the best static config per batch size, and MoESD's prediction for every
     static config (from its step means at the smallest batch size); `best_static` has the best
     geometric-mean speedup over batch sizes, `best_draft_model` the same among draft-model configs (the
     paper's setting)."""
     t0 = time.perf_counter()
-    rows, first = sweep(pool, latency, batch_sizes, policies, draft)
+    rows, first = sweep(pool, latency, batch_sizes, policies, draft, seeds)
     statics = [label for label in policies if policies[label].startswith("static")]
     speed = {label: np.array([x["speedup"] for x in rows[label]]) for label in rows}  # [len(batch_sizes)]
     table = [max(statics, key=lambda label: speed[label][i]) for i in range(len(batch_sizes))]
@@ -174,7 +184,8 @@ def markdown(result: dict) -> list[str]:
         md += [f"\n## {sc['name']}, drafting {sc['draft']}\n",
                f"{sc['requests']} requests ({sc['tokens']} tokens), L={sc['shape']['num_layers']} "
                f"E={sc['shape']['num_experts']} K={sc['shape']['top_k']}; latency: {sc['latency']['source']}. "
-               "Cells: throughput over plain throughput at the same batch size.\n",
+               f"Cells: throughput over plain throughput at the same batch size (auto and adaptive: the mean over "
+               f"{result.get('seeds', 1)} controller seed(s)).\n",
                "| config | " + " | ".join(f"b={b}" for b in bs) + " |", "|---" * (len(bs) + 1) + "|",
                f"| plain tok/s | {cells([x['throughput_tok_s'] for x in rows['plain']], '{:.0f}')} |",
                f"| plain: experts per layer | {cells([x['experts_per_layer'] for x in rows['plain']], '{:.1f}')} |",
@@ -238,23 +249,27 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default="traces/configs/qwen3-30b-a3b.json", help="real MoE shape")
     ap.add_argument("--requests", type=int, default=24, help="distinct synthetic requests of the real shape")
     ap.add_argument("--tokens", type=int, default=48, help="tokens per synthetic request")
+    ap.add_argument("--seeds", type=int, default=3,
+                    help="controller seeds of auto and adaptive, their speedup the mean (Thompson draws vary)")
     args = ap.parse_args(argv)
+    if args.seeds < 1:
+        ap.error(f"--seeds must be >= 1, got {args.seeds}")
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     samples = [read_trace(p) for p in sorted((ROOT / "traces" / "samples").glob("*.trace"))]
     everything = merged(samples)
     statics = {spec: spec for spec in STATICS}
     scenarios = [analyse("samples (embedded target, CPU fit)", tile_requests(samples, args.pool), samples,
                          fit_trace(everything), batch_sizes, {**statics, "auto": "auto", "adaptive": "adaptive"},
-                         "engine")]
+                         "engine", args.seeds)]
     config = ROOT / args.config if not Path(args.config).is_absolute() else Path(args.config)
     distinct, real = real_shape_pool(config, everything, args.requests, args.tokens, args.pool)
     latency = roofline(json.loads(config.read_text()))
     policies = {**statics, "auto": "auto:drafters=draft_model/ngram", "adaptive": "adaptive"}
     for draft in ("serial", "batched"):
         scenarios.append(analyse(f"{config.stem} shape (synthetic trace, roofline latency)", real, distinct, latency,
-                                 batch_sizes, policies, draft))
+                                 batch_sizes, policies, draft, args.seeds))
     command = "python bench/bench_batch_replay.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    result = dict(command=command.strip(), scenarios=scenarios)
+    result = dict(command=command.strip(), seeds=args.seeds, scenarios=scenarios)
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "batch_replay.json").write_text(json.dumps(result, indent=1, default=float))

@@ -41,7 +41,7 @@ from .eviction import EvictionChooser, EvictionConfig
 from .explore import ExplorationSchedule
 from .fidelity import EvalSampler
 from .learners import Learners
-from .plan import Menu, Plan, build_menu, build_plan, calibration_options
+from .plan import Menu, Plan, at_rate, build_menu, build_plan, calibration_options
 from .ranking import Ranking
 from .slots import RequestState, Slot
 
@@ -206,7 +206,7 @@ class Controller:
             self.begin(request_id)
         return self.requests[request_id]
 
-    def wants_routing(self) -> bool:
+    def routing_now(self) -> bool:
         """Whether a request's next step, decoded alone, should capture per-layer routing: on the controller's
         first ROUTING_WARMUP steps, then on one in ROUTING_EVERY. Why sampled: routing teaches the unique-experts
         model, whose means per token count need no step-by-step record, while capturing it costs each verify
@@ -245,7 +245,7 @@ class Controller:
             # (Qwen3-shape replay, batch 64, serial drafting: 0.89 of the best static config with draws, 0.94
             # without); an n-gram chain accepted whole still learns the level past it from the probe
             # (adaptive/learners.py), and forced tries still come (adaptive/explore.py)
-            E, T = mean_E, self._batch_priced(mean_E, T)
+            E, T = mean_E, at_rate(self.learners.batch_goodput.value, mean_E, T)
         trial = self._trial(r, E, T)
         if trial is not None:
             return self._explore(r, slot, trial, mean_E, T)
@@ -276,20 +276,6 @@ class Controller:
         if batch is None:
             return times
         return self.plan.batch_times(times, r.miss, batch.requests + 1)
-
-    def _batch_priced(self, mean_E, T):
-        """In a batch, each option's seconds plus one constant that makes the best option's goodput the
-        batch's measured goodput g: then the highest goodput E / (T + a) is the option of the most
-        E - g T, the tokens it adds less what its marginal seconds would have earned the batch (Dinkelbach's
-        rule for the batch's tokens over the step's seconds). Why: a request's own seconds leave out the
-        experts it shares with the others, so its goodput E / T overstated what the batch earns per second,
-        and by that rate a deeper tree never paid (auto drafted 3-level n-gram chains where 6 ran 10% faster
-        at batch 8 on the Qwen3-shape replay)."""
-        rate = self.learners.batch_goodput.value
-        if rate is None:
-            return T
-        a = max(e - rate * t for e, t in zip(mean_E, T)) / rate  # >= -min(T): every option emits >= 1 token
-        return T + a if isinstance(T, np.ndarray) else [t + a for t in T]
 
     def _calibrate(self, state: DecodeState, r: RequestState, T) -> Decision:
         """The next calibration option (the latency model has no data yet: see plan.calibration_options).

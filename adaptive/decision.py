@@ -14,7 +14,7 @@ class InfeasibleTarget(ValueError):
 @dataclass(frozen=True)
 class Decision:
     """One step's choice and why: predicted goodput (tokens/s) and time per output token, target status. In a
-    batch both are on the batch's scale (Controller._batch_priced): the best option's goodput is the batch's."""
+    batch both are on the batch's scale (plan.at_rate): the best option's goodput is the batch's."""
 
     config: StepConfig
     goodput: float

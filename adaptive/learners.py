@@ -42,7 +42,7 @@ def _observed_depth(stats: StepStats) -> int:
 class BatchGoodput:
     """Emitted tokens per second of the batches a request decoded in, exponentially weighted: each batched
     request-step adds its tokens and its seconds (its share of the forward, its own draft), so the sums
-    are the batches' own. The controller prices a batched request's options against it (Controller._batch_priced)."""
+    are the batches' own. The controller prices a batched request's options against it (plan.at_rate)."""
 
     def __init__(self, forgetting: float):
         self.forgetting = forgetting

@@ -215,6 +215,20 @@ class Plan:
         return out if cap > len(curves[0][0]) else [[min(e, cap) for e in row] for row in out]
 
 
+def at_rate(rate: float | None, mean_E, T):
+    """Each option's seconds plus one constant that puts the best option's goodput at `rate` (a batch's
+    measured goodput g, None: T as it is): then the highest goodput E / (T + a) is the option of the most
+    E - g T, the tokens it adds less what its seconds would have earned the batch (Dinkelbach's rule for the
+    batch's tokens over its seconds). Why: a request's own seconds in a batch (Plan.batch_times) leave out the
+    experts it shares with the others, so its own E / T overstated what the batch earns per second, and by
+    that rate a deeper tree never paid (auto drafted 3-level n-gram chains where 6 ran 10% faster at batch 8
+    on the Qwen3-shape replay). mean_E, T: per option (lists, or T an array)."""
+    if rate is None:
+        return T
+    a = max(e - rate * t for e, t in zip(mean_E, T)) / rate  # >= -min(T): every option emits >= 1 token
+    return T + a if isinstance(T, np.ndarray) else [t + a for t in T]
+
+
 def build_plan(menu: Menu, est: Estimates) -> Plan:
     """The plan for the menu under the current estimates (pure: the same inputs give the same plan)."""
     g, J = menu.grid, menu.levels_per_candidate

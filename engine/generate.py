@@ -151,13 +151,13 @@ def generate(target, tokenizer, prompts, drafter=None, policy: Policy | None = N
     pool = drafter_pool(target, drafter)
     policy.setup(moe_shape(target))
     # asked per step: a policy may want routing on some steps only (Policy.routing_now)
-    wants_routing = (lambda: routing) if routing is not None else getattr(
+    routing_now = (lambda: routing) if routing is not None else getattr(
         policy, "routing_now", lambda: getattr(policy, "wants_routing", True))
     sampling = (temperature, top_p, torch.Generator().manual_seed(seed))
     results = []
     for index, (request_id, prompt) in enumerate(zip(ids, prompts)):
         backend = LiveBackend(target, pool, prompt_token_ids(tokenizer, prompt), max_new_tokens, sampling, eos,
-                              wants_routing, getattr(policy, "drafters", None))
+                              routing_now, getattr(policy, "drafters", None))
         with torch.inference_mode():  # as HF's decoders run: no autograd bookkeeping on any tensor op
             decode(policy, backend, request_id, None if on_step is None else partial(on_step, index))
         results.append(backend.result(tokenizer))
@@ -173,9 +173,9 @@ class LiveBackend:
     keeps_steps = True  # GenerationResult.steps holds every step
 
     def __init__(self, target, pool: dict[str, Proposer], prompt_ids: list[int], max_new_tokens: int,
-                 sampling: tuple, eos: frozenset, wants_routing, read_at_prefill: tuple[str, ...] | None = None):
+                 sampling: tuple, eos: frozenset, routing_now, read_at_prefill: tuple[str, ...] | None = None):
         self.target, self.pool, self.eos = target, pool, eos
-        self.wants_routing = wants_routing  # () -> bool, asked before each verify: capture per-layer routing
+        self.routing_now = routing_now  # () -> bool, asked before each verify (Policy.routing_now)
         self.read_at_prefill = read_at_prefill  # the policy's drafters (Policy.drafters; None: all)
         self.temperature, self.top_p, self.generator = sampling
         self.prompt = list(prompt_ids)
@@ -204,7 +204,7 @@ class LiveBackend:
         t0 = time.perf_counter()
         self.cache = kv.new_cache(self.target)
         # A step that captures routing or reads offloaded experts needs the root in its own forward.
-        with_root = not self.wants_routing() and self.offload is None
+        with_root = not self.routing_now() and self.offload is None
         self.root_hidden = prefill(self.target, self.cache, self.ids, with_root)
         for name, d in self.pool.items():
             d.prefill(self.ids)
@@ -248,7 +248,7 @@ class LiveBackend:
             kv.crop(self.cache, kv.cache_len(self.cache) - 1)  # the tree is verified with its root
         before = None if self.offload is None else offload_counters(self.offload)
         with self.timer.phase("verify"):
-            ver = verify(self.target, self.cache, self.ids[-1], tree, config, self.wants_routing())
+            ver = verify(self.target, self.cache, self.ids[-1], tree, config, self.routing_now())
         if before is not None:
             misses, nbytes, stall = (b - a for a, b in zip(before, offload_counters(self.offload)))
             self.verify_offload = dict(offload_misses=misses, offload_bytes=nbytes, offload_stall=stall)

@@ -58,7 +58,7 @@ class Adaptive(Policy):
         return d.config
 
     def routing_now(self) -> bool:
-        return self.controller.wants_routing()
+        return self.controller.routing_now()
 
     def observe(self, stats: StepStats) -> None:
         self.controller.observe(stats)

@@ -11,6 +11,7 @@ from moetune.adaptive.experts import ExpertModel, iid_unique
 from moetune.adaptive.fidelity import FidelityModel
 from moetune.adaptive.latency import RLS, OnlineLatency
 from moetune.adaptive.learners import BatchGoodput
+from moetune.adaptive.plan import at_rate
 from moetune.step import PLAIN, BatchContext, DecodeState, Lookahead, ModelShape, Probe, StepConfig, StepStats
 from moetune.traces.latency import LatencyModel
 
@@ -534,26 +535,22 @@ def test_batch_context_prices_options_by_what_they_add_to_the_forward():
 
 def test_batch_pricing_ranks_options_by_tokens_less_what_their_seconds_earn_the_batch():
     """Reference on random inputs: with the batch's goodput g, the option of the highest goodput after
-    _batch_priced is the one of the most E - g T (Dinkelbach), and its goodput is g; a request's own best
+    plan.at_rate is the one of the most E - g T (Dinkelbach), and its goodput is g; a request's own best
     E / T is often another (a shallower one: its own seconds leave out experts the batch shares)."""
-    c = make(ControllerConfig(budgets=False))
     rng = np.random.default_rng(0)
     differs = 0
     for _ in range(200):
         n = int(rng.integers(2, 12))
         E = (1.0 + np.cumsum(rng.uniform(0, 1, n))).tolist()  # deeper options emit more ...
         T = np.cumsum(rng.uniform(1e-4, 1e-3, n))  # ... and cost more
-        g = float(rng.uniform(0.3, 3.0) * max(e / t for e, t in zip(E, T)))
-        c.learners.batch_goodput = BatchGoodput(0.995)
-        c.learners.batch_goodput.observe(g, 1.0)
-        rate = c.learners.batch_goodput.value
+        rate = float(rng.uniform(0.3, 3.0) * max(e / t for e, t in zip(E, T)))
         for times in (T, T.tolist()):
-            priced = np.asarray(c._batch_priced(E, times))
-            goodput = np.array(E) / priced
+            goodput = np.array(E) / np.asarray(at_rate(rate, E, times))
             assert int(np.argmax(goodput)) == int(np.argmax(np.array(E) - rate * T))
             assert goodput.max() == pytest.approx(rate)
         differs += int(np.argmax(goodput)) != int(np.argmax(np.array(E) / T))
     assert differs > 20
+    assert at_rate(None, E, T) is T  # no batched step measured yet: as priced
 
 
 def test_batch_goodput_is_the_batches_tokens_per_second_aged_per_forward():
@@ -576,7 +573,7 @@ def test_batch_goodput_is_the_batches_tokens_per_second_aged_per_forward():
 
 
 def test_a_step_without_routing_is_fitted_with_the_plans_predicted_experts(monkeypatch):
-    """A step that captured no routing (the adaptive policy samples it, Controller.wants_routing) enters the
+    """A step that captured no routing (the adaptive policy samples it, Controller.routing_now) enters the
     latency fit with the experts the last plan predicted for its token count, not a prediction of its own
     (one per step cost ~60 us right after a forward pass, more than the routing capture it replaced)."""
     c = make(ControllerConfig(budgets=False))

@@ -74,7 +74,7 @@ def test_static_steps_skip_routing(target):
 
 
 def test_the_adaptive_policy_samples_routing(target, monkeypatch):
-    """The adaptive controller learns unique experts from a sample of steps (Controller.wants_routing): every
+    """The adaptive controller learns unique experts from a sample of steps (Controller.routing_now): every
     step of its first ROUTING_WARMUP, then one in ROUTING_EVERY capture routing, the others skip the hooks;
     output stays HF's, and routing=True still captures every step."""
     from moetune.adaptive import controller

@@ -128,6 +128,37 @@ def test_other_requests_cache_is_invisible(monkeypatch):
         torch.testing.assert_close(y, x, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("config", CONFIGS[:4], ids=["plain", "chain", "static tree", "dynamic tree"])
+def test_a_lone_request_takes_the_single_request_forward_with_the_packed_logits(monkeypatch, config):
+    """A request alone in the batch runs the single-request engine's forward (causal chain, tree mask), not
+    the packed layout: its logits equal the packed path's (within 1e-5) and its output HF's."""
+    target = tiny_moe("qwen3_moe")
+    ps = prompts((9, 4, 6), seed=3)
+    accept, alone = batch_mod.PackedBatch.accept, batch_mod.PackedBatch._alone
+    seen: dict[bool, list] = {True: [], False: []}
+    fast = [0]
+
+    def recording_accept(self, logits, row_tokens, kept):
+        if len(self.active) == 1:
+            seen[mode].append(logits.clone())
+        return accept(self, logits, row_tokens, kept)
+
+    def counted_alone(self):
+        fast[0] += alone(self)
+        return alone(self)
+    monkeypatch.setattr(batch_mod.PackedBatch, "accept", recording_accept)
+    runs = {}
+    for mode in (True, False):
+        monkeypatch.setattr(batch_mod.PackedBatch, "_alone", counted_alone if mode else lambda self: False)
+        runs[mode] = generate_batch(target, None, ps, drafter=DraftModelDrafter(target), policy=PerRequest(
+            [PLAIN, config, config]), batch_size=2, max_new_tokens=14, eos_token_id=-1)
+    assert fast[0] > 0 and len(seen[True]) == len(seen[False]) > 0  # the last request, once alone
+    for x, y in zip(seen[True], seen[False]):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
+    for p, r, q in zip(ps, runs[True], runs[False]):
+        assert r.token_ids == q.token_ids == hf_greedy(target, p, 14)
+
+
 def test_arrivals_and_adaptive_policy():
     """Requests join no earlier than they arrive; the adaptive policy (per-request state by request id)
     decodes the batch losslessly."""

@@ -26,7 +26,9 @@ class AcceptanceConfig:
     floor_strength: float = 0.2  # pseudo-observations of the shared prior that never decay
     request_decay: float = 0.94  # per step: effective window of ~1/(1-decay) steps
     global_decay: float = 0.998  # per update of the shared counts
-    base_alpha: float = 1.0  # the shared prior's own prior (before any request)
+    # the shared prior's own prior at depth 1 (before any request); each deeper level's is centred on the
+    # level above's mean, with the same strength (see AcceptanceModel.refresh)
+    base_alpha: float = 1.0
     base_beta: float = 1.0
 
     def __post_init__(self):
@@ -77,7 +79,12 @@ class AcceptanceModel:
         self._requests.pop(request_id, None)
 
     def refresh(self) -> None:
-        """Fold the queued shared-count updates in, in order, and cache the prior's floor share."""
+        """Fold the queued shared-count updates in, in order, and cache the shared prior's means and floor
+        share. A level's mean shrinks toward the level above's, not toward 1/2: a level no request drafted
+        yet is expected to accept as the one above it does (the usual constant-rate model of speculation).
+        Why: deep levels sat at 1/2 until some request drafted them, so early requests priced a deep chain
+        as worth little and drafted 1-2 levels (Qwen3-shape replay, batch 1..64: auto 0.949 / 0.957 of the
+        per-batch-size table, geometric mean, serial / batched drafting, with 1/2; 0.956 / 0.963 so)."""
         c = self.config
         if self._queue:
             # in closed form: a step's counts decay by global_decay once per later step of its family
@@ -95,7 +102,11 @@ class AcceptanceModel:
             self.global_f *= shrink
             np.add.at(self.global_s, family, succ)
             np.add.at(self.global_f, family, fail)
-        mu = (self.global_s + c.base_alpha) / (self.global_s + self.global_f + c.base_alpha + c.base_beta)
+        mu = np.empty_like(self.global_s)
+        prior, strength = c.base_alpha / (c.base_alpha + c.base_beta), c.base_alpha + c.base_beta
+        for k in range(c.max_depth):
+            s, f = self.global_s[:, k], self.global_f[:, k]
+            mu[:, k] = prior = (s + strength * prior) / (s + f + strength)
         self._mu = mu
         self._floor = c.floor_strength * np.stack([mu, 1.0 - mu])  # (2, families, max_depth)
         self._floor_rows = self._floor.tolist()

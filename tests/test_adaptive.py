@@ -92,6 +92,24 @@ def test_acceptance_learns_per_depth_and_shares_prior():
     assert np.allclose(expected_accepted(np.array([1.0, 1.0, 0.0])), [1, 2, 2])
 
 
+def test_an_undrafted_level_is_expected_to_accept_as_the_level_above():
+    """Chains of depth 2 accepting 90% per level: the shared prior expects levels 3-4, which no request
+    drafted, near 90% too (a flat prior said 1/2), and a new request prices a depth-4 chain accordingly;
+    a level with its own evidence follows that evidence."""
+    m = AcceptanceModel(AcceptanceConfig(max_depth=4, request_decay=1.0))
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        m.observe(0, 0, int((rng.random(2) < 0.9).cumprod().sum()), 2)
+    mu = m.prior_mean()[0]
+    assert abs(mu[0] - 0.9) < 0.05 and abs(mu[1] - 0.9) < 0.05
+    assert mu[2] > 0.85 and mu[3] > 0.85
+    m.begin(1)
+    assert expected_accepted(m.mean(1)[0])[3] > 3.0  # 1/2 at levels 3-4 gave ~2.2
+    for _ in range(300):
+        m.observe(2, 0, 2 + int(rng.random() < 0.3), 3)
+    assert abs(m.prior_mean()[0][2] - 0.3) < 0.08
+
+
 def test_acceptance_decay_relaxes_toward_prior():
     m = AcceptanceModel(AcceptanceConfig(max_depth=2, request_decay=0.5, global_decay=0.5))
     for _ in range(10):

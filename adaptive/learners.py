@@ -25,7 +25,7 @@ from .experts import ExpertModel
 from .fidelity import FidelityModel
 from .latency import LatencyConfig, OnlineLatency
 from .plan import Estimates, Menu
-from .transfers import TransferModel
+from .transfers import TransferModel, split
 from .yields import DraftYield, YieldConfig
 
 
@@ -86,9 +86,9 @@ class Learners:
         self.fidelity = FidelityModel(shape.num_layers)
         self.transfers = TransferModel(c.latency_forgetting)
         self.batch_goodput = BatchGoodput(c.latency_forgetting)
-        # verified-token count -> experts summed over layers, as the last plan predicted them: a step that
-        # captured no routing is fitted with these (a prediction per step cost ~60 us right after a forward)
-        self.predicted: dict[int, float] = {}
+        # verified-token count -> experts per layer, as the last plan predicted them: a step that captured
+        # no routing is fitted with these (a prediction per step cost ~60 us right after a forward)
+        self.predicted: dict[int, list] = {}
         if profile is not None:
             self.latency.seed(profile)
 
@@ -233,13 +233,14 @@ class Learners:
         if len(stats.unique_experts) == L and not evicted:  # evicted rows ask no experts past their layer
             self.experts.observe(tokens, stats.unique_experts, stats.unique_experts_kept, stats.router_mass_kept)
             kept = stats.unique_experts_kept
-            computed = sum(kept) if len(kept) == L else sum(stats.unique_experts)
+            layers = kept if len(kept) == L else stats.unique_experts
         elif len(stats.unique_experts_kept) == L:
-            computed = sum(stats.unique_experts_kept)
+            layers = stats.unique_experts_kept
         else:
-            computed = self.predicted.get(tokens)
-            if computed is None:
-                computed = float(self.experts.predict([tokens]).sum())
+            layers = self.predicted.get(tokens)
+            if layers is None:
+                layers = self.experts.predict([tokens])[:, 0].tolist()
+        computed = sum(layers)
         if stats.batch_experts_others is not None and L in (len(stats.unique_experts), len(stats.unique_experts_kept)):
             self.experts.observe_batch(computed, stats.batch_experts_others, stats.batch_experts)  # what it added
         if cfg.eval_agreement:  # eval mode verified twice: its time is not one verification's
@@ -247,8 +248,9 @@ class Learners:
         overhead = stats.t_accept + stats.t_commit + stats.t_control
         stall = 0.0 if stats.offload_stall is None else stats.offload_stall
         if stats.offload_misses is not None:
-            forward_experts = computed if stats.batch_experts is None else stats.batch_experts
-            self.transfers.observe(stats.offload_misses, stall, forward_experts)
+            fitting, forced = split(layers, stats.offload_capacity) if stats.batch_experts is None else (
+                float(stats.batch_experts), 0.0)  # a batch's per-layer union is not in its StepStats
+            self.transfers.observe(stats.offload_misses, stall, fitting, forced, stats.offload_capacity)
         # batched: the whole forward (a share would price a token, a drafted node, as alone), worth this
         # request's share of one observation (every request sees the forward); its overhead is its own
         draft = (stats.tree_depth, stats.tree_size, stats.t_draft) if stats.batch_t_draft is None else (
@@ -283,8 +285,9 @@ class Learners:
                 shared[sel] = self.latency.predict_draft_shared(name, features)
                 paid[sel] = self.latency.draft_share[name].value
         unique = self.experts.predict(menu.token_counts)  # (L, len(token_counts))
-        self.predicted = dict(zip(menu.token_counts.tolist(), unique.sum(axis=0).tolist()))
+        self.predicted = dict(zip(menu.token_counts.tolist(), unique.T.tolist()))
         return Estimates(unique, self.fidelity.w, self.experts.gamma,
                          self.fidelity.lam, self.latency.verify.theta, draft, self.experts.shape.num_experts,
                          self.config.max_agreement_loss, self.transfers.seconds_per_expert, shared, paid,
-                         self.latency.overhead.value, self.experts.shape.top_k, self.experts.overlap)
+                         self.latency.overhead.value, self.experts.shape.top_k, self.experts.overlap,
+                         self.transfers.capacity, self.transfers.seconds_per_miss)

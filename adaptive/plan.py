@@ -117,8 +117,8 @@ class Estimates:
     draft_seconds: np.ndarray  # (C,) predicted draft time of every candidate
     num_experts: int
     max_agreement_loss: float
-    # experts offloaded: the expected slow-tier seconds each unique expert computed adds (adaptive/transfers.py,
-    # miss rate x seconds per miss); 0 with every expert resident
+    # experts offloaded: the expected slow-tier seconds each unique expert computed that fits the fast tier
+    # adds (adaptive/transfers.py, miss rate x seconds per miss); 0 with every expert resident
     transfer_seconds: float = 0.0
     # (C,) the part of draft_seconds a batched draft forward shares among its requests (its constant and
     # per-level forwards: OnlineLatency.predict_draft_shared); None: nothing shared (no batched drafter)
@@ -131,6 +131,18 @@ class Estimates:
     # in a batch, the share of a request's experts the others do not load ~= (1 - loaded) ** overlap
     # (adaptive/experts.py; 1: uniform draws)
     overlap: float = 1.0
+    # the fast tier's experts per layer (None: not offloaded or not reported), and the seconds of each miss
+    # forced by a layer needing more (adaptive/transfers.py)
+    capacity: int | None = None
+    miss_seconds: float = 0.0
+
+    def transfers(self, layers: np.ndarray) -> np.ndarray:  # layers (..., L) experts computed per layer
+        """(...) expected slow-tier seconds of forwards computing `layers` (adaptive/transfers.py)."""
+        if self.capacity is None:
+            return self.transfer_seconds * layers.sum(axis=-1)
+        fitting = np.minimum(layers, self.capacity).sum(axis=-1)
+        forced = np.maximum(layers - self.capacity, 0.0).sum(axis=-1)
+        return self.transfer_seconds * fitting + self.miss_seconds * forced
 
     @property
     def expert_seconds(self) -> float:
@@ -243,7 +255,10 @@ def build_plan(menu: Menu, est: Estimates) -> Plan:
     M[np.arange(C)[:, None], np.arange(J)[None, :], g.family[:, None]] = mpow
     M = np.concatenate([M.reshape(C * J, F * D), np.ones((C * J, 1))], axis=1)  # 1: the token every step emits
     valid = valid.ravel()
-    X = _time_terms(menu, est, kept, valid)
+    layers = a.budgets[inv].astype(float)  # (C, J, L) experts computed per layer
+    layers[:, 0] = est.unique[:, inv].T  # unbudgeted: the unrounded prediction, as `kept`
+    expert_s = float(est.verify_theta[2]) * kept + est.transfers(layers)  # (C, J)
+    X = _time_terms(menu, est, expert_s, valid)
     terms = positions = None
     if J == 1:
         fam = g.family.tolist()
@@ -254,24 +269,24 @@ def build_plan(menu: Menu, est: Estimates) -> Plan:
     return Plan(X, M, tuple(loss.tolist()), tuple(valid.tolist()),
                 tuple(np.where(loss > est.max_agreement_loss, -np.inf, 0.0).tolist()),
                 tuple(map(tuple, budgets.tolist())), est.layer_weights.tolist(), terms, positions,
-                float(est.verify_theta[0]), np.maximum(est.expert_seconds * kept.ravel(), 0.0),
+                float(est.verify_theta[0]), np.maximum(expert_s.ravel(), 0.0),
                 np.repeat(np.zeros(C) if est.draft_shared is None else est.draft_shared, J),
                 np.repeat(np.ones(C) if est.draft_paid is None else est.draft_paid, J), est.overlap)
 
 
-def _time_terms(menu: Menu, est: Estimates, kept: np.ndarray, valid: np.ndarray) -> np.ndarray:
+def _time_terms(menu: Menu, est: Estimates, expert_s: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """(C * J, 2 + 2F) step-time terms: verify(tokens, experts, context) + draft + the request's overhead,
     with the context folded out, less the verify time of an option's draft nodes (what a step that drafts
-    fewer saves). Each expert costs Estimates.expert_seconds: compute, and under offload its expected
-    transfer."""
-    g, J, th, per_expert = menu.grid, menu.levels_per_candidate, est.verify_theta, est.expert_seconds
+    fewer saves). expert_s (C, J): the seconds of each option's experts: compute, and under offload their
+    expected transfers (Estimates.transfers)."""
+    g, J, th = menu.grid, menu.levels_per_candidate, est.verify_theta
     C, F = len(g), len(g.families)
     n = np.repeat(g.tokens.astype(float), J)
     # clamped: a step takes some time, and a longer context never makes it faster
-    t0 = np.maximum(th[0] + th[1] * n + per_expert * kept.ravel() + np.repeat(est.draft_seconds, J)
+    t0 = np.maximum(th[0] + th[1] * n + expert_s.ravel() + np.repeat(est.draft_seconds, J)
                     + est.overhead_seconds, 1e-6)
     t1 = np.maximum(th[3] + th[4] * n, 0.0) / 1000.0
-    n0 = np.maximum(th[1] * (n - 1) + per_expert * (kept.ravel() - kept[0, 0]), 0.0)
+    n0 = np.maximum(th[1] * (n - 1) + expert_s.ravel() - expert_s[0, 0], 0.0)
     n1 = np.maximum(th[4] * (n - 1), 0.0) / 1000.0
     fam = np.repeat(g.family, J)
     X = np.zeros((C * J, 2 + 2 * F))

@@ -6,19 +6,25 @@ tier on the critical path. That wait (StepStats.offload_stall) follows the cache
 (tokens, experts, context): fitted as compute it would smear over every coefficient. So the verify fit
 learns from the step time less the stall (adaptive/learners.py), and this model prices transfers apart:
 
-    an option's transfer seconds = miss_rate x (its predicted unique experts) x seconds_per_miss
+    an option's transfer seconds = seconds_per_miss x (miss_rate x fitting + forced)
 
+per layer, of its predicted unique experts u: forced = (u - capacity)+, the experts a fast tier of
+`capacity` per layer cannot hold at once (a layer needing more streams through its slots, so each of
+those misses), fitting = min(u, capacity), which miss at the learned rate (the tier's contents drift with
+the workload).
 - seconds_per_miss: the link's price of a miss, stall / misses (live it also holds waits on prefetches
   still in flight, and is less than a whole read where hits compute while misses load: the effective price);
-- miss_rate: how often an expert a forward computes is missing from the fast tier, misses / experts.
+- miss_rate: how often a fitting expert is missing, (misses - forced) / fitting.
+Why the split: one rate per expert averaged a plain step's few experts a layer, which mostly stay
+resident, with a deep tree's, which cannot all fit (widened stand-in, 8 of 32 experts resident: 0.23
+misses an expert at 4 a layer, ~0.5 at ~14 a layer), so it priced plain decoding too slow and deep trees
+too fast, and `auto` chose draft-model chains that ran slower than plain.
 
-Both are ratios of exponentially forgotten sums (the link, the cache's contents and the workload drift),
-with the same forgetting, so their product is stall / experts: the price per unique expert that enters
-the plan (plan.Estimates.transfer_seconds); it stays right where prefetched experts stall without missing.
-Priced per unique expert, a deeper tree, whose unique experts grow more slowly than its tokens, amortises
-a transfer over more tokens (MoE-SpeQ's roofline), and when misses dominate, plain decoding, which computes
-the fewest experts per token, wins. One rate for every option: a wide tree's experts miss somewhat more
-often than a plain step's (colder experts), which this averages.
+All are exponentially forgotten sums (the link, the cache's contents and the workload drift), with the
+same forgetting. Priced per unique expert, a deeper tree, whose unique experts grow more slowly than its
+tokens, amortises a transfer over more tokens (MoE-SpeQ's roofline), and when misses dominate, plain
+decoding, which computes the fewest experts per token, wins. Without a reported capacity (a batched
+forward, whose per-layer union is not in its StepStats) every expert counts as fitting.
 
 Without offload (StepStats.offload_* None) nothing is observed and the price stays exactly 0.
 """
@@ -41,16 +47,22 @@ class TransferModel:
 
     def reset(self) -> None:
         """Back to no data: transfers cost nothing until a step says otherwise."""
-        self.misses = self.stall_s = self.experts = 0.0
+        self.misses = self.stall_s = self.experts = self.forced = 0.0
         self.steps = 0
+        self.capacity: int | None = None  # the fast tier's experts per layer, as last reported
 
-    def observe(self, misses: int, stall_s: float, experts: float) -> None:
-        """One verify forward: its misses, the seconds it waited on the slow tier, the experts it computed."""
+    def observe(self, misses: int, stall_s: float, experts: float, forced: float = 0.0,
+                capacity: int | None = None) -> None:
+        """One verify forward: its misses, the seconds it waited on the slow tier, the fitting experts it
+        computed and the forced ones (`split`; all fitting when the capacity is unknown), the capacity."""
         lam = self.forgetting
         self.misses = lam * self.misses + misses
         self.stall_s = lam * self.stall_s + stall_s
         self.experts = lam * self.experts + experts
+        self.forced = lam * self.forced + forced
         self.steps += 1
+        if capacity is not None:
+            self.capacity = capacity
 
     @property
     def seconds_per_miss(self) -> float:
@@ -58,18 +70,28 @@ class TransferModel:
 
     @property
     def miss_rate(self) -> float:
-        return self.misses / self.experts if self.experts > 0 else 0.0
+        """Misses per fitting expert (forced misses left out), at most 1."""
+        return min(max(self.misses - self.forced, 0.0) / self.experts, 1.0) if self.experts > 0 else 0.0
 
     @property
     def seconds_per_expert(self) -> float:
-        """miss_rate x seconds_per_miss (see the module docstring): what each unique expert adds to a step."""
-        return self.stall_s / self.experts if self.experts > 0 else 0.0
+        """miss_rate x seconds_per_miss (see the module docstring): what each fitting expert adds to a step."""
+        return self.miss_rate * self.seconds_per_miss
 
     def check(self) -> bool:
         """True when healthy (finite, non-negative sums); otherwise reset (warning once)."""
-        healthy = all(math.isfinite(x) and x >= 0 for x in (self.misses, self.stall_s, self.experts))
+        sums = (self.misses, self.stall_s, self.experts, self.forced)
+        healthy = all(math.isfinite(x) and x >= 0 for x in sums)
         if not healthy:
             report_reset(self, "transfer-cost model", f"sums misses={self.misses}, stall_s={self.stall_s}, "
-                                                      f"experts={self.experts}")
+                                                      f"experts={self.experts}, forced={self.forced}")
             self.reset()
         return healthy
+
+
+def split(layers, capacity: int | None) -> tuple[float, float]:
+    """(fitting, forced) experts of a forward computing `layers` experts per layer in a fast tier of `capacity`
+    per layer (None: unknown, all fitting)."""
+    if capacity is None:
+        return float(sum(layers)), 0.0
+    return float(sum(min(u, capacity) for u in layers)), float(sum(max(u - capacity, 0) for u in layers))

@@ -343,7 +343,8 @@ class PackedBatch:
         offload = None
         if before is not None:  # what the shared forward read from the slow tier: every request's StepStats
             misses, nbytes, stall = (b - a for a, b in zip(before, offload_counters(self.offload)))
-            offload = dict(offload_misses=misses, offload_bytes=nbytes, offload_stall=stall)
+            offload = dict(offload_misses=misses, offload_bytes=nbytes, offload_stall=stall,
+                           offload_capacity=self.offload.config.capacity)
         self.accept(logits, row_tokens, kept)
         t_compact = self.commit(row_owner)
         now = self.clock()

@@ -251,7 +251,8 @@ class LiveBackend:
             ver = verify(self.target, self.cache, self.ids[-1], tree, config, self.routing_now())
         if before is not None:
             misses, nbytes, stall = (b - a for a, b in zip(before, offload_counters(self.offload)))
-            self.verify_offload = dict(offload_misses=misses, offload_bytes=nbytes, offload_stall=stall)
+            self.verify_offload = dict(offload_misses=misses, offload_bytes=nbytes, offload_stall=stall,
+                                       offload_capacity=self.offload.config.capacity)
         return ver
 
     def accept(self, tree: DraftTree, ver: Verification) -> Acceptance:

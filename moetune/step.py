@@ -283,6 +283,7 @@ class StepStats:
     offload_misses: int | None = None
     offload_bytes: int | None = None
     offload_stall: float | None = None
+    offload_capacity: int | None = None  # experts per layer the fast tier holds (None: not reported)
 
     def __post_init__(self):
         forward = (self.batch_tokens, self.batch_context, self.batch_t_verify)
@@ -302,6 +303,9 @@ class StepStats:
         if offload != (None, None, None) and not all(x is not None and x >= 0 for x in offload):
             raise ValueError(f"StepStats: offload_misses, offload_bytes and offload_stall are set together (experts "
                              f"offloaded), each >= 0, or not at all; got {offload}")
+        if self.offload_capacity is not None and (self.offload_misses is None or self.offload_capacity < 1):
+            raise ValueError(f"StepStats: offload_capacity (experts per layer in the fast tier) is >= 1 and comes with "
+                             f"offload_misses; got {self.offload_capacity}, misses {self.offload_misses}")
 
     @property
     def step_time(self) -> float:

@@ -21,7 +21,7 @@ import moetune.engine.generate as live_generate
 from moetune import DEFAULT_DRAFT, DEFAULT_TARGET
 from moetune.adaptive.controller import Controller, ControllerConfig
 from moetune.adaptive.plan import build_plan
-from moetune.adaptive.transfers import TransferModel
+from moetune.adaptive.transfers import TransferModel, split
 from moetune.driver import step_stats
 from moetune.engine.drafters import DraftModelDrafter
 from moetune.engine.generate import generate
@@ -84,6 +84,7 @@ def test_live_step_counters_sum_to_the_store_report(embedded_models, monkeypatch
     if prefetch == "none":  # every byte read was a miss's
         assert sum(l.prefetch_bytes for l in report.layers) == 0
     assert all(0 <= s.offload_stall <= s.t_verify for s in steps)  # the wait is part of the verify forward
+    assert {s.offload_capacity for s in steps} == {4}  # _offloaded_run's fast tier
 
 
 @embedded
@@ -113,6 +114,7 @@ def test_batched_steps_carry_their_shared_forwards_reads(embedded_models, monkey
             forwards.setdefault((s.batch_t_verify, s.step), []).append(
                 (s.offload_misses, s.offload_bytes, s.offload_stall))
     assert all(len(set(reads)) == 1 for reads in forwards.values())  # one forward's reads, in each request
+    assert {s.offload_capacity for r in res for s in r.steps} == {4}
     assert sum(reads[0][0] for reads in forwards.values()) == sum(l.misses for l in report.layers) > 0
     assert sum(reads[0][1] for reads in forwards.values()) == sum(l.demand_bytes for l in report.layers)
 
@@ -277,6 +279,33 @@ def test_an_option_pays_its_predicted_misses():
     assert np.allclose(np.subtract(priced, base), 1e-3 * np.asarray(experts))
 
 
+def test_forced_misses_are_priced_apart_from_the_learned_rate():
+    """A fast tier of 8 experts a layer: steps of 4 experts a layer miss 1 in 4 of them; steps of 14 a layer
+    also miss the 6 a layer that cannot fit. Learned apart, the rate of the fitting experts is 1/4 (one rate
+    over all experts read 0.47), and the plan prices each option's forced misses at the full miss price."""
+    model = TransferModel(0.99)
+    rng = np.random.default_rng(0)
+    for _ in range(400):
+        layers = [4] * 6 if rng.random() < 0.7 else [14] * 6
+        forced = sum(max(u - 8, 0) for u in layers)
+        misses = forced + rng.binomial(sum(min(u, 8) for u in layers), 0.25)
+        fitting, forced_n = split(layers, 8)
+        model.observe(misses, misses * 5e-3, fitting, forced_n, 8)
+    assert model.miss_rate == pytest.approx(0.25, abs=0.03) and model.capacity == 8
+    assert model.seconds_per_miss == pytest.approx(5e-3)
+    assert split([4, 14, 9], 8) == (20.0, 7.0) and split([4, 14], None) == (18.0, 0.0)
+    ctrl = Controller(ControllerConfig(drafters=("draft_model",), budgets=False))
+    ctrl.setup(SHAPE)
+    est = replace(ctrl.learners.estimates(ctrl.menu), transfer_seconds=1e-3, miss_seconds=5e-3, capacity=6)
+    base = build_plan(ctrl.menu, replace(est, transfer_seconds=0.0, miss_seconds=0.0)).step_times(
+        [0.0] * len(ctrl.menu.grid.families), 100)
+    priced = build_plan(ctrl.menu, est).step_times([0.0] * len(ctrl.menu.grid.families), 100)
+    layers = np.asarray(ctrl.unique)  # (C, L) predicted per layer
+    expected = 1e-3 * np.minimum(layers, 6).sum(1) + 5e-3 * np.maximum(layers - 6, 0).sum(1)
+    assert np.maximum(layers - 6, 0).sum() > 0  # some options overflow the tier
+    assert np.allclose(np.subtract(priced, base), expected)
+
+
 def test_transfer_model_forgets_and_resets():
     model = TransferModel(0.9)
     for _ in range(200):
@@ -297,4 +326,11 @@ def test_transfer_model_forgets_and_resets():
                                     dict(offload_misses=1, offload_bytes=10, offload_stall=float("nan"))])
 def test_step_stats_refuse_partial_or_negative_offload_fields(fields):
     with pytest.raises(ValueError, match="offload_misses, offload_bytes and offload_stall are set together"):
+        StepStats(step=0, config=PLAIN, accepted=0, emitted=1, tree_size=0, tree_depth=0, context_len=4, **fields)
+
+
+@pytest.mark.parametrize("fields", [dict(offload_capacity=8), dict(offload_misses=1, offload_bytes=10, offload_stall=0.0,
+                                                                  offload_capacity=0)])
+def test_step_stats_refuse_a_capacity_without_reads_or_below_one(fields):
+    with pytest.raises(ValueError, match="offload_capacity"):
         StepStats(step=0, config=PLAIN, accepted=0, emitted=1, tree_size=0, tree_depth=0, context_len=4, **fields)

@@ -272,7 +272,8 @@ class OffloadBackend(TraceBackend):
             step_misses += sum(misses)
             step_stall += stall
         self.verify_offload = dict(offload_misses=step_misses, offload_stall=step_stall,
-                                   offload_bytes=step_misses * self.offload.link.expert_bytes)
+                                   offload_bytes=step_misses * self.offload.link.expert_bytes,
+                                   offload_capacity=self.offload.capacity)
         return o
 
 

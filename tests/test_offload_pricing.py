@@ -282,7 +282,7 @@ def test_an_option_pays_its_predicted_misses():
 def test_forced_misses_are_priced_apart_from_the_learned_rate():
     """A fast tier of 8 experts a layer: steps of 4 experts a layer miss 1 in 4 of them; steps of 14 a layer
     also miss the 6 a layer that cannot fit. Learned apart, the rate of the fitting experts is 1/4 (one rate
-    over all experts read 0.47), and the plan prices each option's forced misses at the full miss price."""
+    over all experts reads ~0.44), and the plan prices each option's forced misses at the full miss price."""
     model = TransferModel(0.99)
     rng = np.random.default_rng(0)
     for _ in range(400):

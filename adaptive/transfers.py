@@ -75,7 +75,10 @@ class TransferModel:
 
     @property
     def seconds_per_expert(self) -> float:
-        """miss_rate x seconds_per_miss (see the module docstring): what each fitting expert adds to a step."""
+        """miss_rate x seconds_per_miss (see the module docstring): what each fitting expert adds to a step;
+        with stalls but no misses (waits on prefetches still in flight only), the stall per expert."""
+        if self.misses <= 0:
+            return self.stall_s / self.experts if self.experts > 0 else 0.0
         return self.miss_rate * self.seconds_per_miss
 
     def check(self) -> bool:

@@ -317,6 +317,8 @@ def test_transfer_model_forgets_and_resets():
     with pytest.warns(RuntimeWarning, match="transfer-cost model"):
         assert not model.check()
     assert (model.seconds_per_miss, model.miss_rate, model.steps) == (0.0, 0.0, 0)
+    model.observe(0, 2e-3, 40)  # a wait on prefetches in flight, nothing missing: still priced
+    assert model.seconds_per_expert == pytest.approx(5e-5)
     with pytest.raises(ValueError, match=r"forgetting must be in \[0.9, 1\]"):
         TransferModel(0.5)
 

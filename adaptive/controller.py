@@ -154,9 +154,9 @@ class Controller:
         self.unique = estimates.unique[:, self.menu.token_index].T.tolist()
         self.floor = [math.ceil(u) for u in self.learners.experts.predict([2])[:, 0].tolist()]
         if self.eviction is not None:
-            th, per_expert, tokens = estimates.verify_theta, estimates.expert_seconds, self.menu.grid.tokens
-            experts = np.array([sum(u) for u in self.unique])
-            share = per_expert * experts / np.maximum(th[0] + th[1] * tokens + per_expert * experts, 1e-9)
+            th, tokens = estimates.verify_theta, self.menu.grid.tokens
+            experts_s = self.plan.expert_seconds[::self.menu.levels_per_candidate]  # (C,) unbudgeted, transfers in
+            share = experts_s / np.maximum(th[0] + th[1] * tokens + experts_s, 1e-9)
             # trees only: a chain's eviction cuts it short, a depth the plan already chose against (Qwen3-shape
             # replay, batch 1: auto 0.94 of the best static config evicting its n-gram chains, 0.97 not; live,
             # a d4 chain at B = 12 ran as fast as unbudgeted, bench/results/eviction.md)

@@ -144,11 +144,6 @@ class Estimates:
         forced = np.maximum(layers - self.capacity, 0.0).sum(axis=-1)
         return self.transfer_seconds * fitting + self.miss_seconds * forced
 
-    @property
-    def expert_seconds(self) -> float:
-        """Step seconds per unique expert computed: the verify fit's (compute) plus the expected transfers."""
-        return float(self.verify_theta[2]) + self.transfer_seconds
-
 
 @dataclass(frozen=True, eq=False)
 class Plan:
